@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install everything shoal needs on a fresh Debian machine: system packages (as root) and a
+# virtual environment with the pinned Python packages in .venv. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEBS=(nftables libnftables1 iproute2 curl wrk)
+missing=()
+for p in "${DEBS[@]}"; do
+    dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "setup: need root to install: ${missing[*]}" >&2
+        exit 1
+    fi
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
+    | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import shoal" 

@@ -1,0 +1,3 @@
+"""shoal: Network Load Balancing for Linux."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,143 @@
+"""The ``shoal`` command line: NLB's verbs, and the tools that need no daemon."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shoal.cluster_mac import ClusterMode, ip2mac
+from shoal.config import ConfigError, ShoalConfig, check_cluster, load_config
+from shoal.plan import plan
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="shoal: Network Load Balancing for Linux.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+out = Console()
+err = Console(stderr=True)
+
+EXIT_INVALID = 1
+
+
+def _fail(message: str, code: int = EXIT_INVALID) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _load_all(files: list[Path]) -> list[ShoalConfig]:
+    configs: list[ShoalConfig] = []
+    problems: list[str] = []
+    for f in files:
+        try:
+            configs.append(load_config(f))
+        except ConfigError as e:
+            problems.extend(f"{e.source}: {p}" for p in e.problems)
+    if not problems:
+        problems = check_cluster(configs, [str(f) for f in files])
+    if problems:
+        for p in problems:
+            err.print(f"[red]error:[/red] {p}", highlight=False)
+        raise typer.Exit(EXIT_INVALID)
+    return configs
+
+
+def _id_list(text: str | None, option: str) -> set[int] | None:
+    if text is None:
+        return None
+    try:
+        ids = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        raise _fail(f"{option}: expected host ids like 1,2,3, got {text!r}", 2) from None
+    bad = sorted(i for i in ids if not 1 <= i <= 256)
+    if bad:
+        raise _fail(f"{option}: host id {bad[0]} is outside 1..256", 2)
+    return ids
+
+
+@app.command("ip2mac")
+def ip2mac_cmd(
+    vip: Annotated[str, typer.Argument(help="The cluster's primary VIP.")],
+    mode: Annotated[ClusterMode, typer.Option(help="Cluster mode.")] = ClusterMode.UNICAST,
+) -> None:
+    """Print the cluster MAC address for a VIP, as NLB derives it."""
+    try:
+        address = ipaddress.ip_address(vip)
+    except ValueError:
+        raise _fail(f"VIP: {vip!r} is not an IP address", 2) from None
+    typer.echo(ip2mac(address, mode))
+
+
+@app.command()
+def check(
+    files: Annotated[list[Path], typer.Argument(help="One configuration file per host.")],
+) -> None:
+    """Validate configuration files and print the cluster digest."""
+    configs = _load_all(files)
+    for f, c in zip(files, configs, strict=True):
+        typer.echo(
+            f"{f}: ok, host {c.host.host_id}, cluster {c.cluster.name}, digest {c.cluster.digest()}"
+        )
+
+
+@app.command("plan")
+def plan_cmd(
+    files: Annotated[list[Path], typer.Argument(help="One configuration file per host.")],
+    members: Annotated[str | None, typer.Option(help="Live host ids, e.g. 1,2,3.")] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="Earlier membership to show moves from.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show each rule's buckets and share per host, and what a membership change moves."""
+    configs = _load_all(files)
+    known = {c.host.host_id for c in configs}
+    live = _id_list(members, "--members") or known
+    before = _id_list(from_, "--from")
+    for opt, ids in (("--members", live), ("--from", before or set())):
+        unknown = sorted(ids - known)
+        if unknown:
+            raise _fail(f"{opt}: host {unknown[0]} has no configuration file", 2)
+    plans = plan(configs, live, before)
+    if as_json:
+        doc = {
+            "members": sorted(live),
+            "from": sorted(before) if before else None,
+            "rules": [asdict(p) for p in plans],
+        }
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        return
+    for p in plans:
+        title = f"rule {p.rule} ({p.mode})"
+        if p.mode != "multiple":
+            who = f"host {p.handler}" if p.handler else "nobody"
+            out.print(f"{title}: handled by {who}" if p.mode == "single" else f"{title}: dropped")
+            continue
+        if p.moved is not None:
+            title += f": {p.moved} of {p.buckets} buckets move (minimum {p.minimum})"
+        table = Table(title=title, title_justify="left")
+        for col in ("host", "weight", "buckets", "share"):
+            table.add_column(col, justify="right")
+        if before:
+            table.add_column("gained", justify="right")
+            table.add_column("lost", justify="right")
+        for h in p.hosts:
+            row = [str(h.host_id), str(h.weight), str(h.buckets), f"{100 * h.share:.2f}%"]
+            if before:
+                row += [str(h.gained), str(h.lost)]
+            table.add_row(*row)
+        out.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
