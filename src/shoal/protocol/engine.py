@@ -1,0 +1,1019 @@
+"""The convergence engine: one host's membership and map agreement, without I/O.
+
+Inputs: :meth:`Engine.receive` (a frame's bytes), :meth:`Engine.tick` (time passes),
+:meth:`Engine.command` (operator verbs), :meth:`Engine.reload`, :meth:`Engine.set_connections`.
+Outputs: :meth:`Engine.take_frames` (to broadcast), :meth:`Engine.take_events`,
+:attr:`Engine.install` (what the data plane must enforce), :attr:`Engine.lease_until` (the
+kernel stops taking new connections after it) and :meth:`Engine.next_deadline`.
+Time is always passed in (seconds, any origin, one clock per engine).
+
+How hosts agree (docs/convergence.md has the full story):
+
+* **Leader.** Among live, started hosts with this host's cluster digest, those holding the
+  newest epoch compete and the lowest host id leads. Only the leader creates epochs: when
+  membership or a member's rule parameters change it computes the next epoch from its own
+  (minimal moves, exact balance) and broadcasts it in map chunks.
+* **Release before acquire.** Adopting an epoch only *removes* what this host no longer owns.
+  The leader declares the epoch READY once every member has reported the release, every live
+  non-member owns nothing, and every host removed without saying so (crashed, cut off) has
+  surely lost its lease. Members acquire their new tokens only on READY.
+* **Lease.** A host may take new connections only while a quorum of its epoch's members
+  acknowledges hearing it, within the last lease period; its kernel enforces the expiry even
+  when the daemon is gone. Members stop acknowledging a host as soon as they adopt an epoch
+  without it, and report for how long they have not heard it; the leader's fence waits until
+  no acknowledgement can still be keeping that host's lease alive.
+* **Quorum.** With ``partition_policy = "quorum"`` an epoch must hold a majority (or exactly
+  half with the lowest id) of every membership since the last READY epoch, so two sides of a
+  partition never both take over.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from shoal.config import FilteringMode, InitialState, PartitionPolicy, ShoalConfig
+from shoal.protocol.epoch import (
+    EpochDecodeError,
+    EpochState,
+    decode_epoch,
+    next_epoch,
+    same_assignment,
+)
+from shoal.protocol.events import Event, EventId
+from shoal.protocol.frames import (
+    CHUNK_DATA,
+    Codec,
+    Envelope,
+    EpochKey,
+    Flag,
+    FrameType,
+    Heartbeat,
+    HostState,
+    MapChunk,
+    Rejection,
+    RuleReport,
+    RuleState,
+    cluster_id,
+    parse,
+)
+
+ELIGIBLE = (HostState.CONVERGING, HostState.CONVERGED)
+MAX_SILENCES = 128
+MAX_BASES = 8
+NEVER = float("-inf")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Every protocol delay, derived from the heartbeat period P and the loss tolerance."""
+
+    period: float
+    tolerance: int
+
+    @property
+    def detect(self) -> float:
+        """A host unheard for this long is gone."""
+        return self.tolerance * self.period
+
+    @property
+    def ack_window(self) -> float:
+        """A host heard within this window is acknowledged in heartbeats."""
+        return 1.5 * self.period
+
+    @property
+    def max_delay(self) -> float:
+        """Assumed bound on a heartbeat's delivery delay (the lease math relies on it)."""
+        return 0.5 * self.period
+
+    @property
+    def lease(self) -> float:
+        """How long a quorum acknowledgement keeps the kernel taking new connections."""
+        return 2.5 * self.period
+
+
+@dataclass(frozen=True)
+class Install:
+    """What this host's data plane enforces."""
+
+    tokens: frozenset[int]  # new connections accepted for these (see epoch tokens)
+    serving: bool  # established connections to VIPs kept (False when stopped or suspended)
+    rule_states: tuple[RuleState, ...]
+    epoch: EpochKey | None
+
+
+class Command(StrEnum):
+    START = "start"
+    STOP = "stop"
+    DRAINSTOP = "drainstop"
+    SUSPEND = "suspend"
+    RESUME = "resume"
+    ENABLE = "enable"
+    DISABLE = "disable"
+    DRAIN = "drain"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    ok: bool
+    message: str
+
+
+@dataclass
+class Peer:
+    host_id: int
+    incarnation: int
+    last_seq: int
+    window: int  # replay window: bit i set = last_seq - i seen
+    first_heard: float
+    last_heard: float
+    hb: Heartbeat | None = None
+    payload: bytes = b""  # the last parsed heartbeat payload (fast path for repeats)
+    acks_me: bool = False
+    ack_at: float = NEVER  # arrival of its newest heartbeat acknowledging us (same epoch)
+    fence_epoch: EpochKey | None = None
+    fence_bounds: dict[int, float] = field(default_factory=dict)
+    stale: int = 0
+    duplicate_until: float = NEVER
+    mismatch_reported: bool = False
+    joined_reported: bool = False
+
+
+@dataclass
+class _Assembly:
+    count: int
+    chunks: dict[int, bytes] = field(default_factory=dict)
+
+
+class Engine:
+    """One host's convergence state machine."""
+
+    def __init__(
+        self,
+        config: ShoalConfig,
+        key: bytes,
+        incarnation: int,
+        now: float,
+        record: frozenset[int] = frozenset(),
+    ) -> None:
+        """``record``: the members of the newest READY epoch this host knew in an earlier
+        run (the daemon keeps it on disk); a new cluster is only formed with a quorum of it."""
+        self.cfg = config
+        self.record = record
+        cl = config.cluster
+        self.me = config.host.host_id
+        self.incarnation = incarnation
+        self.timing = Timing(cl.period_ms / 1000.0, cl.tolerance)
+        self.rules = cl.effective_rules
+        self.codec = Codec(cluster_id(cl.primary_vip), key)
+        self.digest = bytes.fromhex(cl.digest())[:8]
+        self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
+        dips = config.host.dedicated_ips
+        self.dedicated_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = (
+            dips[0].ip if dips else None
+        )
+        self.state = {
+            InitialState.STARTED: HostState.CONVERGING,
+            InitialState.STOPPED: HostState.STOPPED,
+            InitialState.SUSPENDED: HostState.SUSPENDED,
+        }[config.host.initial_state]
+        self.rule_states = [RuleState.ENABLED] * len(self.rules)
+        self.peers: dict[int, Peer] = {}
+        self.epoch: EpochState | None = None
+        self.epoch_ready = False
+        self.adopted_at = NEVER
+        self.own_bounds: dict[int, float] = {}
+        self.known: dict[EpochKey, EpochState] = {}
+        self.assemblies: dict[tuple[EpochKey, bytes], _Assembly] = {}
+        self.max_epoch_seen = 0
+        self.installed: frozenset[int] = frozenset()
+        self.lease_until: float | None = None
+        self.seq = 0
+        self.started_at = now
+        self.last_sent = NEVER
+        self.next_hb = now
+        self.dirty = True
+        self.last_map_sent: dict[EpochKey, float] = {}
+        self.why_converging = "starting"
+        self.duplicate_until = NEVER
+        self.own_id_seen: list[float] = []
+        self.wake = float("inf")
+        self.expiry_check = float("inf")
+        self.connections = 0
+        self.drain_deadline: float | None = None
+        self.announced: EpochKey | None = None
+        self.fingerprint: object = None
+        self.no_quorum_reported: object = None
+        self.heal_reported: set[EpochKey] = set()
+        self._mine_cache: tuple[EpochKey | None, frozenset[int]] = (None, frozenset())
+        self.counters: dict[str, int] = {r.value: 0 for r in Rejection}
+        self.counters.update(frames_sent=0, frames_received=0, epochs_created=0)
+        self._frames: list[bytes] = []
+        self._events: list[Event] = []
+        self._emit(EventId.ENGINE_STARTED, now, incarnation=incarnation)
+        if self.state is HostState.CONVERGING:
+            self._emit(EventId.CLUSTER_STARTED, now)
+
+    # ---------------------------------------------------------------- outputs
+
+    def take_frames(self) -> list[bytes]:
+        out, self._frames = self._frames, []
+        return out
+
+    def take_events(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    @property
+    def install(self) -> Install:
+        serving = self.state in (*ELIGIBLE, HostState.DRAINING)
+        return Install(
+            self.installed,
+            serving,
+            tuple(self.rule_states),
+            self.epoch.key if self.epoch else None,
+        )
+
+    def next_deadline(self) -> float:
+        """When :meth:`tick` must run next at the latest."""
+        t = min(self.next_hb, self.wake, self.expiry_check)
+        if self.dirty:
+            t = min(t, self.last_sent + self.timing.period / 10)
+        if self.drain_deadline is not None:
+            t = min(t, self.drain_deadline)
+        return t
+
+    @property
+    def is_default(self) -> bool:
+        return bool(
+            self.epoch and self.epoch.default_host == self.me and self.state is HostState.CONVERGED
+        )
+
+    # ----------------------------------------------------------------- inputs
+
+    def receive(self, data: bytes, now: float) -> Rejection | None:
+        """Handle one received frame; returns why it was dropped, if it was.
+
+        A heartbeat whose payload equals the sender's previous one only refreshes liveness
+        and acknowledgement times: in a steady cluster that is nearly every frame.
+        """
+        self.counters["frames_received"] += 1
+        env = self.codec.open(data)
+        if isinstance(env, Rejection):
+            return self._reject(env)
+        why = self._admit(env, now)
+        if why is not None:
+            return self._reject(why)
+        p = self.peers[env.host_id]
+        if env.ftype is FrameType.HEARTBEAT and env.payload == p.payload and p.hb is not None:
+            p.last_heard = now
+            if p.acks_me:
+                p.ack_at = now
+            if p.fence_epoch is not None:
+                self._fence_report(p, p.hb, now)
+            return None
+        frame = parse(env)
+        if isinstance(frame, Rejection):
+            return self._reject(frame)
+        if isinstance(frame, Heartbeat):
+            if self._on_heartbeat(frame, now):
+                p.payload = env.payload
+        else:
+            self._on_chunk(frame, now)
+        self._step(now)
+        return None
+
+    def _reject(self, why: Rejection) -> Rejection:
+        self.counters[why.value] += 1
+        return why
+
+    def tick(self, now: float) -> None:
+        self._step(now)
+
+    def set_connections(self, count: int, now: float) -> None:
+        """Established connections still open on this host (drainstop waits for 0)."""
+        self.connections = max(0, count)
+        self._step(now)
+
+    def command(
+        self, cmd: Command, now: float, rule: int | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        """An operator verb; ``rule`` is a rule index for enable/disable/drain (None: all)."""
+        if self.state is HostState.SUSPENDED and cmd is not Command.RESUME:
+            return CommandResult(False, "host is suspended: only resume and query are accepted")
+        result = self._command(cmd, now, rule, timeout)
+        if result.ok:
+            self.dirty = True
+            self._step(now)
+        return result
+
+    def reload(self, config: ShoalConfig, now: float) -> str:
+        """Apply a new configuration of this host; returns what changed."""
+        if config.host.host_id != self.me:
+            raise ValueError("host.host_id cannot change on reload; restart the daemon")
+        new_digest = bytes.fromhex(config.cluster.digest())[:8]
+        old_rules = self.rules
+        self.cfg = config
+        if new_digest != self.digest:
+            cl = config.cluster
+            self.digest = new_digest
+            self.timing = Timing(cl.period_ms / 1000.0, cl.tolerance)
+            self.rules = cl.effective_rules
+            self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
+            if len(self.rules) != len(old_rules):
+                self.rule_states = [RuleState.ENABLED] * len(self.rules)
+            self._leave()
+            self.started_at = now
+            self.why_converging = "cluster parameters changed"
+            what = "cluster parameters changed: reconverging"
+        else:
+            what = "host parameters applied"
+        self._emit(EventId.RELOADED, now, what=what)
+        self.dirty = True
+        self._step(now)
+        return what
+
+    # ------------------------------------------------------------ commands
+
+    def _command(
+        self, cmd: Command, now: float, rule: int | None, timeout: float | None
+    ) -> CommandResult:
+        s = self.state
+        if cmd is Command.START:
+            if s in ELIGIBLE:
+                return CommandResult(True, "cluster operations already started")
+            if s is HostState.DRAINING:
+                self._emit(EventId.DRAIN_INTERRUPTED, now, command="start")
+                self.drain_deadline = None
+            else:
+                self._drop_epoch()
+            self.state = HostState.CONVERGING
+            self._emit(EventId.CLUSTER_STARTED, now)
+            return CommandResult(True, "cluster operations started")
+        if cmd is Command.STOP:
+            if s is HostState.STOPPED:
+                return CommandResult(True, "cluster operations already stopped")
+            if s is HostState.DRAINING:
+                self._emit(EventId.DRAIN_INTERRUPTED, now, command="stop")
+            self._stop(now)
+            return CommandResult(True, "cluster operations stopped")
+        if cmd is Command.DRAINSTOP:
+            if s is HostState.STOPPED:
+                return CommandResult(False, "cluster operations are stopped: nothing to drain")
+            if s is HostState.DRAINING:
+                return CommandResult(True, "already draining")
+            self.state = HostState.DRAINING
+            self.drain_deadline = now + timeout if timeout is not None else None
+            self._emit(EventId.DRAIN_STARTED, now)
+            return CommandResult(True, "connection draining started")
+        if cmd is Command.SUSPEND:
+            self._stop(now, announce=False)
+            self.state = HostState.SUSPENDED
+            self._emit(EventId.SUSPENDED, now)
+            return CommandResult(True, "cluster operations suspended")
+        if cmd is Command.RESUME:
+            if s is not HostState.SUSPENDED:
+                return CommandResult(False, "host is not suspended")
+            self.state = HostState.STOPPED
+            self._emit(EventId.RESUMED, now)
+            return CommandResult(True, "cluster control resumed; host is stopped (use start)")
+        target = {
+            Command.ENABLE: RuleState.ENABLED,
+            Command.DISABLE: RuleState.DISABLED,
+            Command.DRAIN: RuleState.DRAINING,
+        }[cmd]
+        if rule is not None and not 0 <= rule < len(self.rules):
+            return CommandResult(False, f"no rule with index {rule}")
+        indexes = range(len(self.rules)) if rule is None else [rule]
+        for i in indexes:
+            self.rule_states[i] = target
+            if self.rules[i].mode is FilteringMode.DISABLED:
+                continue
+            ev = {
+                RuleState.ENABLED: EventId.RULE_ENABLED,
+                RuleState.DISABLED: EventId.RULE_DISABLED,
+                RuleState.DRAINING: EventId.RULE_DRAINING,
+            }[target]
+            self._emit(ev, now, rule=self.rules[i].key)
+        which = "all rules" if rule is None else f"rule {self.rules[rule].key}"
+        return CommandResult(True, f"{which}: {target.name.lower()}")
+
+    def _stop(self, now: float, announce: bool = True) -> None:
+        self.state = HostState.STOPPED
+        self.drain_deadline = None
+        self.installed = frozenset()
+        self._leave()
+        if announce:
+            self._emit(EventId.CLUSTER_STOPPED, now)
+
+    def _leave(self) -> None:
+        """Leaving on purpose: the others carry on without this host, so its own vote no
+        longer counts toward forming a cluster from its record."""
+        self.record = self.record - {self.me}
+        self._drop_epoch()
+
+    def _drop_epoch(self) -> None:
+        self.epoch = None
+        self.epoch_ready = False
+        self.installed = frozenset()
+        self.own_bounds = {}
+        self.fingerprint = None
+
+    # --------------------------------------------------------------- frames
+
+    def _admit(self, frame: Envelope, now: float) -> Rejection | None:
+        h = frame.host_id
+        if h == self.me:
+            if frame.incarnation == self.incarnation:
+                return Rejection.OWN
+            # frames of an earlier run of this host may still be in flight: only a steady
+            # stream from another incarnation means a second host uses this id
+            self.own_id_seen = [t for t in self.own_id_seen if now - t < self.timing.detect]
+            self.own_id_seen.append(now)
+            if len(self.own_id_seen) >= 3:
+                if self.duplicate_until < now:
+                    self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
+                self.duplicate_until = now + self.timing.detect
+                self._release_all()
+            return Rejection.OWN
+        p = self.peers.get(h)
+        if p is None or frame.incarnation > p.incarnation:
+            self.peers[h] = Peer(h, frame.incarnation, frame.seq, 1, now, now)
+            return None
+        if frame.incarnation < p.incarnation:
+            p.stale += 1
+            if p.stale >= 3 and p.duplicate_until < now:
+                self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
+                p.duplicate_until = now + self.timing.detect
+            return Rejection.REPLAY
+        diff = frame.seq - p.last_seq
+        if diff > 0:
+            p.window = ((p.window << diff) | 1) & ((1 << 64) - 1)
+            p.last_seq = frame.seq
+        elif -diff >= 64 or p.window >> -diff & 1:
+            return Rejection.REPLAY
+        else:
+            p.window |= 1 << -diff
+        return None
+
+    def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
+        """Record a heartbeat; False when it is older than the one already held."""
+        p = self.peers[hb.host_id]
+        p.last_heard = max(p.last_heard, now)
+        if p.hb is not None and hb.seq < p.hb.seq:
+            return False
+        p.hb = hb
+        if hb.epoch is not None:
+            self.max_epoch_seen = max(self.max_epoch_seen, hb.epoch.number)
+        if hb.config_digest != self.digest:
+            if not p.mismatch_reported:
+                p.mismatch_reported = True
+                self._emit(
+                    EventId.CONFIG_MISMATCH,
+                    now,
+                    peer=hb.host_id,
+                    theirs=hb.config_digest.hex(),
+                    ours=self.digest.hex(),
+                )
+            p.acks_me = False
+            return True
+        p.mismatch_reported = False
+        mine = self.epoch
+        p.acks_me = mine is not None and self.me in hb.acks and hb.epoch == mine.key
+        if p.acks_me:
+            p.ack_at = now
+        if p.fence_epoch is not None and p.fence_epoch != hb.epoch:
+            p.fence_epoch, p.fence_bounds = None, {}
+        self._fence_report(p, hb, now)
+        return True
+
+    def _fence_report(self, p: Peer, hb: Heartbeat, now: float) -> None:
+        """Bound, from a member's post-adoption heartbeat, when it last acknowledged a
+        fenced host: its silence for that host minus the ack window, or now if unknown."""
+        mine = self.epoch
+        if mine is None or not mine.fenced or hb.epoch != mine.key or not hb.has(Flag.RELEASED):
+            return
+        silences = dict(hb.silences)
+        if p.fence_epoch != mine.key:
+            p.fence_epoch, p.fence_bounds = mine.key, {}
+        for c in mine.fenced:
+            x = silences.get(c)
+            if x is None:
+                bound = now
+            elif x == 0xFFFFFFFF:
+                bound = NEVER
+            else:
+                bound = now - max(0.0, x / 1000 - self.timing.ack_window)
+            p.fence_bounds[c] = min(p.fence_bounds.get(c, bound), bound)
+
+    def _on_chunk(self, ch: MapChunk, now: float) -> None:
+        have = self.known.get(ch.epoch)
+        if have is not None and have.digest() == ch.epoch_digest:
+            return
+        key = (ch.epoch, ch.epoch_digest)
+        asm = self.assemblies.get(key)
+        if asm is None or asm.count != ch.count:
+            asm = _Assembly(ch.count)
+            self.assemblies[key] = asm
+            while len(self.assemblies) > 4:
+                del self.assemblies[next(iter(self.assemblies))]
+        asm.chunks[ch.index] = ch.data
+        if len(asm.chunks) < asm.count:
+            return
+        del self.assemblies[key]
+        blob = b"".join(asm.chunks[i] for i in range(asm.count))
+        try:
+            state = decode_epoch(blob, self.rules, self.cfg.cluster.buckets)
+        except EpochDecodeError:
+            self.counters[Rejection.MALFORMED.value] += 1
+            return
+        if state.key != ch.epoch or state.digest() != ch.epoch_digest:
+            self.counters[Rejection.MALFORMED.value] += 1
+            return
+        self._remember(state)
+
+    def _remember(self, state: EpochState) -> None:
+        self.known[state.key] = state
+        self.max_epoch_seen = max(self.max_epoch_seen, state.key.number)
+        while len(self.known) > 6:
+            del self.known[next(iter(self.known))]
+
+    # -------------------------------------------------------------- the step
+
+    def _alive(self, p: Peer, now: float) -> bool:
+        return now - p.last_heard < self.timing.detect and p.hb is not None
+
+    def _live_peers(self, now: float) -> Iterable[Peer]:
+        return (p for p in self.peers.values() if self._alive(p, now))
+
+    def _eligible_self(self, now: float) -> bool:
+        return self.state in ELIGIBLE and self.duplicate_until < now
+
+    def _eligible_peer(self, p: Peer, now: float) -> bool:
+        hb = p.hb
+        return (
+            hb is not None
+            and hb.config_digest == self.digest
+            and hb.state in ELIGIBLE
+            and p.duplicate_until < now
+            and len(hb.rules) == len(self.rules)
+        )
+
+    def _step(self, now: float) -> None:
+        self._expire(now)
+        self._check_drain(now)
+        leader = self._leader(now)
+        if leader == self.me:
+            self._lead(now)
+        elif leader is not None:
+            self._follow(self.peers[leader], now)
+        self._update_lease(now)
+        self._refresh_state(now)
+        self._maybe_send(now, leader)
+
+    def _expire(self, now: float) -> None:
+        if now >= self.wake:
+            self.wake = float("inf")
+        self.expiry_check = float("inf")
+        for p in list(self.peers.values()):
+            if p.hb is not None and self._alive(p, now):
+                self.expiry_check = min(self.expiry_check, p.last_heard + self.timing.detect)
+            if p.hb is not None and not self._alive(p, now) and p.joined_reported:
+                p.joined_reported = False
+                if self.epoch and p.host_id in self.epoch.members:
+                    self._emit(
+                        EventId.HOST_LEFT,
+                        now,
+                        peer=p.host_id,
+                        reason=f"not heard for {self.timing.detect:.3g} s",
+                    )
+            if now - p.last_heard > 600:
+                del self.peers[p.host_id]
+
+    def _check_drain(self, now: float) -> None:
+        if self.state is not HostState.DRAINING:
+            return
+        if self.drain_deadline is not None and now >= self.drain_deadline:
+            self._stop(now, announce=False)
+            self._emit(EventId.DRAIN_TIMEOUT, now)
+        elif (
+            not self.installed
+            and self.connections == 0
+            and (self.epoch is None or self.me not in self.epoch.members)
+        ):
+            self._stop(now, announce=False)
+            self._emit(EventId.DRAIN_FINISHED, now)
+
+    def _leader(self, now: float) -> int | None:
+        cands: dict[int, EpochKey | None] = {}
+        if self._eligible_self(now):
+            cands[self.me] = self.epoch.key if self.epoch else None
+        for p in self._live_peers(now):
+            if self._eligible_peer(p, now):
+                assert p.hb is not None
+                cands[p.host_id] = p.hb.epoch
+        with_epoch = {h: k for h, k in cands.items() if k is not None}
+        if with_epoch:
+            best = max(with_epoch.values(), key=EpochKey.rank)
+            return min(h for h, k in with_epoch.items() if k == best)
+        return min(cands) if cands else None
+
+    def _reports(self) -> tuple[RuleReport, ...]:
+        out = []
+        for i, rule in enumerate(self.rules):
+            hr = self.cfg.host_rule(rule.key)
+            out.append(RuleReport(hr.weight, self.rule_states[i], self.cfg.priority(rule.key)))
+        return tuple(out)
+
+    def _owns_nothing(self, p: Peer) -> bool:
+        return p.hb is not None and p.hb.has(Flag.OWNS_NOTHING)
+
+    def _lead(self, now: float) -> None:
+        members = {self.me}
+        reports = {self.me: self._reports()}
+        for p in self._live_peers(now):
+            if self._eligible_peer(p, now):
+                assert p.hb is not None
+                members.add(p.host_id)
+                reports[p.host_id] = p.hb.rules
+        target = frozenset(members)
+        cur = self.epoch
+        if cur is None:
+            if now - self.started_at < self.timing.detect:
+                return  # listen for an existing cluster first
+            if any(p.hb is not None and p.hb.epoch is not None for p in self._live_peers(now)):
+                return  # an incumbent cluster with another configuration exists
+            if self.quorum:
+                records = [self.record] + [
+                    p.hb.record
+                    for h in target
+                    if h != self.me and (p := self.peers[h]).hb is not None
+                ]
+                for rec in records:
+                    if rec and not _quorate(target & rec, rec):
+                        if self.no_quorum_reported != (target, rec):
+                            self.no_quorum_reported = (target, rec)
+                            self._emit(
+                                EventId.NO_QUORUM, now, live=sorted(target), members=sorted(rec)
+                            )
+                        return
+            self._create(None, target, frozenset(), (), reports, now)
+            return
+        fp = (target, tuple(sorted(reports.items())), cur.key)
+        if fp == self.fingerprint:
+            self._declare_ready(now)
+            return
+        graceful = {
+            h
+            for h in cur.members
+            if h != self.me
+            and h in self.peers
+            and self._alive(self.peers[h], now)
+            and self._owns_nothing(self.peers[h])
+            and not self._eligible_peer(self.peers[h], now)
+        }
+        bases = (cur.members,) if self.epoch_ready else (*cur.bases, cur.members)
+        bases = tuple(dict.fromkeys(bases))
+        if self.quorum:
+            for base in bases:
+                eff = base - graceful
+                if eff and not _quorate(target & eff, eff):
+                    if self.no_quorum_reported != fp:
+                        self.no_quorum_reported = fp
+                        self._emit(EventId.NO_QUORUM, now, live=sorted(target), members=sorted(eff))
+                    self._declare_ready(now)
+                    return
+            if len(bases) > MAX_BASES:
+                self._declare_ready(now)  # no further change until this epoch is READY
+                return
+        fenced = (cur.members - target) | (frozenset() if self.epoch_ready else cur.fenced)
+        key = EpochKey(max(self.max_epoch_seen, cur.key.number) + 1, self.me, self.incarnation)
+        cand = next_epoch(
+            cur, key, target, fenced - target, bases, reports, self.rules, self.cfg.cluster.buckets
+        )
+        if same_assignment(cand, cur):
+            self.fingerprint = fp
+            self._declare_ready(now)
+            return
+        self._create(cur, target, fenced, bases, reports, now, cand)
+        self.fingerprint = (target, fp[1], cand.key)
+
+    def _create(
+        self,
+        cur: EpochState | None,
+        target: frozenset[int],
+        fenced: frozenset[int],
+        bases: tuple[frozenset[int], ...],
+        reports: dict[int, tuple[RuleReport, ...]],
+        now: float,
+        cand: EpochState | None = None,
+    ) -> None:
+        if cand is None:
+            key = EpochKey(self.max_epoch_seen + 1, self.me, self.incarnation)
+            cand = next_epoch(
+                cur, key, target, fenced, bases, reports, self.rules, self.cfg.cluster.buckets
+            )
+        self.counters["epochs_created"] += 1
+        moved = 0
+        if cur is not None:
+            for a, b in zip(cur.maps, cand.maps, strict=True):
+                if a is not None and b is not None:
+                    moved += sum(1 for x, y in zip(a, b, strict=True) if x != y)
+        self._emit(
+            EventId.EPOCH_CREATED, now, epoch=str(cand.key), members=sorted(target), moved=moved
+        )
+        self._remember(cand)
+        self._adopt(cand, now)
+        self._send_map(cand, now)
+        self._declare_ready(now)
+
+    def _follow(self, leader: Peer, now: float) -> None:
+        hb = leader.hb
+        assert hb is not None
+        if hb.epoch is None:
+            return
+        if self.epoch is None or hb.epoch != self.epoch.key:
+            state = self.known.get(hb.epoch)
+            if state is None or state.digest() != hb.epoch_digest:
+                return  # wait for the chunks; the leader resends when it sees us behind
+            self._adopt(state, now)
+        if hb.has(Flag.READY) and not self.epoch_ready:
+            self._ready(now)
+
+    def _adopt(self, state: EpochState, now: float) -> None:
+        prev = self.epoch
+        self.epoch = state
+        self.epoch_ready = False
+        self.adopted_at = now
+        mine = self._mine(state) if self._eligible_self(now) else frozenset()
+        self.installed = self.installed & mine
+        self.own_bounds = {}
+        for c in state.fenced:
+            p = self.peers.get(c)
+            heard = p.last_heard if p is not None else NEVER
+            self.own_bounds[c] = now - max(0.0, (now - heard) - self.timing.ack_window)
+        self.why_converging = f"epoch {state.key} adopted"
+        old = prev.members if prev else frozenset()
+        for h in sorted(state.members - old - {self.me}):
+            if h in self.peers:
+                self.peers[h].joined_reported = True
+            self._emit(EventId.HOST_JOINED, now, peer=h)
+        for h in sorted(old - state.members - {self.me}):
+            p = self.peers.get(h)
+            if p is None or p.joined_reported or self._alive(p, now):
+                self._emit(EventId.HOST_LEFT, now, peer=h, reason=f"not in epoch {state.key}")
+            if p is not None:
+                p.joined_reported = False
+        self.dirty = True
+
+    def _acquire(self, now: float) -> None:
+        e = self.epoch
+        if e is None or not self._eligible_self(now):
+            return
+        self.installed = self._mine(e)
+        if self.lease_until is not None and self.lease_until <= now:
+            self.lease_until = None  # a lapse before this acquisition says nothing about it
+        self.dirty = True
+
+    def _declare_ready(self, now: float) -> None:
+        """Leader: READY once releases are reported and fences have passed."""
+        e = self.epoch
+        if e is None or self.epoch_ready:
+            return
+        for q in e.members:
+            if q == self.me:
+                continue
+            p = self.peers.get(q)
+            if p is None or p.hb is None or not self._alive(p, now):
+                return
+            if p.hb.epoch != e.key or not p.hb.has(Flag.RELEASED):
+                return
+        for p in self._live_peers(now):
+            if (
+                p.host_id not in e.members
+                and p.host_id not in e.fenced
+                and not self._owns_nothing(p)
+            ):
+                return
+        for c in e.fenced:
+            pc = self.peers.get(c)
+            if pc is not None and self._alive(pc, now) and self._owns_nothing(pc):
+                continue
+            bound = self.own_bounds.get(c, now)
+            for q in e.members:
+                if q == self.me:
+                    continue
+                pq = self.peers[q]
+                if pq.fence_epoch != e.key or c not in pq.fence_bounds:
+                    return
+                bound = max(bound, pq.fence_bounds[c])
+            if now < bound + self.timing.max_delay + self.timing.lease:
+                self._wake_at(bound + self.timing.max_delay + self.timing.lease)
+                return
+        self._ready(now)
+
+    def _ready(self, now: float) -> None:
+        """The epoch is READY: acquire, and remember its members (the record)."""
+        self.epoch_ready = True
+        if self.epoch is not None and self.epoch.members:
+            self.record = self.epoch.members
+        self._acquire(now)
+
+    def _mine(self, e: EpochState) -> frozenset[int]:
+        """This host's tokens in ``e`` (cached: computing them walks every map)."""
+        if self._mine_cache[0] != e.key:
+            toks = e.tokens_of(self.me) if self.me in e.members else frozenset()
+            self._mine_cache = (e.key, toks)
+        return self._mine_cache[1]
+
+    def _wake_at(self, t: float) -> None:
+        self.wake = min(self.wake, t)
+
+    def _release_all(self) -> None:
+        if self.installed:
+            self.installed = frozenset()
+            self.dirty = True
+        self.why_converging = "host id used twice"
+
+    def _refresh_state(self, now: float) -> None:
+        """Converged: started, a member of a READY epoch, holding exactly its share."""
+        if self.state not in ELIGIBLE:
+            return
+        e = self.epoch
+        done = (
+            e is not None
+            and self.epoch_ready
+            and self.me in e.members
+            and self._eligible_self(now)
+            and self.installed == self._mine(e)
+        )
+        if done and self.state is HostState.CONVERGING:
+            assert e is not None
+            self.state = HostState.CONVERGED
+            ev = EventId.CONVERGED_DEFAULT if e.default_host == self.me else EventId.CONVERGED
+            self._emit(ev, now, members=sorted(e.members), epoch=str(e.key))
+            self.dirty = True
+        elif not done and self.state is HostState.CONVERGED:
+            self.state = HostState.CONVERGING
+            self._emit(EventId.CONVERGING, now, reason=self.why_converging)
+            self.dirty = True
+
+    def _update_lease(self, now: float) -> None:
+        e = self.epoch
+        if self.lease_until is not None and self.lease_until <= now and self.installed:
+            # tokens are only ever held under an unbroken lease: once it lapsed, others may
+            # have been given them (fenced), so they must be acquired again on READY
+            self.installed = frozenset()
+            self.epoch_ready = False
+            self.why_converging = "lease expired"
+            self._emit(EventId.LEASE_LOST, now)
+            self.dirty = True
+        if e is None or self.me not in e.members or not self._eligible_self(now):
+            self.lease_until = None
+            return
+        if not self.quorum or e.members == {self.me}:
+            self.lease_until = now + self.timing.lease
+            return
+        acks = sorted(
+            (
+                (p.ack_at, p.host_id)
+                for h in e.members
+                if h != self.me and (p := self.peers.get(h)) is not None and p.ack_at > NEVER
+            ),
+            reverse=True,
+        )
+        # until the epoch is READY, hosts may still be at any epoch since the last READY
+        # one: the lease needs a quorum of each of those memberships too
+        bases = [e.members] if self.epoch_ready else [e.members, *e.bases]
+        group = {self.me}
+        until: float | None = None
+        if all(_quorate(group, b) for b in bases):
+            until = now + self.timing.lease
+        else:
+            for t, h in acks:
+                group.add(h)
+                if all(_quorate(group, b) for b in bases):
+                    until = min(now, t) + self.timing.lease
+                    break
+        if until is not None and (self.lease_until is None or until > self.lease_until):
+            self.lease_until = until
+        if self.lease_until is not None and self.lease_until > now:
+            self._wake_at(self.lease_until)
+
+    # -------------------------------------------------------------- sending
+
+    def _maybe_send(self, now: float, leader: int | None) -> None:
+        due = now >= self.next_hb
+        soon = self.dirty and now >= self.last_sent + self.timing.period / 10
+        if due or soon:
+            self._send_heartbeat(now)
+        if leader == self.me and self.epoch is not None:
+            behind = any(
+                p.hb is not None
+                and p.hb.config_digest == self.digest
+                and p.hb.state in (*ELIGIBLE, HostState.DRAINING)
+                and p.hb.epoch != self.epoch.key
+                for p in self._live_peers(now)
+            )
+            last = self.last_map_sent.get(self.epoch.key, NEVER)
+            if behind and now - last >= self.timing.period:
+                self._send_map(self.epoch, now)
+        for p in self._live_peers(now):
+            e = self.epoch
+            if (
+                e is not None
+                and p.hb is not None
+                and p.hb.epoch is not None
+                and p.hb.epoch != e.key
+                and p.host_id not in e.members
+                and p.hb.state is HostState.CONVERGED
+                and self.state is HostState.CONVERGED
+                and p.hb.config_digest == self.digest
+                and p.hb.epoch not in self.heal_reported
+            ):
+                self.heal_reported.add(p.hb.epoch)
+                self._emit(EventId.PARTITION_HEALED, now, a=e.default_host, b=p.host_id)
+
+    def _send_heartbeat(self, now: float) -> None:
+        e = self.epoch
+        flags = 0
+        if not self.installed:
+            flags |= Flag.OWNS_NOTHING
+        acks: frozenset[int] = frozenset()
+        silences: list[tuple[int, int]] = []
+        edigest = b"\x00" * 8
+        if e is not None:
+            flags |= Flag.HAS_EPOCH
+            edigest = e.digest()
+            mine = self._mine(e)
+            if self.installed <= mine:
+                flags |= Flag.RELEASED
+            if self.installed == mine and self.epoch_ready:
+                flags |= Flag.ACQUIRED
+            if self.epoch_ready and e.key.leader and self._leader(now) == self.me:
+                flags |= Flag.READY
+            if self._eligible_self(now):
+                acks = frozenset(
+                    h
+                    for h in e.members
+                    if h != self.me
+                    and (p := self.peers.get(h)) is not None
+                    and now - p.last_heard <= self.timing.ack_window
+                )
+            for c in sorted(e.fenced)[:MAX_SILENCES]:
+                p = self.peers.get(c)
+                ms = 0xFFFFFFFF if p is None else int((now - p.last_heard) * 1000)
+                silences.append((c, min(ms, 0xFFFFFFFE)))
+        hb = Heartbeat(
+            host_id=self.me,
+            incarnation=self.incarnation,
+            seq=self._next_seq(),
+            state=self.state,
+            flags=flags,
+            config_digest=self.digest,
+            epoch=e.key if e else None,
+            epoch_digest=edigest,
+            acks=acks,
+            rules=self._reports(),
+            silences=tuple(silences),
+            dedicated_ip=self.dedicated_ip,
+        )
+        self._frames.append(self.codec.encode(hb))
+        self.counters["frames_sent"] += 1
+        self.last_sent = now
+        self.next_hb = now + self.timing.period
+        self.dirty = False
+
+    def _send_map(self, state: EpochState, now: float) -> None:
+        blob = state.compressed()
+        pieces = [blob[i : i + CHUNK_DATA] for i in range(0, len(blob), CHUNK_DATA)]
+        digest = state.digest()
+        for i, piece in enumerate(pieces):
+            ch = MapChunk(
+                self.me,
+                self.incarnation,
+                self._next_seq(),
+                state.key,
+                digest,
+                i,
+                len(pieces),
+                piece,
+            )
+            self._frames.append(self.codec.encode(ch))
+            self.counters["frames_sent"] += 1
+        self.last_map_sent[state.key] = now
+
+    def _next_seq(self) -> int:
+        self.seq = (self.seq + 1) & 0xFFFFFFFF
+        return self.seq
+
+    def _emit(self, eid: EventId, now: float, **fields: object) -> None:
+        self._events.append(Event(eid, now, {"host": self.me, **fields}))
+
+
+def _quorate(group: set[int] | frozenset[int], members: frozenset[int]) -> bool:
+    """A strict majority of ``members``, or exactly half including the lowest id."""
+    inside = len(group & members)
+    return 2 * inside > len(members) or (2 * inside == len(members) and min(members) in group)

@@ -1,0 +1,370 @@
+"""Heartbeat and map frames on EtherType 0x886F: layout, authentication, strict decoding.
+
+Every frame is ``header | payload | tag``:
+
+=======  =====  ===============================================================
+offset   size   field
+=======  =====  ===============================================================
+0        2      magic ``SH``
+2        1      protocol version (1)
+3        1      frame type: 1 heartbeat, 2 map chunk
+4        8      cluster id: first 8 bytes of SHA-256("shoal-cluster:" + primary VIP)
+12       2      sender host id (1..256)
+14       8      sender incarnation (chosen at each daemon start, increasing)
+22       4      sequence number within the incarnation
+26       2      payload length
+28       n      payload (below)
+28+n     32     HMAC-SHA256 over bytes 0..28+n with the cluster key
+=======  =====  ===============================================================
+
+All integers are big-endian. :func:`decode` never raises: any byte string gives a frame or a
+:class:`Rejection`. Replay protection (incarnation, sequence) needs per-peer state and lives
+in the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum, StrEnum
+
+ETHERTYPE = 0x886F
+MAGIC = b"SH"
+VERSION = 1
+TAG_LEN = 32
+MTU_PAYLOAD = 1500
+MAX_HOST = 256
+MAX_RULES = 32
+CHUNK_DATA = 1200  # map bytes per chunk: header + 16 + 1200 + tag stays under 1500
+
+_HEADER = struct.Struct("!2sBB8sHQIH")
+HEADER_LEN = _HEADER.size  # 28
+
+
+class FrameType(IntEnum):
+    HEARTBEAT = 1
+    MAP_CHUNK = 2
+
+
+class HostState(IntEnum):
+    """A host's state as carried in heartbeats (``query`` adds "(default)")."""
+
+    STOPPED = 0
+    CONVERGING = 1
+    CONVERGED = 2
+    DRAINING = 3
+    SUSPENDED = 4
+
+
+class RuleState(IntEnum):
+    """A port rule's state on one host (``enable``, ``drain``, ``disable``)."""
+
+    ENABLED = 0
+    DRAINING = 1
+    DISABLED = 2
+
+
+class Flag(IntEnum):
+    OWNS_NOTHING = 1  # this host's kernel takes no new connections for any bucket
+    RELEASED = 2  # installed ⊆ this host's share of the announced epoch
+    ACQUIRED = 4  # installed == this host's share of the announced epoch
+    READY = 8  # (leader) every release and fence of the epoch is done: acquire
+    HAS_EPOCH = 16
+
+
+class Rejection(StrEnum):
+    """Why a received frame was dropped (each is counted)."""
+
+    TOO_SHORT = "too_short"
+    BAD_MAGIC = "bad_magic"
+    BAD_VERSION = "bad_version"
+    FOREIGN_CLUSTER = "foreign_cluster"
+    BAD_LENGTH = "bad_length"
+    BAD_AUTH = "bad_auth"
+    UNKNOWN_TYPE = "unknown_type"
+    MALFORMED = "malformed"
+    REPLAY = "replay"
+    OWN = "own"
+
+
+def cluster_id(primary_vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    return hashlib.sha256(b"shoal-cluster:" + primary_vip.packed).digest()[:8]
+
+
+@dataclass(frozen=True)
+class EpochKey:
+    """An epoch's identity: its number, the host that created it and that host's incarnation
+    (so a restarted leader that counts from 1 again never reuses a key).
+
+    Newer numbers win; between equal numbers (two sides of a partition) the lower leader id.
+    """
+
+    number: int
+    leader: int
+    origin: int = 0
+
+    def rank(self) -> tuple[int, int, int]:
+        return (self.number, -self.leader, self.origin)
+
+    def __str__(self) -> str:
+        return f"{self.number}/{self.leader}"
+
+
+EPOCH_KEY = struct.Struct("!IHQ")
+NO_KEY = EpochKey(0, 0, 0)
+
+
+@dataclass(frozen=True)
+class RuleReport:
+    """A host's parameters for one port rule, in configuration order."""
+
+    weight: int  # 0..100
+    state: RuleState
+    priority: int  # handling priority 1..256
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    host_id: int
+    incarnation: int
+    seq: int
+    state: HostState
+    flags: int
+    config_digest: bytes  # 8 bytes
+    epoch: EpochKey | None
+    epoch_digest: bytes  # 8 bytes, zero without an epoch
+    acks: frozenset[int]  # hosts heard within the ack window, members of the sender's epoch
+    rules: tuple[RuleReport, ...]
+    record: frozenset[int] = frozenset()  # members of the newest READY epoch it knew
+    silences: tuple[tuple[int, int], ...] = ()  # (host, ms since heard) for fenced hosts
+    dedicated_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+
+    def has(self, flag: Flag) -> bool:
+        return bool(self.flags & flag)
+
+
+@dataclass(frozen=True)
+class MapChunk:
+    """One piece of an epoch's compressed state (see :mod:`shoal.protocol.epoch`)."""
+
+    host_id: int
+    incarnation: int
+    seq: int
+    epoch: EpochKey
+    epoch_digest: bytes
+    index: int
+    count: int
+    data: bytes = field(repr=False)
+
+
+Frame = Heartbeat | MapChunk
+
+# state flags cdigest enum eleader edigest acks record nrules
+_HB_FIXED = struct.Struct("!BB8sIHQ8s32s32sB")
+_RULE = struct.Struct("!BBH")
+_SILENCE = struct.Struct("!HI")
+_CHUNK = struct.Struct("!IHQ8sHH")
+
+
+def host_bitmap(hosts: frozenset[int]) -> bytes:
+    bits = 0
+    for h in hosts:
+        bits |= 1 << (h - 1)
+    return bits.to_bytes(32, "little")
+
+
+def hosts_from_bitmap(raw: bytes) -> frozenset[int]:
+    bits = int.from_bytes(raw, "little")
+    out = []
+    while bits:
+        low = bits & -bits
+        out.append(low.bit_length())
+        bits ^= low
+    return frozenset(out)
+
+
+class _Malformed(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Codec:
+    """Encodes and authenticates frames for one cluster and key."""
+
+    cluster: bytes
+    key: bytes
+
+    def _seal(self, ftype: FrameType, host: int, inc: int, seq: int, payload: bytes) -> bytes:
+        head = _HEADER.pack(MAGIC, VERSION, ftype, self.cluster, host, inc, seq, len(payload))
+        body = head + payload
+        return body + hmac.digest(self.key, body, "sha256")
+
+    def encode(self, frame: Frame) -> bytes:
+        if isinstance(frame, Heartbeat):
+            return self._seal(
+                FrameType.HEARTBEAT,
+                frame.host_id,
+                frame.incarnation,
+                frame.seq,
+                _encode_heartbeat(frame),
+            )
+        payload = (
+            _CHUNK.pack(
+                frame.epoch.number,
+                frame.epoch.leader,
+                frame.epoch.origin,
+                frame.epoch_digest,
+                frame.index,
+                frame.count,
+            )
+            + frame.data
+        )
+        return self._seal(FrameType.MAP_CHUNK, frame.host_id, frame.incarnation, frame.seq, payload)
+
+    def decode(self, data: bytes) -> Frame | Rejection:
+        """A frame, or why not. Total: never raises."""
+        env = self.open(data)
+        return env if isinstance(env, Rejection) else parse(env)
+
+    def open(self, data: bytes) -> Envelope | Rejection:
+        """Check the header and the tag; the payload stays unparsed (see :func:`parse`)."""
+        if len(data) < HEADER_LEN + TAG_LEN:
+            return Rejection.TOO_SHORT
+        magic, version, ftype, cid, host, inc, seq, plen = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            return Rejection.BAD_MAGIC
+        if version != VERSION:
+            return Rejection.BAD_VERSION
+        if cid != self.cluster:
+            return Rejection.FOREIGN_CLUSTER
+        end = HEADER_LEN + plen
+        if len(data) < end + TAG_LEN:
+            return Rejection.BAD_LENGTH
+        # trailing bytes past the tag (Ethernet padding) are ignored
+        tag = hmac.digest(self.key, data[:end], "sha256")
+        if not hmac.compare_digest(tag, data[end : end + TAG_LEN]):
+            return Rejection.BAD_AUTH
+        if not 1 <= host <= MAX_HOST:
+            return Rejection.MALFORMED
+        if ftype not in (FrameType.HEARTBEAT, FrameType.MAP_CHUNK):
+            return Rejection.UNKNOWN_TYPE
+        return Envelope(FrameType(ftype), host, inc, seq, data[HEADER_LEN:end])
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """An authenticated frame whose payload is not parsed yet."""
+
+    ftype: FrameType
+    host_id: int
+    incarnation: int
+    seq: int
+    payload: bytes
+
+
+def parse(env: Envelope) -> Frame | Rejection:
+    """The frame inside an authenticated envelope, or MALFORMED. Never raises."""
+    try:
+        if env.ftype == FrameType.HEARTBEAT:
+            return _decode_heartbeat(env.payload, env.host_id, env.incarnation, env.seq)
+        return _decode_chunk(env.payload, env.host_id, env.incarnation, env.seq)
+    except (_Malformed, struct.error, ValueError):
+        return Rejection.MALFORMED
+
+
+def _encode_heartbeat(hb: Heartbeat) -> bytes:
+    ekey = hb.epoch or NO_KEY
+    out = [
+        _HB_FIXED.pack(
+            hb.state,
+            hb.flags,
+            hb.config_digest,
+            ekey.number,
+            ekey.leader,
+            ekey.origin,
+            hb.epoch_digest,
+            host_bitmap(hb.acks),
+            host_bitmap(hb.record),
+            len(hb.rules),
+        )
+    ]
+    out += [_RULE.pack(r.weight, r.state, r.priority) for r in hb.rules]
+    out.append(struct.pack("!B", len(hb.silences)))
+    out += [_SILENCE.pack(h, min(ms, 0xFFFFFFFF)) for h, ms in hb.silences]
+    if hb.dedicated_ip is None:
+        out.append(b"\x00")
+    else:
+        out.append(struct.pack("!B", hb.dedicated_ip.version) + hb.dedicated_ip.packed)
+    return b"".join(out)
+
+
+def _decode_heartbeat(p: bytes, host: int, inc: int, seq: int) -> Heartbeat:
+    state, flags, cdig, enum_, elead, eorig, edig, acks_raw, rec_raw, nrules = (
+        _HB_FIXED.unpack_from(p)
+    )
+    off = _HB_FIXED.size
+    if nrules > MAX_RULES:
+        raise _Malformed
+    rules = []
+    for _ in range(nrules):
+        w, st, pr = _RULE.unpack_from(p, off)
+        off += _RULE.size
+        if w > 100 or not 1 <= pr <= MAX_HOST:
+            raise _Malformed
+        rules.append(RuleReport(w, RuleState(st), pr))
+    (nsil,) = struct.unpack_from("!B", p, off)
+    off += 1
+    silences = []
+    for _ in range(nsil):
+        h, ms = _SILENCE.unpack_from(p, off)
+        off += _SILENCE.size
+        if not 1 <= h <= MAX_HOST:
+            raise _Malformed
+        silences.append((h, ms))
+    (fam,) = struct.unpack_from("!B", p, off)
+    off += 1
+    dip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    if fam == 4:
+        dip = ipaddress.IPv4Address(p[off : off + 4])
+        off += 4
+    elif fam == 6:
+        dip = ipaddress.IPv6Address(p[off : off + 16])
+        off += 16
+    elif fam != 0:
+        raise _Malformed
+    if off != len(p):
+        raise _Malformed
+    acks = hosts_from_bitmap(acks_raw)
+    if any(a > MAX_HOST for a in acks):
+        raise _Malformed
+    has_epoch = bool(flags & Flag.HAS_EPOCH)
+    if has_epoch and not 1 <= elead <= MAX_HOST:
+        raise _Malformed
+    return Heartbeat(
+        host_id=host,
+        incarnation=inc,
+        seq=seq,
+        state=HostState(state),
+        flags=flags,
+        config_digest=cdig,
+        epoch=EpochKey(enum_, elead, eorig) if has_epoch else None,
+        epoch_digest=edig,
+        acks=acks,
+        rules=tuple(rules),
+        silences=tuple(silences),
+        record=hosts_from_bitmap(rec_raw),
+        dedicated_ip=dip,
+    )
+
+
+def _decode_chunk(p: bytes, host: int, inc: int, seq: int) -> MapChunk:
+    enum_, elead, eorig, edig, index, count = _CHUNK.unpack_from(p)
+    if not 1 <= elead <= MAX_HOST or count == 0 or index >= count or count > 4096:
+        raise _Malformed
+    data = p[_CHUNK.size :]
+    if not data or len(data) > CHUNK_DATA:
+        raise _Malformed
+    return MapChunk(host, inc, seq, EpochKey(enum_, elead, eorig), edig, index, count, data)

@@ -1,0 +1,3 @@
+from shoal.sim.scenario import main
+
+main()

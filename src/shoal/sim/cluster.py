@@ -1,0 +1,309 @@
+"""A deterministic cluster of engines on a virtual clock and a faulty virtual network.
+
+Each simulated host has an engine (its daemon) and a kernel model (the tokens installed and
+the lease expiry, which outlive a daemon crash). The network loses, delays (below the
+engine's assumed bound), duplicates and reorders frames, and can be partitioned. After
+every step the contract of DESIGN.md §4 is checked; a breach raises
+:class:`InvariantViolation` with the seed that replays it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shoal.bucket_map import counts, ideal_bounds, minimum_moves
+from shoal.config import FilteringMode, ShoalConfig
+from shoal.protocol.engine import Command, Engine
+from shoal.protocol.epoch import EpochState, bucket_token
+from shoal.protocol.frames import EpochKey, HostState, RuleState
+
+
+class InvariantViolation(AssertionError):
+    def __init__(self, seed: int, at: float, message: str) -> None:
+        super().__init__(f"seed {seed} at t={at:.4f}s: {message}")
+        self.seed = seed
+        self.at = at
+
+
+@dataclass
+class Kernel:
+    """What survives a daemon crash: installed tokens and the lease."""
+
+    alive: bool = True
+    tokens: frozenset[int] = frozenset()
+    lease_until: float = float("-inf")
+
+    def accepting(self, now: float) -> frozenset[int]:
+        if not self.alive or now >= self.lease_until:
+            return frozenset()
+        return self.tokens
+
+
+@dataclass
+class SimHost:
+    host_id: int
+    config: ShoalConfig
+    kernel: Kernel = field(default_factory=Kernel)
+    engine: Engine | None = None
+    incarnation: int = 0
+    tick_at: float = float("inf")
+    connections: int = 0
+    record: frozenset[int] = frozenset()  # on disk: survives crashes
+
+
+@dataclass
+class NetFaults:
+    loss: float = 0.0
+    duplicate: float = 0.0
+    max_delay_fraction: float = 0.45  # of the period; the engine assumes < 0.5
+    groups: dict[int, int] = field(default_factory=dict)  # partition: host -> group
+
+
+class SimCluster:
+    """N hosts, one switch, one clock."""
+
+    def __init__(self, configs: list[ShoalConfig], key: bytes, seed: int) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.key = key
+        self.now = 0.0
+        self.period = configs[0].cluster.period_ms / 1000.0
+        self.hosts = {c.host.host_id: SimHost(c.host.host_id, c) for c in configs}
+        self.faults = NetFaults()
+        self._queue: list[tuple[float, int, str, int, object]] = []
+        self._n = 0
+        self.epochs: dict[tuple[bytes, EpochKey], EpochState] = {}
+        self.bytes_sent = 0
+        self.frames_sent = 0
+        self.engine_calls = 0
+        self.check_exclusive = True
+        self.observers: list[Callable[[SimCluster], None]] = []
+        for h in self.hosts.values():
+            self._boot(h)
+
+    # ------------------------------------------------------------- lifecycle
+
+    def _boot(self, h: SimHost) -> None:
+        h.incarnation += 1
+        h.tick_at = float("inf")
+        h.engine = Engine(h.config, self.key, h.incarnation, self.now, record=h.record)
+        self._after(h)
+
+    def crash_host(self, hid: int) -> None:
+        """Power off: daemon and kernel both gone."""
+        h = self.hosts[hid]
+        h.engine = None
+        h.kernel = Kernel(alive=False)
+
+    def restart_host(self, hid: int) -> None:
+        h = self.hosts[hid]
+        if h.engine is not None:
+            return
+        h.kernel = Kernel()
+        self._boot(h)
+
+    def crash_daemon(self, hid: int) -> None:
+        """kill -9 of the daemon: the kernel keeps its tokens and lease."""
+        self.hosts[hid].engine = None
+
+    def restart_daemon(self, hid: int) -> None:
+        h = self.hosts[hid]
+        if h.engine is None and h.kernel.alive:
+            self._boot(h)
+
+    def command(
+        self, hid: int, cmd: Command, rule: int | None = None, timeout: float | None = None
+    ) -> None:
+        h = self.hosts[hid]
+        if h.engine is None:
+            return
+        h.engine.command(cmd, self.now, rule=rule, timeout=timeout)
+        self._after(h)
+
+    def reload(self, hid: int, config: ShoalConfig) -> None:
+        h = self.hosts[hid]
+        h.config = config
+        if h.engine is None:
+            return
+        h.engine.reload(config, self.now)
+        self._after(h)
+
+    def set_connections(self, hid: int, n: int) -> None:
+        h = self.hosts[hid]
+        h.connections = n
+        if h.engine is not None:
+            h.engine.set_connections(n, self.now)
+            self._after(h)
+
+    # ------------------------------------------------------------ the clock
+
+    def at(self, t: float, action: Callable[[], None]) -> None:
+        self._push(t, "action", 0, action)
+
+    def _push(self, t: float, kind: str, hid: int, data: object) -> None:
+        self._n += 1
+        heapq.heappush(self._queue, (t, self._n, kind, hid, data))
+
+    def run_until(self, t_end: float) -> None:
+        while self._queue and self._queue[0][0] <= t_end:
+            t, _, kind, hid, data = heapq.heappop(self._queue)
+            self.now = max(self.now, t)
+            if kind == "action":
+                data()  # type: ignore[operator]
+                continue
+            h = self.hosts[hid]
+            if h.engine is None:
+                continue
+            if kind == "tick":
+                if t != h.tick_at:
+                    continue
+                h.tick_at = float("inf")
+                h.engine.tick(self.now)
+            else:
+                assert isinstance(data, tuple)
+                inc, frame = data
+                if inc != h.incarnation:
+                    continue
+                h.engine.receive(frame, self.now)
+            self.engine_calls += 1
+            self._after(h)
+        self.now = max(self.now, t_end)
+
+    def _after(self, h: SimHost) -> None:
+        e = h.engine
+        assert e is not None
+        before = (h.kernel.tokens, h.kernel.accepting(self.now))
+        inst = e.install
+        h.kernel.tokens = inst.tokens
+        h.record = e.record
+        if e.lease_until is not None:
+            h.kernel.lease_until = max(h.kernel.lease_until, e.lease_until)
+        for frame in e.take_frames():
+            self._broadcast(h, frame)
+        e.take_events()
+        self._note_epoch(e)
+        after = h.kernel.accepting(self.now)
+        if self.check_exclusive and after and (after - before[1]):
+            self._check_exclusive(h, after)
+        d = max(e.next_deadline(), self.now + 1e-6)
+        if d < h.tick_at:
+            h.tick_at = d
+            self._push(d, "tick", h.host_id, None)
+        for obs in self.observers:
+            obs(self)
+
+    def _broadcast(self, src: SimHost, frame: bytes) -> None:
+        self.frames_sent += 1
+        self.bytes_sent += len(frame) + 14
+        f = self.faults
+        for dst in self.hosts.values():
+            if dst.host_id == src.host_id:
+                continue
+            if f.groups and f.groups.get(dst.host_id, 0) != f.groups.get(src.host_id, 0):
+                continue
+            copies = 1 + (1 if self.rng.random() < f.duplicate else 0)
+            for _ in range(copies):
+                if self.rng.random() < f.loss:
+                    continue
+                delay = self.rng.uniform(0.0001, f.max_delay_fraction * self.period)
+                self._push(self.now + delay, "deliver", dst.host_id, (dst.incarnation, frame))
+
+    # ----------------------------------------------------------- invariants
+
+    def fail(self, message: str) -> InvariantViolation:
+        return InvariantViolation(self.seed, self.now, message)
+
+    def _check_exclusive(self, h: SimHost, mine: frozenset[int]) -> None:
+        for g in self.hosts.values():
+            if g is h:
+                continue
+            both = mine & g.kernel.accepting(self.now)
+            if both:
+                tok = min(both)
+                raise self.fail(
+                    f"exclusive: hosts {h.host_id} and {g.host_id} both accept new connections "
+                    f"for {len(both)} tokens (e.g. {tok})"
+                )
+
+    def _note_epoch(self, e: Engine) -> None:
+        st = e.epoch
+        if st is None:
+            return
+        seen = self.epochs.get((e.digest, st.key))
+        if seen is not None:
+            if seen.digest() != st.digest():
+                raise self.fail(f"agreed: two different epochs are both called {st.key}")
+            return
+        self.epochs[(e.digest, st.key)] = st
+        self._check_epoch(st, e.cfg, e.digest)
+
+    def _check_epoch(self, st: EpochState, cfg: ShoalConfig, digest: bytes) -> None:
+        b = cfg.cluster.buckets
+        parent = self.epochs.get((digest, st.parent)) if st.parent else None
+        for i, rule in enumerate(cfg.cluster.effective_rules):
+            owners = st.maps[i]
+            if rule.mode is not FilteringMode.MULTIPLE or owners is None:
+                continue
+            weights = {
+                h: (r[i].weight if r[i].state is RuleState.ENABLED else 0)
+                for h, r in st.reports.items()
+            }
+            held = counts(owners)
+            for h, (lo, hi) in ideal_bounds(weights, b).items():
+                if not lo <= held.get(h, 0) <= hi:
+                    raise self.fail(
+                        f"balanced: epoch {st.key} rule {rule.key} gives host {h} "
+                        f"{held.get(h, 0)} buckets, outside [{lo}, {hi}]"
+                    )
+            if parent is not None and parent.maps[i] is not None:
+                old = parent.maps[i]
+                assert old is not None
+                moved = sum(1 for x, y in zip(old, owners, strict=True) if x != y)
+                least = minimum_moves(old, weights, b)
+                if moved != least:
+                    raise self.fail(
+                        f"minimal: epoch {st.key} rule {rule.key} moved {moved} buckets, "
+                        f"the least possible is {least}"
+                    )
+
+    # ------------------------------------------------------------- queries
+
+    def accepting_union(self) -> set[int]:
+        out: set[int] = set()
+        for h in self.hosts.values():
+            out |= h.kernel.accepting(self.now)
+        return out
+
+    def expected_tokens(self, cfg: ShoalConfig) -> set[int]:
+        """Every bucket of every multiple rule, every single rule, and uncovered traffic."""
+        out: set[int] = {-1}
+        for i, rule in enumerate(cfg.cluster.effective_rules):
+            if rule.mode is FilteringMode.MULTIPLE:
+                out.update(bucket_token(i, b) for b in range(cfg.cluster.buckets))
+            elif rule.mode is FilteringMode.SINGLE:
+                out.add(i * 65537 + 65536)
+        return out
+
+    def covered(self) -> bool:
+        cfg = next(iter(self.hosts.values())).config
+        return self.expected_tokens(cfg) <= self.accepting_union()
+
+    def converged(self, members: set[int]) -> bool:
+        """Every host in ``members`` converged on one epoch whose members are exactly these."""
+        keys = set()
+        for hid in members:
+            e = self.hosts[hid].engine
+            if e is None or e.state is not HostState.CONVERGED or e.epoch is None:
+                return False
+            keys.add(e.epoch.key)
+        if len(keys) != 1:
+            return False
+        e0 = self.hosts[next(iter(members))].engine
+        assert e0 is not None and e0.epoch is not None
+        return set(e0.epoch.members) == members
+
+    def running(self) -> set[int]:
+        return {h for h, sh in self.hosts.items() if sh.engine is not None}

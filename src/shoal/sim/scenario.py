@@ -1,0 +1,252 @@
+"""Random fault scenarios for the simulator, replayable from a seed.
+
+``python -m shoal.sim --seed 1234`` replays one scenario and prints its steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from shoal.config import ShoalConfig, parse_config
+from shoal.protocol.engine import Command
+from shoal.sim.cluster import InvariantViolation, SimCluster
+
+KEY = b"simulation-key-0123456789abcdef"
+
+
+def cluster_configs(
+    n: int,
+    buckets: int = 64,
+    profile: str = "default",
+    weights: dict[int, int] | None = None,
+    policy: str = "quorum",
+    extra_rule: bool = False,
+) -> list[ShoalConfig]:
+    """N host configurations sharing one cluster section."""
+    rules: list[dict[str, Any]] = [
+        {"name": "web", "start": 80, "end": 443, "protocol": "tcp", "affinity": "none"},
+        {"name": "ssh", "start": 22, "protocol": "tcp", "mode": "single"},
+        {"name": "telnet", "start": 23, "mode": "disabled"},
+    ]
+    if extra_rule:
+        rules.append({"name": "dns", "start": 53, "protocol": "udp", "affinity": "network"})
+    out = []
+    for h in range(1, n + 1):
+        w = (weights or {}).get(h, 50)
+        doc = {
+            "cluster": {
+                "primary_vip": "198.18.0.100",
+                "key": KEY.decode(),
+                "hash_seed": 7,
+                "buckets": buckets,
+                "profile": profile,
+                "partition_policy": policy,
+                "rules": rules,
+            },
+            "host": {
+                "host_id": h,
+                "rules": [
+                    {"rule": "web", "load_weight": w},
+                    {"rule": "ssh", "handling_priority": (h * 7) % 257 or 1},
+                ],
+            },
+        }
+        out.append(parse_config(doc))
+    return out
+
+
+def reweighted(cfg: ShoalConfig, weight: int) -> ShoalConfig:
+    doc = cfg.model_dump(mode="json")
+    doc["cluster"]["key"] = KEY.decode()
+    for hr in doc["host"]["rules"]:
+        if hr["rule"] == "web":
+            hr["load_weight"] = weight
+    return parse_config(doc)
+
+
+def mismatched(cfg: ShoalConfig) -> ShoalConfig:
+    doc = cfg.model_dump(mode="json")
+    doc["cluster"]["key"] = KEY.decode()
+    doc["cluster"]["rules"][0]["affinity"] = "single"
+    return parse_config(doc)
+
+
+@dataclass
+class Scenario:
+    seed: int
+    hosts: int
+    buckets: int
+    duration: float
+    steps: list[tuple[float, str]] = field(default_factory=list)
+
+
+def run_scenario(
+    seed: int,
+    hosts: int | None = None,
+    duration_periods: int = 120,
+    verbose: bool = False,
+    max_hosts: int = 7,
+) -> Scenario:
+    """Run one random scenario; raises InvariantViolation naming the seed on a breach."""
+    rng = random.Random(seed)
+    n = hosts or rng.randint(2, max_hosts)
+    buckets = rng.choice([16, 60, 64, 256])
+    configs = cluster_configs(n, buckets, weights={h: rng.randint(1, 100) for h in range(1, n + 1)})
+    sim = SimCluster(configs, KEY, seed)
+    p = sim.period
+    sc = Scenario(seed, n, buckets, duration_periods * p)
+    sim.faults.loss = rng.choice([0.0, 0.0, 0.01, 0.05, 0.2])
+    sim.faults.duplicate = rng.choice([0.0, 0.02])
+
+    def log(text: str) -> None:
+        sc.steps.append((sim.now, text))
+        if verbose:
+            print(f"{sim.now:8.3f}  {text}")
+
+    def act(t: float, text: str, fn: Callable[[], None]) -> None:
+        def run() -> None:
+            log(text)
+            fn()
+
+        sim.at(t, run)
+
+    ids = list(range(1, n + 1))
+    t = 12 * p  # let the cluster form first
+    end = sc.duration
+    while True:
+        t += rng.uniform(0.5, 15) * p
+        if t >= end - 10 * p:
+            break
+        h = rng.choice(ids)
+        kind = rng.choices(
+            [
+                "crash",
+                "restart",
+                "daemon",
+                "daemon_restart",
+                "partition",
+                "heal",
+                "loss",
+                "stop",
+                "start",
+                "drainstop",
+                "suspend",
+                "resume",
+                "rule",
+                "weight",
+                "mismatch",
+                "match",
+            ],
+            weights=[3, 3, 3, 3, 2, 3, 1, 1, 2, 2, 1, 1, 2, 2, 1, 1],
+        )[0]
+        if kind == "crash":
+            act(t, f"crash host {h}", partial(sim.crash_host, h))
+        elif kind == "restart":
+            act(t, f"restart host {h}", partial(sim.restart_host, h))
+        elif kind == "daemon":
+            act(t, f"kill -9 daemon {h}", partial(sim.crash_daemon, h))
+        elif kind == "daemon_restart":
+            act(t, f"restart daemon {h}", partial(sim.restart_daemon, h))
+        elif kind == "partition":
+            groups = {i: rng.randint(0, 1) for i in ids}
+            act(t, f"partition {groups}", partial(setattr, sim.faults, "groups", groups))
+        elif kind == "heal":
+            act(t, "heal partition", partial(setattr, sim.faults, "groups", {}))
+        elif kind == "loss":
+            rate = rng.choice([0.0, 0.05, 0.3])
+            act(t, f"loss {rate}", partial(setattr, sim.faults, "loss", rate))
+        elif kind in ("stop", "start", "suspend", "resume"):
+            cmd = Command(kind)
+            act(t, f"{kind} host {h}", partial(sim.command, h, cmd))
+        elif kind == "drainstop":
+            conns = rng.choice([0, 5])
+            timeout = rng.choice([None, 2.0])
+
+            def drain(h: int = h, c: int = conns, to: float | None = timeout) -> None:
+                sim.set_connections(h, c)
+                sim.command(h, Command.DRAINSTOP, timeout=to)
+
+            act(t, f"drainstop host {h} ({conns} conns, timeout {timeout})", drain)
+            if conns:
+                act(
+                    min(t + rng.uniform(1, 20) * p, end),
+                    f"connections on host {h} finish",
+                    partial(sim.set_connections, h, 0),
+                )
+        elif kind == "rule":
+            cmd = rng.choice([Command.ENABLE, Command.DISABLE, Command.DRAIN])
+            rule = rng.choice([0, 1, None])
+            act(
+                t,
+                f"{cmd.value} rule {rule} on host {h}",
+                partial(sim.command, h, cmd, rule),
+            )
+        elif kind == "weight":
+            w = rng.randint(0, 100)
+            act(
+                t,
+                f"reload host {h} with web weight {w}",
+                partial(sim.reload, h, reweighted(configs[h - 1], w)),
+            )
+        elif kind == "mismatch":
+            act(
+                t,
+                f"reload host {h} with a mismatched rule",
+                partial(sim.reload, h, mismatched(configs[h - 1])),
+            )
+        else:
+            act(
+                t,
+                f"reload host {h} with the cluster's configuration",
+                partial(sim.reload, h, configs[h - 1]),
+            )
+    sim.run_until(end)
+    # settle: every fault repaired, every host started with the common configuration
+    log("repair everything")
+    sim.faults.groups = {}
+    sim.faults.loss = 0.0
+    for h in ids:
+        sim.restart_host(h)
+        sim.restart_daemon(h)
+        sim.reload(h, configs[h - 1])
+        sim.set_connections(h, 0)
+        sim.command(h, Command.RESUME)
+        sim.command(h, Command.START)
+        sim.command(h, Command.ENABLE)
+    deadline = sim.now + 60 * p
+    while sim.now < deadline:
+        sim.run_until(sim.now + p)
+        if sim.converged(set(ids)) and sim.covered():
+            break
+    else:
+        states = {
+            h: (
+                sh.engine.state.name if sh.engine else "down",
+                str(sh.engine.epoch.key) if sh.engine and sh.engine.epoch else None,
+            )
+            for h, sh in sim.hosts.items()
+        }
+        raise sim.fail(f"covered/agreed: not converged 60 periods after repair: {states}")
+    return sc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Replay one simulator scenario.")
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--hosts", type=int)
+    args = ap.parse_args()
+    try:
+        sc = run_scenario(args.seed, args.hosts, verbose=True)
+    except InvariantViolation as e:
+        print(f"VIOLATION: {e}")
+        raise SystemExit(1) from None
+    print(f"ok: {sc.hosts} hosts, {sc.buckets} buckets, {len(sc.steps)} steps")
+
+
+if __name__ == "__main__":
+    main()
