@@ -30,7 +30,6 @@ How hosts agree (docs/convergence.md has the full story):
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -45,6 +44,7 @@ from shoal.protocol.epoch import (
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import (
     CHUNK_DATA,
+    HB_ACKS,
     Codec,
     Envelope,
     EpochKey,
@@ -56,6 +56,7 @@ from shoal.protocol.frames import (
     Rejection,
     RuleReport,
     RuleState,
+    acks_host,
     cluster_id,
     parse,
 )
@@ -130,8 +131,10 @@ class Peer:
     first_heard: float
     last_heard: float
     hb: Heartbeat | None = None
-    payload: bytes = b""  # the last parsed heartbeat payload (fast path for repeats)
+    payload: bytes = b""  # the last parsed heartbeat payload less its acks (fast path)
+    hb_seq: int = -1
     acks_me: bool = False
+    eligible: bool = False  # same digest, started, same rule count (from its heartbeat)
     ack_at: float = NEVER  # arrival of its newest heartbeat acknowledging us (same epoch)
     fence_epoch: EpochKey | None = None
     fence_bounds: dict[int, float] = field(default_factory=dict)
@@ -166,6 +169,7 @@ class Engine:
         self.me = config.host.host_id
         self.incarnation = incarnation
         self.timing = Timing(cl.period_ms / 1000.0, cl.tolerance)
+        self.detect = self.timing.detect
         self.rules = cl.effective_rules
         self.codec = Codec(cluster_id(cl.primary_vip), key)
         self.digest = bytes.fromhex(cl.digest())[:8]
@@ -197,6 +201,7 @@ class Engine:
         self.dirty = True
         self.last_map_sent: dict[EpochKey, float] = {}
         self.why_converging = "starting"
+        self.leading = False
         self.duplicate_until = NEVER
         self.own_id_seen: list[float] = []
         self.wake = float("inf")
@@ -267,22 +272,31 @@ class Engine:
         if why is not None:
             return self._reject(why)
         p = self.peers[env.host_id]
-        if env.ftype is FrameType.HEARTBEAT and env.payload == p.payload and p.hb is not None:
-            p.last_heard = now
-            if p.acks_me:
-                p.ack_at = now
-            if p.fence_epoch is not None:
-                self._fence_report(p, p.hb, now)
-            return None
+        if env.ftype == FrameType.HEARTBEAT and p.hb is not None and len(env.payload) > 64:
+            rest = env.payload[: HB_ACKS.start] + env.payload[HB_ACKS.stop :]
+            if rest == p.payload and env.seq > p.hb_seq:
+                # only the ack bitmap may differ from the last parsed heartbeat
+                p.hb_seq = env.seq
+                p.last_heard = now
+                mine = self.epoch
+                p.acks_me = (
+                    mine is not None and p.hb.epoch == mine.key and acks_host(env.payload, self.me)
+                )
+                if p.acks_me:
+                    p.ack_at = now
+                if p.fence_epoch is not None:
+                    self._fence_report(p, p.hb, now)
+                return None
         frame = parse(env)
         if isinstance(frame, Rejection):
             return self._reject(frame)
         if isinstance(frame, Heartbeat):
             if self._on_heartbeat(frame, now):
-                p.payload = env.payload
+                p.payload = env.payload[: HB_ACKS.start] + env.payload[HB_ACKS.stop :]
+                p.hb_seq = env.seq
         else:
             self._on_chunk(frame, now)
-        self._step(now)
+        self._step(now, timers=False)
         return None
 
     def _reject(self, why: Rejection) -> Rejection:
@@ -320,11 +334,20 @@ class Engine:
             cl = config.cluster
             self.digest = new_digest
             self.timing = Timing(cl.period_ms / 1000.0, cl.tolerance)
+            self.detect = self.timing.detect
             self.rules = cl.effective_rules
             self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
             if len(self.rules) != len(old_rules):
                 self.rule_states = [RuleState.ENABLED] * len(self.rules)
             self._leave()
+            for p in self.peers.values():
+                if p.hb is not None:
+                    p.eligible = (
+                        p.hb.config_digest == new_digest
+                        and p.hb.state in ELIGIBLE
+                        and len(p.hb.rules) == len(self.rules)
+                    )
+                    p.payload = b""
             self.started_at = now
             self.why_converging = "cluster parameters changed"
             what = "cluster parameters changed: reconverging"
@@ -465,6 +488,11 @@ class Engine:
         if p.hb is not None and hb.seq < p.hb.seq:
             return False
         p.hb = hb
+        p.eligible = (
+            hb.config_digest == self.digest
+            and hb.state in ELIGIBLE
+            and len(hb.rules) == len(self.rules)
+        )
         if hb.epoch is not None:
             self.max_epoch_seen = max(self.max_epoch_seen, hb.epoch.number)
         if hb.config_digest != self.digest:
@@ -481,7 +509,7 @@ class Engine:
             return True
         p.mismatch_reported = False
         mine = self.epoch
-        p.acks_me = mine is not None and self.me in hb.acks and hb.epoch == mine.key
+        p.acks_me = mine is not None and hb.epoch == mine.key and self.me in hb.acks
         if p.acks_me:
             p.ack_at = now
         if p.fence_epoch is not None and p.fence_epoch != hb.epoch:
@@ -543,28 +571,24 @@ class Engine:
     # -------------------------------------------------------------- the step
 
     def _alive(self, p: Peer, now: float) -> bool:
-        return now - p.last_heard < self.timing.detect and p.hb is not None
+        return now - p.last_heard < self.detect and p.hb is not None
 
-    def _live_peers(self, now: float) -> Iterable[Peer]:
-        return (p for p in self.peers.values() if self._alive(p, now))
+    def _live_peers(self, now: float) -> list[Peer]:
+        horizon = now - self.detect
+        return [p for p in self.peers.values() if p.last_heard > horizon and p.hb is not None]
 
     def _eligible_self(self, now: float) -> bool:
         return self.state in ELIGIBLE and self.duplicate_until < now
 
     def _eligible_peer(self, p: Peer, now: float) -> bool:
-        hb = p.hb
-        return (
-            hb is not None
-            and hb.config_digest == self.digest
-            and hb.state in ELIGIBLE
-            and p.duplicate_until < now
-            and len(hb.rules) == len(self.rules)
-        )
+        return p.eligible and p.duplicate_until < now
 
-    def _step(self, now: float) -> None:
-        self._expire(now)
+    def _step(self, now: float, timers: bool = True) -> None:
+        if timers:
+            self._expire(now)
         self._check_drain(now)
         leader = self._leader(now)
+        self.leading = leader == self.me
         if leader == self.me:
             self._lead(now)
         elif leader is not None:
@@ -576,21 +600,26 @@ class Engine:
     def _expire(self, now: float) -> None:
         if now >= self.wake:
             self.wake = float("inf")
-        self.expiry_check = float("inf")
+        detect = self.detect
+        soonest = float("inf")
         for p in list(self.peers.values()):
-            if p.hb is not None and self._alive(p, now):
-                self.expiry_check = min(self.expiry_check, p.last_heard + self.timing.detect)
-            if p.hb is not None and not self._alive(p, now) and p.joined_reported:
+            if p.hb is None:
+                continue
+            deadline = p.last_heard + detect
+            if deadline > now:
+                soonest = min(soonest, deadline)
+            elif p.joined_reported:
                 p.joined_reported = False
                 if self.epoch and p.host_id in self.epoch.members:
                     self._emit(
                         EventId.HOST_LEFT,
                         now,
                         peer=p.host_id,
-                        reason=f"not heard for {self.timing.detect:.3g} s",
+                        reason=f"not heard for {detect:.3g} s",
                     )
             if now - p.last_heard > 600:
                 del self.peers[p.host_id]
+        self.expiry_check = soonest
 
     def _check_drain(self, now: float) -> None:
         if self.state is not HostState.DRAINING:
@@ -607,18 +636,34 @@ class Engine:
             self._emit(EventId.DRAIN_FINISHED, now)
 
     def _leader(self, now: float) -> int | None:
-        cands: dict[int, EpochKey | None] = {}
+        """Lowest id among eligible live hosts holding the best epoch (or any, if none has)."""
+        best: EpochKey | None = None
+        best_host = 0
+        lowest = 0
         if self._eligible_self(now):
-            cands[self.me] = self.epoch.key if self.epoch else None
-        for p in self._live_peers(now):
-            if self._eligible_peer(p, now):
-                assert p.hb is not None
-                cands[p.host_id] = p.hb.epoch
-        with_epoch = {h: k for h, k in cands.items() if k is not None}
-        if with_epoch:
-            best = max(with_epoch.values(), key=EpochKey.rank)
-            return min(h for h, k in with_epoch.items() if k == best)
-        return min(cands) if cands else None
+            lowest = self.me
+            if self.epoch is not None:
+                best, best_host = self.epoch.key, self.me
+        horizon = now - self.detect
+        for p in self.peers.values():
+            if not p.eligible or p.last_heard <= horizon or p.duplicate_until >= now:
+                continue
+            h = p.host_id
+            if not lowest or h < lowest:
+                lowest = h
+            hb = p.hb
+            assert hb is not None
+            k = hb.epoch
+            if k is None:
+                continue
+            if k == best:
+                if h < best_host:
+                    best_host = h
+            elif best is None or k.rank() > best.rank():
+                best, best_host = k, h
+        if best is not None:
+            return best_host
+        return lowest or None
 
     def _reports(self) -> tuple[RuleReport, ...]:
         out = []
@@ -887,15 +932,18 @@ class Engine:
         # until the epoch is READY, hosts may still be at any epoch since the last READY
         # one: the lease needs a quorum of each of those memberships too
         bases = [e.members] if self.epoch_ready else [e.members, *e.bases]
-        group = {self.me}
+        tally = [_Tally(b) for b in bases]
+        for t in tally:
+            t.add(self.me)
         until: float | None = None
-        if all(_quorate(group, b) for b in bases):
+        if all(t.quorate() for t in tally):
             until = now + self.timing.lease
         else:
-            for t, h in acks:
-                group.add(h)
-                if all(_quorate(group, b) for b in bases):
-                    until = min(now, t) + self.timing.lease
+            for at, h in acks:
+                for t in tally:
+                    t.add(h)
+                if all(t.quorate() for t in tally):
+                    until = min(now, at) + self.timing.lease
                     break
         if until is not None and (self.lease_until is None or until > self.lease_until):
             self.lease_until = until
@@ -907,33 +955,38 @@ class Engine:
     def _maybe_send(self, now: float, leader: int | None) -> None:
         due = now >= self.next_hb
         soon = self.dirty and now >= self.last_sent + self.timing.period / 10
-        if due or soon:
-            self._send_heartbeat(now)
-        if leader == self.me and self.epoch is not None:
+        if not (due or soon):
+            return
+        self._send_heartbeat(now)
+        e = self.epoch
+        if e is None:
+            return
+        live = self._live_peers(now)
+        if leader == self.me:
             behind = any(
                 p.hb is not None
                 and p.hb.config_digest == self.digest
                 and p.hb.state in (*ELIGIBLE, HostState.DRAINING)
-                and p.hb.epoch != self.epoch.key
-                for p in self._live_peers(now)
-            )
-            last = self.last_map_sent.get(self.epoch.key, NEVER)
-            if behind and now - last >= self.timing.period:
-                self._send_map(self.epoch, now)
-        for p in self._live_peers(now):
-            e = self.epoch
-            if (
-                e is not None
-                and p.hb is not None
-                and p.hb.epoch is not None
                 and p.hb.epoch != e.key
+                for p in live
+            )
+            last = self.last_map_sent.get(e.key, NEVER)
+            if behind and now - last >= self.timing.period:
+                self._send_map(e, now)
+        if self.state is not HostState.CONVERGED:
+            return
+        for p in live:
+            hb = p.hb
+            if (
+                hb is not None
+                and hb.epoch is not None
+                and hb.epoch != e.key
                 and p.host_id not in e.members
-                and p.hb.state is HostState.CONVERGED
-                and self.state is HostState.CONVERGED
-                and p.hb.config_digest == self.digest
-                and p.hb.epoch not in self.heal_reported
+                and hb.state is HostState.CONVERGED
+                and hb.config_digest == self.digest
+                and hb.epoch not in self.heal_reported
             ):
-                self.heal_reported.add(p.hb.epoch)
+                self.heal_reported.add(hb.epoch)
                 self._emit(EventId.PARTITION_HEALED, now, a=e.default_host, b=p.host_id)
 
     def _send_heartbeat(self, now: float) -> None:
@@ -952,7 +1005,7 @@ class Engine:
                 flags |= Flag.RELEASED
             if self.installed == mine and self.epoch_ready:
                 flags |= Flag.ACQUIRED
-            if self.epoch_ready and e.key.leader and self._leader(now) == self.me:
+            if self.epoch_ready and self.leading:
                 flags |= Flag.READY
             if self._eligible_self(now):
                 acks = frozenset(
@@ -1011,6 +1064,25 @@ class Engine:
 
     def _emit(self, eid: EventId, now: float, **fields: object) -> None:
         self._events.append(Event(eid, now, {"host": self.me, **fields}))
+
+
+class _Tally:
+    """Counts hosts of one membership as they are added, to test for a quorum cheaply."""
+
+    def __init__(self, members: frozenset[int]) -> None:
+        self.members = members
+        self.size = len(members)
+        self.lowest = min(members) if members else 0
+        self.count = 0
+        self.has_lowest = False
+
+    def add(self, host: int) -> None:
+        if host in self.members:
+            self.count += 1
+            self.has_lowest |= host == self.lowest
+
+    def quorate(self) -> bool:
+        return 2 * self.count > self.size or (2 * self.count == self.size and self.has_lowest)
 
 
 def _quorate(group: set[int] | frozenset[int], members: frozenset[int]) -> bool:

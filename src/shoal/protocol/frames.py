@@ -30,6 +30,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
+from typing import NamedTuple
 
 ETHERTYPE = 0x886F
 MAGIC = b"SH"
@@ -94,8 +95,7 @@ def cluster_id(primary_vip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> by
     return hashlib.sha256(b"shoal-cluster:" + primary_vip.packed).digest()[:8]
 
 
-@dataclass(frozen=True)
-class EpochKey:
+class EpochKey(NamedTuple):
     """An epoch's identity: its number, the host that created it and that host's incarnation
     (so a restarted leader that counts from 1 again never reuses a key).
 
@@ -164,6 +164,14 @@ Frame = Heartbeat | MapChunk
 
 # state flags cdigest enum eleader edigest acks record nrules
 _HB_FIXED = struct.Struct("!BB8sIHQ8s32s32sB")
+HB_ACKS = slice(32, 64)  # where the ack bitmap sits in a heartbeat payload
+
+
+def acks_host(payload: bytes, host: int) -> bool:
+    """Whether a heartbeat payload's ack bitmap includes ``host`` (no full parse)."""
+    return bool(payload[HB_ACKS.start + (host - 1) // 8] >> ((host - 1) % 8) & 1)
+
+
 _RULE = struct.Struct("!BBH")
 _SILENCE = struct.Struct("!HI")
 _CHUNK = struct.Struct("!IHQ8sHH")
@@ -190,17 +198,32 @@ class _Malformed(Exception):
     pass
 
 
-@dataclass(frozen=True)
 class Codec:
-    """Encodes and authenticates frames for one cluster and key."""
+    """Encodes and authenticates frames for one cluster and key.
 
-    cluster: bytes
-    key: bytes
+    HMAC-SHA256 with the key's inner and outer pads hashed once: per frame it then costs
+    two hash copies, half of what ``hmac.digest`` spends setting the key up every time.
+    """
+
+    def __init__(self, cluster: bytes, key: bytes) -> None:
+        self.cluster = cluster
+        self.key = key
+        block = hashlib.sha256(key).digest() if len(key) > 64 else key
+        block = block.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def tag(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
     def _seal(self, ftype: FrameType, host: int, inc: int, seq: int, payload: bytes) -> bytes:
         head = _HEADER.pack(MAGIC, VERSION, ftype, self.cluster, host, inc, seq, len(payload))
         body = head + payload
-        return body + hmac.digest(self.key, body, "sha256")
+        return body + self.tag(body)
 
     def encode(self, frame: Frame) -> bytes:
         if isinstance(frame, Heartbeat):
@@ -244,21 +267,19 @@ class Codec:
         if len(data) < end + TAG_LEN:
             return Rejection.BAD_LENGTH
         # trailing bytes past the tag (Ethernet padding) are ignored
-        tag = hmac.digest(self.key, data[:end], "sha256")
-        if not hmac.compare_digest(tag, data[end : end + TAG_LEN]):
+        if not hmac.compare_digest(self.tag(data[:end]), data[end : end + TAG_LEN]):
             return Rejection.BAD_AUTH
         if not 1 <= host <= MAX_HOST:
             return Rejection.MALFORMED
-        if ftype not in (FrameType.HEARTBEAT, FrameType.MAP_CHUNK):
+        if ftype != 1 and ftype != 2:
             return Rejection.UNKNOWN_TYPE
-        return Envelope(FrameType(ftype), host, inc, seq, data[HEADER_LEN:end])
+        return Envelope(ftype, host, inc, seq, data[HEADER_LEN:end])
 
 
-@dataclass(frozen=True)
-class Envelope:
+class Envelope(NamedTuple):
     """An authenticated frame whose payload is not parsed yet."""
 
-    ftype: FrameType
+    ftype: int  # a FrameType value
     host_id: int
     incarnation: int
     seq: int
