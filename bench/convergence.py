@@ -55,7 +55,6 @@ def time_event(n: int, event: str, seed: int, buckets: int) -> float:
     # with the quorum policy the lowest id breaks ties: a 2-host cluster rides out the loss
     # of host 2 only (docs/convergence.md); the N = 2 crash row therefore crashes host 2
     victim = rng.randint(2, n) if n == 2 else rng.randint(1, n)
-    start = sim.now
     if event == "crash":
         sim.crash_host(victim)
         after = everyone - {victim}

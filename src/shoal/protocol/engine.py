@@ -388,6 +388,7 @@ class Engine:
             if s is HostState.DRAINING:
                 return CommandResult(True, "already draining")
             self.state = HostState.DRAINING
+            self.record = self.record - {self.me}  # the others carry on without this host
             self.drain_deadline = now + timeout if timeout is not None else None
             self._emit(EventId.DRAIN_STARTED, now)
             return CommandResult(True, "connection draining started")
@@ -665,6 +666,12 @@ class Engine:
             return best_host
         return lowest or None
 
+    def _record_of(self, host: int) -> frozenset[int]:
+        if host == self.me:
+            return self.record
+        hb = self.peers[host].hb
+        return hb.record if hb is not None else frozenset()
+
     def _reports(self) -> tuple[RuleReport, ...]:
         out = []
         for i, rule in enumerate(self.rules):
@@ -674,6 +681,17 @@ class Engine:
 
     def _owns_nothing(self, p: Peer) -> bool:
         return p.hb is not None and p.hb.has(Flag.OWNS_NOTHING)
+
+    def _released_for(self, p: Peer, e: EpochState) -> bool:
+        """A non-member surely takes nothing in ``e``: it owns nothing and either cannot
+        acquire at all (stopped, draining, suspended) or already follows ``e``."""
+        hb = p.hb
+        if hb is None or not hb.has(Flag.OWNS_NOTHING):
+            return False
+        if hb.config_digest != self.digest:
+            # another configuration: it never forms a cluster while ours holds an epoch
+            return hb.epoch is None
+        return hb.state not in ELIGIBLE or hb.epoch == e.key
 
     def _lead(self, now: float) -> None:
         members = {self.me}
@@ -688,8 +706,14 @@ class Engine:
         if cur is None:
             if now - self.started_at < self.timing.detect:
                 return  # listen for an existing cluster first
-            if any(p.hb is not None and p.hb.epoch is not None for p in self._live_peers(now)):
+            live = self._live_peers(now)
+            if any(p.hb is not None and p.hb.epoch is not None for p in live):
                 return  # an incumbent cluster with another configuration exists
+            started = target | {
+                p.host_id for p in live if p.hb is not None and p.hb.state in ELIGIBLE
+            }
+            if not _quorate(target, frozenset(started)):
+                return  # hosts with another configuration outnumber this one
             if self.quorum:
                 records = [self.record] + [
                     p.hb.record
@@ -706,7 +730,12 @@ class Engine:
                         return
             self._create(None, target, frozenset(), (), reports, now)
             return
-        fp = (target, tuple(sorted(reports.items())), cur.key)
+        fp = (
+            target,
+            tuple(sorted(reports.items())),
+            cur.key,
+            tuple(self._record_of(h) for h in sorted(target)),
+        )
         if fp == self.fingerprint:
             self._declare_ready(now)
             return
@@ -720,6 +749,24 @@ class Engine:
             and not self._eligible_peer(self.peers[h], now)
         }
         bases = (cur.members,) if self.epoch_ready else (*cur.bases, cur.members)
+        if self.quorum:
+            # every member's record (the last READY membership it knew) must be outvoted
+            # too, or a host coming from another branch could lend its vote twice
+            recs = {h: self._record_of(h) for h in target}
+            gone = frozenset(
+                p.host_id
+                for p in self._live_peers(now)
+                if p.hb is not None and p.hb.state not in ELIGIBLE and self._owns_nothing(p)
+            )
+            changed = True
+            while changed:
+                changed = False
+                for h, rec in recs.items():
+                    rec = rec - gone or rec
+                    if h in target and rec and not _quorate(target & rec, rec):
+                        target = target - {h}
+                        changed = True
+            bases = (*bases, *(recs[h] for h in sorted(target) if recs[h]))
         bases = tuple(dict.fromkeys(bases))
         if self.quorum:
             for base in bases:
@@ -735,15 +782,24 @@ class Engine:
                 return
         fenced = (cur.members - target) | (frozenset() if self.epoch_ready else cur.fenced)
         key = EpochKey(max(self.max_epoch_seen, cur.key.number) + 1, self.me, self.incarnation)
+        lineage = (cur.key,) if self.epoch_ready else (*cur.lineage, cur.key)
         cand = next_epoch(
-            cur, key, target, fenced - target, bases, reports, self.rules, self.cfg.cluster.buckets
+            cur,
+            key,
+            target,
+            fenced - target,
+            bases,
+            lineage[-MAX_BASES - 1 :],
+            reports,
+            self.rules,
+            self.cfg.cluster.buckets,
         )
-        if same_assignment(cand, cur):
+        if same_assignment(cand, cur) and set(cand.bases) <= set(cur.bases):
             self.fingerprint = fp
             self._declare_ready(now)
             return
         self._create(cur, target, fenced, bases, reports, now, cand)
-        self.fingerprint = (target, fp[1], cand.key)
+        self.fingerprint = None
 
     def _create(
         self,
@@ -758,7 +814,7 @@ class Engine:
         if cand is None:
             key = EpochKey(self.max_epoch_seen + 1, self.me, self.incarnation)
             cand = next_epoch(
-                cur, key, target, fenced, bases, reports, self.rules, self.cfg.cluster.buckets
+                cur, key, target, fenced, bases, (), reports, self.rules, self.cfg.cluster.buckets
             )
         self.counters["epochs_created"] += 1
         moved = 0
@@ -783,9 +839,19 @@ class Engine:
             state = self.known.get(hb.epoch)
             if state is None or state.digest() != hb.epoch_digest:
                 return  # wait for the chunks; the leader resends when it sees us behind
+            if not self._may_adopt(state):
+                return
             self._adopt(state, now)
         if hb.has(Flag.READY) and not self.epoch_ready:
             self._ready(now)
+
+    def _may_adopt(self, state: EpochState) -> bool:
+        """A READY epoch is only ever left for one that descends from it, or one whose
+        leader outvoted its membership too: a host never lends its vote to a competing
+        branch behind its own branch's back."""
+        if not self.quorum or self.epoch is None or not self.epoch_ready:
+            return True
+        return self.epoch.key in state.lineage or self.epoch.members in state.bases
 
     def _adopt(self, state: EpochState, now: float) -> None:
         prev = self.epoch
@@ -839,12 +905,12 @@ class Engine:
             if (
                 p.host_id not in e.members
                 and p.host_id not in e.fenced
-                and not self._owns_nothing(p)
+                and not self._released_for(p, e)
             ):
                 return
         for c in e.fenced:
             pc = self.peers.get(c)
-            if pc is not None and self._alive(pc, now) and self._owns_nothing(pc):
+            if pc is not None and self._alive(pc, now) and self._released_for(pc, e):
                 continue
             bound = self.own_bounds.get(c, now)
             for q in e.members:
@@ -864,6 +930,8 @@ class Engine:
         self.epoch_ready = True
         if self.epoch is not None and self.epoch.members:
             self.record = self.epoch.members
+            if self.state not in ELIGIBLE:
+                self.record = self.record - {self.me}  # left: no vote of its own
         self._acquire(now)
 
     def _mine(self, e: EpochState) -> frozenset[int]:
@@ -1032,6 +1100,7 @@ class Engine:
             rules=self._reports(),
             silences=tuple(silences),
             dedicated_ip=self.dedicated_ip,
+            record=self.record,
         )
         self._frames.append(self.codec.encode(hb))
         self.counters["frames_sent"] += 1

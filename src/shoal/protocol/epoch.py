@@ -59,6 +59,7 @@ class EpochState:
     members: frozenset[int]
     fenced: frozenset[int]  # hosts removed without saying so: wait for their lease first
     bases: tuple[frozenset[int], ...]  # memberships this epoch had to be a quorum of
+    lineage: tuple[EpochKey, ...]  # ancestors back to the last READY one (oldest first)
     reports: Mapping[int, tuple[RuleReport, ...]]  # each member's rule parameters
     maps: tuple[tuple[int, ...] | None, ...]  # per rule: bucket → owner, for multiple rules
     handlers: tuple[int, ...]  # per rule: host handling a single rule, 0 for none
@@ -104,6 +105,8 @@ class EpochState:
         out.append(host_bitmap(self.fenced))
         out.append(struct.pack("!B", len(self.bases)))
         out += [host_bitmap(b) for b in self.bases]
+        out.append(struct.pack("!B", len(self.lineage)))
+        out += [EPOCH_KEY.pack(*k) for k in self.lineage]
         for h in sorted(self.members):
             reps = self.reports.get(h, ())
             out.append(struct.pack("!HB", h, len(reps)))
@@ -137,7 +140,7 @@ class EpochDecodeError(Exception):
 
 def decode_epoch(blob: bytes, rules: Sequence[PortRule], buckets: int) -> EpochState:
     """Inflate and parse an epoch; refuse anything that does not fit this configuration."""
-    limit = 128 + 32 * 260 + MAX_HOST * (3 + 4 * 32) + len(rules) * (5 + 2 * buckets)
+    limit = 128 + 32 * 260 + 14 * 260 + MAX_HOST * (3 + 4 * 32) + len(rules) * (5 + 2 * buckets)
     try:
         d = zlib.decompressobj()
         raw = d.decompress(blob, limit)
@@ -159,6 +162,12 @@ def decode_epoch(blob: bytes, rules: Sequence[PortRule], buckets: int) -> EpochS
         off += 32 * nbases
         if len(raw) < off:
             raise EpochDecodeError("truncated quorum bases")
+        (nlin,) = struct.unpack_from("!B", raw, off)
+        off += 1
+        lineage = []
+        for _ in range(nlin):
+            lineage.append(EpochKey(*EPOCH_KEY.unpack_from(raw, off)))
+            off += EPOCH_KEY.size
         reports: dict[int, tuple[RuleReport, ...]] = {}
         for _ in range(len(members)):
             h, n = struct.unpack_from("!HB", raw, off)
@@ -200,6 +209,7 @@ def decode_epoch(blob: bytes, rules: Sequence[PortRule], buckets: int) -> EpochS
             members=members,
             fenced=fenced,
             bases=bases,
+            lineage=tuple(lineage),
             reports=reports,
             maps=tuple(maps),
             handlers=tuple(handlers),
@@ -215,6 +225,7 @@ def next_epoch(
     members: frozenset[int],
     fenced: frozenset[int],
     bases: tuple[frozenset[int], ...],
+    lineage: tuple[EpochKey, ...],
     reports: Mapping[int, tuple[RuleReport, ...]],
     rules: Sequence[PortRule],
     buckets: int,
@@ -244,6 +255,7 @@ def next_epoch(
         members=members,
         fenced=fenced - members,
         bases=bases,
+        lineage=lineage,
         reports={h: reports[h] for h in members},
         maps=tuple(maps),
         handlers=tuple(handlers),

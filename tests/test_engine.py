@@ -1,0 +1,214 @@
+"""The engine's behaviour, driven by the deterministic simulator (every step checks the
+contract: exclusive, agreed, balanced, minimal)."""
+
+from __future__ import annotations
+
+from shoal.protocol.engine import Command, Engine
+from shoal.protocol.events import EventId
+from shoal.protocol.frames import HostState, Rejection
+from shoal.sim.cluster import SimCluster
+from shoal.sim.scenario import KEY, cluster_configs, mismatched
+
+P = 0.1  # the default profile's period
+
+
+def settle(sim: SimCluster, members: set[int], periods: float = 60) -> float:
+    t0 = sim.now
+    while sim.now - t0 < periods * P:
+        sim.run_until(sim.now + P / 20)
+        if sim.converged(members) and sim.covered():
+            return (sim.now - t0) / P
+    raise AssertionError(f"{members} did not converge in {periods} periods")
+
+
+class Recorder:
+    """Collects every engine event (the simulator drops them otherwise)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, EventId, str]] = []
+        self._orig = Engine.take_events
+
+    def __enter__(self) -> Recorder:
+        items = self.items
+        orig = self._orig
+
+        def take(engine: Engine) -> list:  # type: ignore[type-arg]
+            out = orig(engine)
+            items.extend((engine.me, e.id, e.text) for e in out)
+            return out
+
+        Engine.take_events = take  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        Engine.take_events = self._orig  # type: ignore[method-assign]
+
+    def ids(self, host: int | None = None) -> list[EventId]:
+        return [i for h, i, _ in self.items if host is None or h == host]
+
+    def texts(self) -> list[str]:
+        return [t for _, _, t in self.items]
+
+
+def test_three_hosts_converge_with_one_default_host() -> None:
+    with Recorder() as rec:
+        sim = SimCluster(cluster_configs(3), KEY, 1)
+        settle(sim, {1, 2, 3})
+    engines = [sim.hosts[h].engine for h in (1, 2, 3)]
+    assert all(e is not None and e.state is HostState.CONVERGED for e in engines)
+    assert [e.is_default for e in engines if e] == [True, False, False]
+    assert EventId.CONVERGED_DEFAULT in rec.ids(1)
+    assert "host 2 converged with hosts [1, 2, 3]" in " ".join(rec.texts())
+
+
+def test_crash_converges_within_tolerance_plus_three_periods() -> None:
+    sim = SimCluster(cluster_configs(5, buckets=256), KEY, 2)
+    settle(sim, {1, 2, 3, 4, 5})
+    sim.crash_host(1)  # the default host
+    took = settle(sim, {2, 3, 4, 5})
+    assert took <= 4 + 3
+    e2 = sim.hosts[2].engine
+    assert e2 is not None and e2.is_default
+
+
+def test_join_within_three_periods_of_its_first_heartbeat() -> None:
+    sim = SimCluster(cluster_configs(4, buckets=256), KEY, 3)
+    sim.crash_host(3)
+    settle(sim, {1, 2, 4})
+    sim.restart_host(3)  # its first heartbeat leaves at once
+    assert settle(sim, {1, 2, 3, 4}) <= 3
+
+
+def test_daemon_crash_keeps_kernel_lease_until_fenced() -> None:
+    sim = SimCluster(cluster_configs(3, buckets=64), KEY, 4)
+    settle(sim, {1, 2, 3})
+    before = sim.hosts[3].kernel.tokens
+    sim.crash_daemon(3)
+    sim.run_until(sim.now + 0.5 * P)
+    assert sim.hosts[3].kernel.accepting(sim.now) == before  # the kernel carries on alone
+    settle(sim, {1, 2})  # exclusivity was checked at every step on the way
+    assert not sim.hosts[3].kernel.accepting(sim.now)
+
+
+def test_drainstop_waits_for_connections_then_stops() -> None:
+    with Recorder() as rec:
+        sim = SimCluster(cluster_configs(3, buckets=64), KEY, 5)
+        settle(sim, {1, 2, 3})
+        sim.set_connections(2, 4)
+        sim.command(2, Command.DRAINSTOP)
+        settle(sim, {1, 3})
+        e2 = sim.hosts[2].engine
+        assert e2 is not None and e2.state is HostState.DRAINING
+        assert not e2.installed and e2.install.serving  # no new connections, old ones kept
+        sim.set_connections(2, 0)
+        sim.run_until(sim.now + P)
+        assert e2.state is HostState.STOPPED
+    assert EventId.DRAIN_STARTED in rec.ids(2) and EventId.DRAIN_FINISHED in rec.ids(2)
+
+
+def test_drainstop_timeout_closes_what_remains() -> None:
+    with Recorder() as rec:
+        sim = SimCluster(cluster_configs(3, buckets=64), KEY, 6)
+        settle(sim, {1, 2, 3})
+        sim.set_connections(3, 9)
+        sim.command(3, Command.DRAINSTOP, timeout=1.0)
+        sim.run_until(sim.now + 1.1)
+    e3 = sim.hosts[3].engine
+    assert e3 is not None and e3.state is HostState.STOPPED and not e3.install.serving
+    assert EventId.DRAIN_TIMEOUT in rec.ids(3)
+
+
+def test_suspended_host_refuses_everything_but_resume() -> None:
+    sim = SimCluster(cluster_configs(2, buckets=64), KEY, 7)
+    settle(sim, {1, 2})
+    e = sim.hosts[2].engine
+    assert e is not None
+    assert e.command(Command.SUSPEND, sim.now).ok
+    for cmd in (Command.START, Command.STOP, Command.DRAINSTOP, Command.DISABLE):
+        res = e.command(cmd, sim.now)
+        assert not res.ok and "suspended" in res.message
+    assert e.state is HostState.SUSPENDED
+    assert e.command(Command.RESUME, sim.now).ok and e.state is HostState.STOPPED
+    assert e.command(Command.START, sim.now).ok
+    settle(sim, {1, 2})
+
+
+def test_stop_and_start() -> None:
+    sim = SimCluster(cluster_configs(3, buckets=64), KEY, 8)
+    settle(sim, {1, 2, 3})
+    sim.command(1, Command.STOP)
+    settle(sim, {2, 3})
+    e1 = sim.hosts[1].engine
+    assert e1 is not None and e1.state is HostState.STOPPED and not e1.install.serving
+    sim.command(1, Command.START)
+    settle(sim, {1, 2, 3})
+
+
+def test_disable_rule_moves_its_buckets_away() -> None:
+    sim = SimCluster(cluster_configs(3, buckets=64), KEY, 9)
+    settle(sim, {1, 2, 3})
+    sim.command(2, Command.DISABLE, rule=0)
+    sim.run_until(sim.now + 10 * P)
+    e = sim.hosts[1].engine
+    assert e is not None and e.epoch is not None
+    web = e.epoch.maps[0]
+    assert web is not None and 2 not in web and set(web) == {1, 3}
+    e2 = sim.hosts[2].engine
+    assert e2 is not None and e2.install.rule_states[0].name == "DISABLED"
+
+
+def test_mismatched_host_is_kept_out_and_named() -> None:
+    configs = cluster_configs(3, buckets=64)
+    configs[2] = mismatched(configs[2])
+    with Recorder() as rec:
+        sim = SimCluster(configs, KEY, 10)
+        settle(sim, {1, 2})
+        sim.run_until(sim.now + 10 * P)
+    e3 = sim.hosts[3].engine
+    assert e3 is not None and not e3.installed
+    assert any("host 3 has cluster digest" in t for t in rec.texts())
+
+
+def test_duplicate_host_id_is_named() -> None:
+    configs = cluster_configs(3, buckets=64)
+    with Recorder() as rec:
+        sim = SimCluster(configs, KEY, 11)
+        # the machine in slot 3 is misconfigured as a second host 2
+        sim.hosts[3].config = configs[1]
+        sim.hosts[3].engine = Engine(configs[1], KEY, 99, sim.now)
+        sim.run_until(3.0)
+    assert EventId.DUPLICATE_HOST_ID in rec.ids()
+
+
+def test_partition_minority_stops_majority_takes_over_then_heals() -> None:
+    with Recorder() as rec:
+        sim = SimCluster(cluster_configs(5, buckets=64), KEY, 12)
+        settle(sim, {1, 2, 3, 4, 5})
+        sim.faults.groups = {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
+        settle(sim, {3, 4, 5})
+        assert not sim.hosts[1].kernel.accepting(sim.now)  # host 1 alone is no quorum...
+        assert not sim.hosts[2].kernel.accepting(sim.now)  # ...even with host 2
+        sim.faults.groups = {}
+        settle(sim, {1, 2, 3, 4, 5})
+    assert EventId.NO_QUORUM in rec.ids(1) and EventId.LEASE_LOST in rec.ids(1)
+
+
+def test_forged_replayed_and_random_frames_change_nothing() -> None:
+    sim = SimCluster(cluster_configs(2, buckets=64), KEY, 13)
+    settle(sim, {1, 2})
+    e1, e2 = sim.hosts[1].engine, sim.hosts[2].engine
+    assert e1 is not None and e2 is not None
+    e2._send_heartbeat(sim.now)
+    (frame,) = e2.take_frames()
+    assert e1.receive(frame, sim.now) is None
+    assert e1.receive(frame, sim.now) is Rejection.REPLAY
+    forged = SimCluster(cluster_configs(2, buckets=64), b"another-key-0123456789abcdef", 1)
+    f_engine = forged.hosts[2].engine
+    assert f_engine is not None
+    f_engine._send_heartbeat(sim.now)
+    assert e1.receive(f_engine.take_frames()[0], sim.now) is Rejection.BAD_AUTH
+    assert e1.receive(b"\x00" * 90, sim.now) is Rejection.BAD_MAGIC
+    assert (e1.counters["replay"], e1.counters["bad_auth"], e1.counters["bad_magic"]) == (1, 1, 1)
+    before = (e1.epoch, e1.installed)
+    sim.run_until(sim.now + 5 * P)
+    assert (e1.epoch, e1.installed) == before
