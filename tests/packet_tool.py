@@ -56,28 +56,32 @@ def send(iface: str, dmac_text: str, path: str) -> None:
                 time.sleep(0.002)  # stay well inside the receiver's socket buffer
 
 
-def recv(port: int, quiet: float) -> None:
+def recv(ports: list[int], quiet: float, with_port: bool = False) -> None:
     socks = []
-    for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
-        s = socket.socket(fam, socket.SOCK_DGRAM)
-        if fam == socket.AF_INET6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        s.bind((addr, port))
-        socks.append(s)
+    for port in ports:
+        for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            s = socket.socket(fam, socket.SOCK_DGRAM)
+            if fam == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.bind((addr, port))
+            socks.append((s, port))
     print("ready", flush=True)
     deadline = time.monotonic() + 120
     last = time.monotonic()
     while time.monotonic() - last < quiet and time.monotonic() < deadline:
-        ready, _, _ = select.select(socks, [], [], 0.1)
+        ready, _, _ = select.select([s for s, _ in socks], [], [], 0.1)
         for s in ready:
             _, peer = s.recvfrom(2048)
-            print(peer[0], peer[1], flush=True)
+            port = dict((id(x), p) for x, p in socks)[id(s)]
+            print(peer[0], peer[1], *([port] if with_port else []), flush=True)
             last = time.monotonic()
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "send":
         send(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "recv-many":  # the ports of the data-plane test
+        recv([80, 443, 53, 22, 23, 9999, 8050], float(sys.argv[2]), with_port=True)
     else:
-        recv(int(sys.argv[2]), float(sys.argv[3]))
+        recv([int(sys.argv[2])], float(sys.argv[3]))

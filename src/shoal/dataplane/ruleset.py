@@ -1,0 +1,187 @@
+"""The nftables backend: one ``inet`` table generated from the configuration.
+
+The chains are static; everything that changes at run time lives in sets, so that every
+change the engine asks for is one atomic JSON transaction of set flushes and element adds:
+
+* ``owned_<i>`` — the buckets of ``multiple`` rule *i* this host takes new connections for;
+* ``lease`` — holds ``ipv4`` and ``ipv6`` with a timeout: when it runs out (the daemon stopped
+  renewing it), ``meta nfproto != @lease`` refuses every new connection;
+* ``serving``, ``default_host``, ``handle_<i>``, ``off_<i>``, ``drain_<i>`` — flags, tested
+  the same way with ``meta nfproto``: an empty set means no.
+
+Connection awareness: established and related packets are accepted before any bucket check
+(a connection stays where it is); a new TCP connection must be a pure SYN, so a mid-stream
+packet this host does not track is dropped instead of being answered with a reset.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+from shoal.config import Affinity, FilteringMode, PortRule, Protocol, ShoalConfig
+from shoal.protocol.engine import Install
+from shoal.protocol.epoch import DEFAULT_TOKEN, split_token
+from shoal.protocol.frames import RuleState
+
+TABLE = "shoal"
+FAMILIES = ("ipv4", "ipv6")
+
+
+def _mask6(prefix: int) -> str:
+    return str(ipaddress.IPv6Network(f"::/{prefix}").netmask)
+
+
+def _mask4(prefix: int) -> str:
+    return str(ipaddress.IPv4Network(f"0.0.0.0/{prefix}").netmask)
+
+
+def _hash_exprs(rule: PortRule) -> tuple[str, str]:
+    if rule.affinity is Affinity.NONE:
+        return "ip saddr . th sport", "ip6 saddr . th sport"
+    if rule.affinity is Affinity.SINGLE:
+        return "ip saddr", "ip6 saddr"
+    return (f"ip saddr & {_mask4(rule.ipv4_prefix)}", f"ip6 saddr & {_mask6(rule.ipv6_prefix)}")
+
+
+def _match(rule: PortRule) -> list[str]:
+    """nft matches selecting a rule's traffic (one line per family the rule covers)."""
+    protos = {Protocol.TCP: "tcp", Protocol.UDP: "udp"}.get(rule.protocol, "{ tcp, udp }")
+    ports = f"{rule.start}-{rule.last}" if rule.last != rule.start else str(rule.start)
+    l4 = f"meta l4proto {protos} th dport {ports}"
+    if rule.vip == "all":
+        return [l4]
+    fam = "ip" if isinstance(rule.vip, ipaddress.IPv4Address) else "ip6"
+    return [f"{fam} daddr {rule.vip} {l4}"]
+
+
+NEW_ONLY = "meta l4proto tcp tcp flags & (fin|syn|rst|ack) != syn drop"
+LEASE = "meta nfproto != @lease drop"
+
+
+def base_ruleset(cfg: ShoalConfig) -> str:
+    """The whole table, in nft syntax (loaded once; updates go through :func:`update`)."""
+    cl = cfg.cluster
+    rules = cl.effective_rules
+    v4 = [str(v) for v in cl.all_vips if v.version == 4]
+    v6 = [str(v) for v in cl.all_vips if v.version == 6]
+    lines = [f"table inet {TABLE} {{"]
+    lines.append("  set lease { type nf_proto; flags timeout; }")
+    lines.append("  set serving { type nf_proto; }")
+    lines.append("  set default_host { type nf_proto; }")
+    for i, rule in enumerate(rules):
+        lines.append(f"  set off_{i} {{ type nf_proto; }}")
+        lines.append(f"  set drain_{i} {{ type nf_proto; }}")
+        lines.append(f"  set handle_{i} {{ type nf_proto; }}")
+        if rule.mode is FilteringMode.MULTIPLE:
+            lines.append(f"  set owned_{i} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
+    lines.append("  chain pre {")
+    lines.append("    type filter hook prerouting priority -150; policy accept;")
+    if v4:
+        lines.append(f"    ip daddr {{ {', '.join(v4)} }} jump vip")
+    if v6:
+        lines.append(f"    ip6 daddr {{ {', '.join(v6)} }} jump vip")
+    lines.append("  }")
+    lines.append("  chain vip {")
+    lines.append("    meta nfproto != @serving drop")
+    lines.append("    meta l4proto != { tcp, udp } accept")
+    # rules for one VIP take precedence over rules for all VIPs
+    ordered = sorted(range(len(rules)), key=lambda i: rules[i].vip == "all")
+    for i in ordered:
+        for m in _match(rules[i]):
+            lines.append(f"    {m} jump r{i}")
+    lines.append("    jump r_default")
+    lines.append("  }")
+    seed = f"{cl.seed:#x}"
+    for i, rule in enumerate(rules):
+        lines.append(f"  chain r{i} {{")
+        if rule.mode is FilteringMode.DISABLED:
+            lines.append("    drop")
+        else:
+            lines += [
+                f"    meta nfproto @off_{i} drop",
+                "    ct state established,related accept",
+                f"    meta nfproto @drain_{i} drop",
+                f"    {NEW_ONLY}",
+                f"    {LEASE}",
+            ]
+            if rule.mode is FilteringMode.SINGLE:
+                lines.append(f"    meta nfproto != @handle_{i} drop")
+            else:
+                e4, e6 = _hash_exprs(rule)
+                lines.append(
+                    f"    meta nfproto ipv4 jhash {e4} mod {cl.buckets} seed {seed} "
+                    f"!= @owned_{i} drop"
+                )
+                lines.append(
+                    f"    meta nfproto ipv6 jhash {e6} mod {cl.buckets} seed {seed} "
+                    f"!= @owned_{i} drop"
+                )
+            lines.append("    accept")
+        lines.append("  }")
+    lines.append("  chain r_default {")
+    lines += [
+        "    ct state established,related accept",
+        f"    {NEW_ONLY}",
+        f"    {LEASE}",
+        "    meta nfproto != @default_host drop",
+        "    accept",
+    ]
+    lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _set(name: str) -> dict[str, Any]:
+    return {"family": "inet", "table": TABLE, "name": name}
+
+
+def _flag(name: str, on: bool) -> list[dict[str, Any]]:
+    cmds: list[dict[str, Any]] = [{"flush": {"set": _set(name)}}]
+    if on:
+        cmds.append({"add": {"element": {**_set(name), "elem": list(FAMILIES)}}})
+    return cmds
+
+
+def update(cfg: ShoalConfig, inst: Install) -> list[dict[str, Any]]:
+    """One JSON transaction making the kernel enforce ``inst``."""
+    rules = cfg.cluster.effective_rules
+    owned: dict[int, list[int]] = {
+        i: [] for i, r in enumerate(rules) if r.mode is FilteringMode.MULTIPLE
+    }
+    handled: set[int] = set()
+    default = False
+    for tok in inst.tokens:
+        if tok == DEFAULT_TOKEN:
+            default = True
+            continue
+        rule, bucket = split_token(tok)
+        if bucket is None:
+            handled.add(rule)
+        elif rule in owned:
+            owned[rule].append(bucket)
+    cmds: list[dict[str, Any]] = []
+    cmds += _flag("serving", inst.serving)
+    cmds += _flag("default_host", default)
+    for i in range(len(rules)):
+        state = inst.rule_states[i] if i < len(inst.rule_states) else RuleState.ENABLED
+        cmds += _flag(f"off_{i}", state is RuleState.DISABLED)
+        cmds += _flag(f"drain_{i}", state is RuleState.DRAINING)
+        cmds += _flag(f"handle_{i}", i in handled)
+    for i, buckets in owned.items():
+        cmds.append({"flush": {"set": _set(f"owned_{i}")}})
+        if buckets:
+            cmds.append({"add": {"element": {**_set(f"owned_{i}"), "elem": sorted(buckets)}}})
+    return cmds
+
+
+def lease(ms: int) -> str:
+    """Renew the kernel lease for ``ms`` milliseconds (0: let it lapse now).
+
+    nft syntax, not JSON: libnftables 1.0's JSON carries timeouts in whole seconds only.
+    """
+    cmd = f"flush set inet {TABLE} lease\n"
+    if ms > 0:
+        elems = ", ".join(f"{f} timeout {ms}ms" for f in FAMILIES)
+        cmd += f"add element inet {TABLE} lease {{ {elems} }}\n"
+    return cmd

@@ -1,0 +1,212 @@
+"""The nftables backend against the reference model, packet for packet, in namespaces:
+a switch (bridge), three hosts in unicast cluster-MAC mode, and a client that sends UDP
+datagrams from random addresses to every VIP and port kind."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import subprocess
+import sys
+import tomllib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shoal.config import parse_config
+from shoal.protocol.epoch import EpochKey, next_epoch
+from shoal.protocol.frames import RuleReport, RuleState
+from shoal.verdict import ClusterView, Outcome, Packet, decide
+from tests.conftest import example_doc, needs_root
+from tests.nethelp import HELPER, namespaces, python_in, sh
+
+CLUSTER_MAC = "02:bf:c6:12:00:64"
+TOOL = Path(__file__).with_name("dataplane_tool.py")
+
+
+def _config(host: int, tmp: Path) -> Path:
+    doc = example_doc(host)
+    doc["cluster"]["rules"][0].update(protocol="both", affinity="none")  # web: per flow
+    doc["cluster"]["rules"].append(
+        {
+            "name": "v6only",
+            "vip": "2001:db8::100",
+            "start": 8000,
+            "end": 8099,
+            "protocol": "udp",
+            "affinity": "single",
+        }
+    )
+    text = tmp / f"h{host}.toml"
+    lines = []
+    for section in ("cluster", "host"):
+        body = dict(doc[section])
+        rules = body.pop("rules", [])
+        lines.append(f"[{section}]")
+        for k, v in body.items():
+            lines.append(f"{k} = {_toml(v)}")
+        for r in rules:
+            lines.append(f"[[{section}.rules]]")
+            lines += [f"{k} = {_toml(v)}" for k, v in r.items()]
+    text.write_text("\n".join(lines) + "\n")
+    return text
+
+
+def _toml(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return '"' + str(v) + '"'
+
+
+@needs_root()
+@pytest.mark.root
+def test_kernel_verdicts_match_the_reference(tmp_path: Path) -> None:
+    rng = random.Random(7)
+    paths = {h: _config(h, tmp_path) for h in (1, 2, 3)}
+    cfgs = {h: parse_config(_load(p)) for h, p in paths.items()}
+    cl = cfgs[1].cluster
+    rules = cl.effective_rules
+    reports = {
+        h: tuple(
+            RuleReport(rng.randint(1, 100), RuleState.ENABLED, c.priority(r.key)) for r in rules
+        )
+        for h, c in cfgs.items()
+    }
+    epoch = next_epoch(
+        None, EpochKey(1, 1), frozenset(cfgs), frozenset(), (), (), reports, rules, cl.buckets
+    )
+    view = ClusterView(
+        default_host=epoch.default_host,
+        maps={r.key: epoch.maps[i] for i, r in enumerate(rules) if epoch.maps[i] is not None},
+        single_owner={r.key: epoch.handlers[i] or None for i, r in enumerate(rules)},
+    )
+    with namespaces("sw", "h1", "h2", "h3", "cl") as ns:
+        sh("ip", "link", "add", "br0", "type", "bridge", ns=ns["sw"])
+        sh("ip", "link", "set", "br0", "up", ns=ns["sw"])
+        for name in ("h1", "h2", "h3", "cl"):
+            sh(
+                "ip",
+                "link",
+                "add",
+                f"p-{name}",
+                "netns",
+                ns["sw"],
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns[name],
+            )
+            sh("ip", "link", "set", f"p-{name}", "master", "br0", "up", ns=ns["sw"])
+        for h in (1, 2, 3):
+            n = ns[f"h{h}"]
+            # unicast mode: every host carries the cluster MAC; frames leave with their own
+            sh(
+                "nft",
+                "-f",
+                "-",
+                ns=n,
+                input=(
+                    "table netdev shoal_l2 {\n chain egress {\n"
+                    '  type filter hook egress device "eth0" priority 0; policy accept;\n'
+                    f"  ether saddr {CLUSTER_MAC} ether saddr set 02:0{h}:c6:12:00:64\n }}\n}}\n"
+                ),
+            )
+            sh(
+                "sysctl",
+                "-qw",
+                "net.ipv6.conf.eth0.addr_gen_mode=3",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+                ns=n,
+            )
+            sh("ip", "link", "set", "eth0", "address", CLUSTER_MAC, ns=n)
+            sh("ip", "link", "set", "eth0", "up", ns=n)
+            sh("ip", "addr", "add", f"198.18.0.1{h}/24", "dev", "eth0", ns=n)
+            sh("ip", "addr", "add", "198.18.0.100/32", "dev", "eth0", ns=n)
+            sh("ip", "addr", "add", "2001:db8::100/128", "dev", "eth0", "nodad", ns=n)
+            tok = tmp_path / f"tokens{h}"
+            tok.write_text("\n".join(str(t) for t in epoch.tokens_of(h)))
+            out = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    n,
+                    sys.executable,
+                    str(TOOL),
+                    "install",
+                    str(paths[h]),
+                    str(tok),
+                ],
+                capture_output=True,
+                text=True,
+                env=_env(),
+                timeout=60,
+            )
+            assert out.returncode == 0, out.stderr
+        sh("ip", "link", "set", "eth0", "up", ns=ns["cl"])
+        # flows: every rule kind, both families, random sources
+        flows = []
+        kinds = [
+            (80, "udp"),
+            (443, "udp"),
+            (53, "udp"),
+            (22, "udp"),
+            (23, "udp"),
+            (9999, "udp"),
+            (8050, "udp"),
+        ]
+        for _ in range(1500):
+            dport, proto = rng.choice(kinds)
+            v6 = dport == 8050 or rng.random() < 0.4
+            if v6:
+                src = ipaddress.IPv6Address(
+                    int(ipaddress.IPv6Address("2001:db8:8000::")) + rng.randrange(2**90)
+                )
+                dst = ipaddress.ip_address("2001:db8::100")
+            else:
+                src = ipaddress.IPv4Address(
+                    int(ipaddress.IPv4Address("198.19.0.0")) + rng.randrange(2**16)
+                )
+                dst = ipaddress.ip_address("198.18.0.100")
+            flows.append(Packet(src, dst, proto, rng.randrange(1024, 65536), dport))
+        plan = tmp_path / "flows"
+        plan.write_text("".join(f"{f.src} {f.dst} {f.sport} {f.dport}\n" for f in flows))
+        receivers = {h: python_in(ns[f"h{h}"], "recv-many", "2.0") for h in (1, 2, 3)}
+        for r in receivers.values():
+            assert r.stdout is not None and r.stdout.readline().strip() == "ready"
+        sender = python_in(ns["cl"], "send", "eth0", CLUSTER_MAC, str(plan))
+        assert sender.wait(timeout=120) == 0
+        got: dict[tuple[str, int, int], set[int]] = defaultdict(set)
+        for h, r in receivers.items():
+            text, _ = r.communicate(timeout=150)
+            for line in text.splitlines():
+                src, sport, dport = line.split()
+                got[(str(ipaddress.ip_address(src)), int(sport), int(dport))].add(h)
+    mismatches = []
+    for f in flows:
+        d = decide(cl, view, f)
+        want = {d.host} if d.outcome is Outcome.OWNER else set()
+        have = got.get((str(f.src), f.sport, f.dport), set())
+        if have != want:
+            mismatches.append((f, want, have))
+    assert not mismatches, f"{len(mismatches)} of {len(flows)} flows differ: {mismatches[:5]}"
+    assert sum(1 for f in flows if decide(cl, view, f).outcome is Outcome.OWNER) > 700
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return tomllib.loads(path.read_text())
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=f"{HELPER.parent.parent / 'src'}:{HELPER.parent.parent}")
