@@ -9,6 +9,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 import tomllib
 from collections import defaultdict
 from pathlib import Path
@@ -65,9 +66,11 @@ def _toml(v: object) -> str:
     return '"' + str(v) + '"'
 
 
-@needs_root()
-@pytest.mark.root
-def test_kernel_verdicts_match_the_reference(tmp_path: Path) -> None:
+Got = dict[tuple[str, int, int], set[int]]
+
+
+def _run(tmp_path: Path, lease_ms: int, wait: float) -> tuple[Any, ClusterView, list[Packet], Got]:
+    """Build the namespaces, install a random map on every host, send the flows."""
     rng = random.Random(7)
     paths = {h: _config(h, tmp_path) for h in (1, 2, 3)}
     cfgs = {h: parse_config(_load(p)) for h, p in paths.items()}
@@ -147,6 +150,7 @@ def test_kernel_verdicts_match_the_reference(tmp_path: Path) -> None:
                     "install",
                     str(paths[h]),
                     str(tok),
+                    str(lease_ms),
                 ],
                 capture_output=True,
                 text=True,
@@ -185,14 +189,22 @@ def test_kernel_verdicts_match_the_reference(tmp_path: Path) -> None:
         receivers = {h: python_in(ns[f"h{h}"], "recv-many", "2.0") for h in (1, 2, 3)}
         for r in receivers.values():
             assert r.stdout is not None and r.stdout.readline().strip() == "ready"
+        time.sleep(wait)
         sender = python_in(ns["cl"], "send", "eth0", CLUSTER_MAC, str(plan))
         assert sender.wait(timeout=120) == 0
-        got: dict[tuple[str, int, int], set[int]] = defaultdict(set)
+        got: Got = defaultdict(set)
         for h, r in receivers.items():
             text, _ = r.communicate(timeout=150)
             for line in text.splitlines():
                 src, sport, dport = line.split()
                 got[(str(ipaddress.ip_address(src)), int(sport), int(dport))].add(h)
+    return cl, view, flows, got
+
+
+@needs_root()
+@pytest.mark.root
+def test_kernel_verdicts_match_the_reference(tmp_path: Path) -> None:
+    cl, view, flows, got = _run(tmp_path, lease_ms=600_000, wait=0.0)
     mismatches = []
     for f in flows:
         d = decide(cl, view, f)
@@ -202,6 +214,15 @@ def test_kernel_verdicts_match_the_reference(tmp_path: Path) -> None:
             mismatches.append((f, want, have))
     assert not mismatches, f"{len(mismatches)} of {len(flows)} flows differ: {mismatches[:5]}"
     assert sum(1 for f in flows if decide(cl, view, f).outcome is Outcome.OWNER) > 700
+
+
+@needs_root()
+@pytest.mark.root
+def test_expired_lease_stops_new_flows(tmp_path: Path) -> None:
+    """A host whose daemon stopped renewing the lease takes no new flow, in any rule."""
+    _, _, flows, got = _run(tmp_path, lease_ms=300, wait=0.8)
+    assert len(flows) == 1500
+    assert not got
 
 
 def _load(path: Path) -> dict[str, Any]:
