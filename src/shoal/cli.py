@@ -228,3 +228,7 @@ def lab_verify(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()
