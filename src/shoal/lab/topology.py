@@ -24,7 +24,6 @@ from typing import Any
 
 from shoal.cluster_mac import ClusterMode, cluster_mac_bytes, format_mac
 from shoal.config import ShoalConfig, load_config
-from shoal.dataplane import adapter
 
 STATE = Path("/run/shoal-lab")
 CLIENTS = 3
@@ -219,8 +218,27 @@ handling_priority = {h}
         for h in range(1, self.hosts + 1):
             ns = self.ns(f"h{h}")
             sh("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", ns=ns)
-            saved = adapter.setup(self.config(h), netns=ns)
-            adapter.save(saved, self.dir / f"h{h}.adapter.json")
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+            res = subprocess.run(
+                [
+                    "ip",
+                    "netns",
+                    "exec",
+                    ns,
+                    sys.executable,
+                    "-m",
+                    "shoal.dataplane.adapter",
+                    "setup",
+                    str(self.config_path(h)),
+                    str(self.dir / f"h{h}.adapter.json"),
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=60,
+            )
+            if res.returncode != 0:
+                raise LabError(f"adapter set-up on h{h}: {res.stderr.strip()[-400:]}")
             routes = ["route add default via 198.18.0.1"]
             if self.ipv6:
                 routes.append("route add default via 2001:db8::1")
