@@ -25,7 +25,6 @@ from tests.conftest import example_doc, needs_root
 from tests.nethelp import HELPER, namespaces, python_in, sh
 
 CLUSTER_MAC = "02:bf:c6:12:00:64"
-TOOL = Path(__file__).with_name("dataplane_tool.py")
 
 
 def _config(host: int, tmp: Path) -> Path:
@@ -146,8 +145,8 @@ def _run(tmp_path: Path, lease_ms: int, wait: float) -> tuple[Any, ClusterView, 
                     "exec",
                     n,
                     sys.executable,
-                    str(TOOL),
-                    "install",
+                    "-m",
+                    "shoal.lab.install",
                     str(paths[h]),
                     str(tok),
                     str(lease_ms),

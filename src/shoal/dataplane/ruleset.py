@@ -67,6 +67,9 @@ def base_ruleset(cfg: ShoalConfig) -> str:
     v6 = [str(v) for v in cl.all_vips if v.version == 6]
     lines = [f"table inet {TABLE} {{"]
     lines.append("  set lease { type nf_proto; flags timeout; }")
+    for i in range(len(rules)):
+        lines.append(f"  counter accepted_{i} {{ }}")
+        lines.append(f"  counter dropped_{i} {{ }}")
     lines.append("  set serving { type nf_proto; }")
     lines.append("  set default_host { type nf_proto; }")
     for i, rule in enumerate(rules):
@@ -94,30 +97,31 @@ def base_ruleset(cfg: ShoalConfig) -> str:
     lines.append("  }")
     seed = f"{cl.seed:#x}"
     for i, rule in enumerate(rules):
+        dropped = f'counter name "dropped_{i}" drop'
         lines.append(f"  chain r{i} {{")
         if rule.mode is FilteringMode.DISABLED:
-            lines.append("    drop")
+            lines.append(f"    {dropped}")
         else:
             lines += [
-                f"    meta nfproto @off_{i} drop",
+                f"    meta nfproto @off_{i} {dropped}",
                 "    ct state established,related accept",
-                f"    meta nfproto @drain_{i} drop",
-                f"    {NEW_ONLY}",
-                f"    {LEASE}",
+                f"    meta nfproto @drain_{i} {dropped}",
+                f"    {NEW_ONLY.removesuffix('drop')}{dropped}",
+                f"    {LEASE.removesuffix('drop')}{dropped}",
             ]
             if rule.mode is FilteringMode.SINGLE:
-                lines.append(f"    meta nfproto != @handle_{i} drop")
+                lines.append(f"    meta nfproto != @handle_{i} {dropped}")
             else:
                 e4, e6 = _hash_exprs(rule)
                 lines.append(
                     f"    meta nfproto ipv4 jhash {e4} mod {cl.buckets} seed {seed} "
-                    f"!= @owned_{i} drop"
+                    f"!= @owned_{i} {dropped}"
                 )
                 lines.append(
                     f"    meta nfproto ipv6 jhash {e6} mod {cl.buckets} seed {seed} "
-                    f"!= @owned_{i} drop"
+                    f"!= @owned_{i} {dropped}"
                 )
-            lines.append("    accept")
+            lines.append(f'    counter name "accepted_{i}" accept')
         lines.append("  }")
     lines.append("  chain r_default {")
     lines += [
@@ -132,8 +136,56 @@ def base_ruleset(cfg: ShoalConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _set(name: str) -> dict[str, Any]:
-    return {"family": "inet", "table": TABLE, "name": name}
+PRE_TABLE = "shoal_pre"
+
+
+def prefilter(cfg: ShoalConfig) -> str:
+    """A netdev ingress table that drops, before conntrack sees them, a pure SYN whose
+    bucket is not owned here and any packet whose bucket was never owned here (no
+    connection of this host can live in it); ``keep_<i>`` holds every bucket owned since
+    the table was made."""
+    cl = cfg.cluster
+    rules = cl.effective_rules
+    lines = [f"table netdev {PRE_TABLE} {{"]
+    multiple = [i for i, r in enumerate(rules) if r.mode is FilteringMode.MULTIPLE]
+    for i in multiple:
+        lines.append(f"  set owned_{i} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
+        lines.append(f"  set keep_{i} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
+    lines.append("  chain ingress {")
+    lines.append(
+        f'    type filter hook ingress device "{cfg.interface}" priority 0; policy accept;'
+    )
+    ordered = sorted(range(len(rules)), key=lambda i: rules[i].vip == "all")
+    seed = f"{cl.seed:#x}"
+    for fam, fam_vips in (
+        ("ip", [v for v in cl.all_vips if v.version == 4]),
+        ("ip6", [v for v in cl.all_vips if v.version == 6]),
+    ):
+        for i in ordered:
+            rule = rules[i]
+            if not fam_vips or (rule.vip != "all" and rule.vip not in fam_vips):
+                continue
+            targets = str(rule.vip) if rule.vip != "all" else ", ".join(map(str, fam_vips))
+            ports = f"{rule.start}-{rule.last}" if rule.last != rule.start else str(rule.start)
+            protos = {Protocol.TCP: "tcp", Protocol.UDP: "udp"}.get(rule.protocol, "{ tcp, udp }")
+            match = f"{fam} daddr {{ {targets} }} meta l4proto {protos} th dport {ports}"
+            if rule.mode is FilteringMode.MULTIPLE:
+                e4, e6 = _hash_exprs(rule)
+                h = f"jhash {e4 if fam == 'ip' else e6} mod {cl.buckets} seed {seed}"
+                if rule.protocol is not Protocol.UDP:
+                    tcp = f"{fam} daddr {{ {targets} }} meta l4proto tcp th dport {ports}"
+                    lines.append(
+                        f"    {tcp} tcp flags & (fin|syn|rst|ack) == syn {h} != @owned_{i} drop"
+                    )
+                lines.append(f"    {match} {h} != @keep_{i} drop")
+            lines.append(f"    {match} accept")
+    lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _set(name: str, table: str = TABLE, family: str = "inet") -> dict[str, Any]:
+    return {"family": family, "table": table, "name": name}
 
 
 def _flag(name: str, on: bool) -> list[dict[str, Any]]:

@@ -1,15 +1,14 @@
-"""Install shoal's table with given tokens in the current namespace (lab self-check):
-``python -m shoal.lab.install CONFIG TOKENS_FILE [LEASE_MS]``."""
+"""Install shoal's tables with given tokens in the current namespace (lab self-check):
+``python -m shoal.lab.install CONFIG TOKENS_FILE [LEASE_MS]``. Tables already there are
+kept and updated in place, as a restarted daemon does, so existing connections survive."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from pathlib import Path
 
 from shoal.config import load_config
-from shoal.dataplane.nft import Nft
-from shoal.dataplane.ruleset import base_ruleset, lease, update
+from shoal.dataplane.backend import NftBackend
 from shoal.protocol.engine import Install
 from shoal.protocol.frames import RuleState
 
@@ -18,13 +17,11 @@ def main() -> None:
     cfg = load_config(Path(sys.argv[1]))
     tokens = frozenset(int(x) for x in Path(sys.argv[2]).read_text().split())
     lease_ms = int(sys.argv[3]) if len(sys.argv) > 3 else 3_600_000
-    nft = Nft()
-    with contextlib.suppress(Exception):
-        nft.run("delete table inet shoal")
-    nft.run(base_ruleset(cfg))
+    backend = NftBackend(cfg)
+    backend.attach()
     states = tuple(RuleState.ENABLED for _ in cfg.cluster.effective_rules)
-    nft.json(update(cfg, Install(tokens, True, states, None)))
-    nft.run(lease(lease_ms))
+    backend.apply(Install(tokens, True, states, None))
+    backend.renew(lease_ms)
 
 
 if __name__ == "__main__":

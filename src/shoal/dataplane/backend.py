@@ -1,0 +1,149 @@
+"""The nftables data-plane backend: what the daemon calls (install, lease, counters).
+
+Each :meth:`NftBackend.apply` is one libnftables transaction: the flags, and for each
+``multiple`` rule only the buckets that changed (deleted from and added to the owned sets
+of both tables), plus newly owned buckets into the pre-filter's ``keep`` sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from shoal.config import FilteringMode, ShoalConfig
+from shoal.dataplane.nft import Nft, NftError
+from shoal.dataplane.ruleset import (
+    PRE_TABLE,
+    TABLE,
+    _set,
+    base_ruleset,
+    lease,
+    prefilter,
+    update,
+)
+from shoal.protocol.engine import Install
+from shoal.protocol.epoch import DEFAULT_TOKEN, split_token
+
+
+@dataclass(frozen=True)
+class RuleCounters:
+    rule: str
+    accepted: int  # new connections accepted
+    dropped: int  # packets dropped by the rule's chain
+    dropped_bytes: int
+
+
+def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {
+        i: set()
+        for i, r in enumerate(cfg.cluster.effective_rules)
+        if r.mode is FilteringMode.MULTIPLE
+    }
+    for tok in tokens:
+        if tok == DEFAULT_TOKEN:
+            continue
+        rule, bucket = split_token(tok)
+        if bucket is not None and rule in out:
+            out[rule].add(bucket)
+    return out
+
+
+class NftBackend:
+    """Owns the ``inet shoal`` and ``netdev shoal_pre`` tables of this namespace."""
+
+    def __init__(self, cfg: ShoalConfig, nft: Nft | None = None) -> None:
+        self.cfg = cfg
+        self.nft = nft or Nft()
+        self.owned: dict[int, set[int]] = {}
+        self.keep: dict[int, set[int]] = {}
+        self.installed = False
+
+    def create(self) -> None:
+        """(Re)create both tables, owning nothing and serving nothing."""
+        self.remove()
+        self.nft.run(base_ruleset(self.cfg) + prefilter(self.cfg))
+        self.owned = owned_by_rule(self.cfg, frozenset())
+        self.keep = {i: set() for i in self.owned}
+        self.installed = True
+
+    def attach(self) -> None:
+        """Take over tables left by an earlier run (their buckets keep their connections),
+        or create them."""
+        try:
+            doc = self.nft.json([{"list": {"table": {"family": "netdev", "name": PRE_TABLE}}}])
+            self.nft.json([{"list": {"table": {"family": "inet", "name": TABLE}}}])
+        except NftError:
+            self.create()
+            return
+        sets: dict[str, set[int]] = {}
+        for item in doc.get("nftables", []):
+            st = item.get("set")
+            if st:
+                sets[st["name"]] = {int(e) for e in st.get("elem", []) if isinstance(e, int)}
+        self.owned = owned_by_rule(self.cfg, frozenset())
+        self.keep = {i: set() for i in self.owned}
+        for i in self.owned:
+            self.owned[i] = sets.get(f"owned_{i}", set())
+            self.keep[i] = sets.get(f"keep_{i}", set()) | self.owned[i]
+        self.installed = True
+
+    def apply(self, inst: Install) -> None:
+        """Make the kernel enforce ``inst`` (one atomic transaction)."""
+        if not self.installed:
+            self.create()
+        new = owned_by_rule(self.cfg, inst.tokens)
+        cmds: list[dict[str, Any]] = [c for c in update(self.cfg, inst) if not _is_owned_cmd(c)]
+        for i, buckets in new.items():
+            gone = sorted(self.owned[i] - buckets)
+            came = sorted(buckets - self.owned[i])
+            fresh = sorted(buckets - self.keep[i])
+            for table, family in ((TABLE, "inet"), (PRE_TABLE, "netdev")):
+                name = _set(f"owned_{i}", table, family)
+                if gone:
+                    cmds.append({"delete": {"element": {**name, "elem": gone}}})
+                if came:
+                    cmds.append({"add": {"element": {**name, "elem": came}}})
+            if fresh:
+                keep = _set(f"keep_{i}", PRE_TABLE, "netdev")
+                cmds.append({"add": {"element": {**keep, "elem": fresh}}})
+        self.nft.json(cmds)
+        self.owned = new
+        for i, buckets in new.items():
+            self.keep[i] |= buckets
+
+    def renew(self, ms: int) -> None:
+        """The kernel takes new connections for ``ms`` more milliseconds (0: stop now)."""
+        self.nft.run(lease(ms))
+
+    def counters(self) -> list[RuleCounters]:
+        doc = self.nft.json([{"list": {"counters": {"family": "inet", "table": TABLE}}}])
+        values: dict[str, dict[str, int]] = {}
+        for item in doc.get("nftables", []):
+            c = item.get("counter")
+            if c:
+                values[c["name"]] = c
+        out = []
+        for i, rule in enumerate(self.cfg.cluster.effective_rules):
+            acc = values.get(f"accepted_{i}", {})
+            drop = values.get(f"dropped_{i}", {})
+            out.append(
+                RuleCounters(
+                    rule.key,
+                    int(acc.get("packets", 0)),
+                    int(drop.get("packets", 0)),
+                    int(drop.get("bytes", 0)),
+                )
+            )
+        return out
+
+    def remove(self) -> None:
+        for table, family in ((TABLE, "inet"), (PRE_TABLE, "netdev")):
+            with contextlib.suppress(NftError):
+                self.nft.run(f"delete table {family} {table}")
+        self.installed = False
+
+
+def _is_owned_cmd(cmd: dict[str, Any]) -> bool:
+    body = cmd.get("flush", {}).get("set") or cmd.get("add", {}).get("element") or {}
+    return str(body.get("name", "")).startswith("owned_")
