@@ -57,6 +57,7 @@ class NftBackend:
         self.nft = nft or Nft()
         self.owned: dict[int, set[int]] = {}
         self.keep: dict[int, set[int]] = {}
+        self.flags: dict[str, list[dict[str, Any]]] = {}
         self.installed = False
 
     def create(self) -> None:
@@ -65,6 +66,7 @@ class NftBackend:
         self.nft.run(base_ruleset(self.cfg) + prefilter(self.cfg))
         self.owned = owned_by_rule(self.cfg, frozenset())
         self.keep = {i: set() for i in self.owned}
+        self.flags = {}
         self.installed = True
 
     def attach(self) -> None:
@@ -93,7 +95,12 @@ class NftBackend:
         if not self.installed:
             self.create()
         new = owned_by_rule(self.cfg, inst.tokens)
-        cmds: list[dict[str, Any]] = [c for c in update(self.cfg, inst) if not _is_owned_cmd(c)]
+        flags = _flag_cmds(self.cfg, inst)
+        cmds: list[dict[str, Any]] = []
+        for set_name, group in flags.items():
+            if self.flags.get(set_name) != group:
+                cmds += group
+        self.flags = flags
         for i, buckets in new.items():
             gone = sorted(self.owned[i] - buckets)
             came = sorted(buckets - self.owned[i])
@@ -144,6 +151,12 @@ class NftBackend:
         self.installed = False
 
 
-def _is_owned_cmd(cmd: dict[str, Any]) -> bool:
-    body = cmd.get("flush", {}).get("set") or cmd.get("add", {}).get("element") or {}
-    return str(body.get("name", "")).startswith("owned_")
+def _flag_cmds(cfg: ShoalConfig, inst: Install) -> dict[str, list[dict[str, Any]]]:
+    """The flag-set commands of :func:`update`, grouped by set, owned sets left out."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for cmd in update(cfg, inst):
+        body = cmd.get("flush", {}).get("set") or cmd.get("add", {}).get("element") or {}
+        name = str(body.get("name", ""))
+        if not name.startswith("owned_"):
+            groups.setdefault(name, []).append(cmd)
+    return groups

@@ -165,15 +165,17 @@ def prefilter(cfg: ShoalConfig) -> str:
             rule = rules[i]
             if not fam_vips or (rule.vip != "all" and rule.vip not in fam_vips):
                 continue
-            targets = str(rule.vip) if rule.vip != "all" else ", ".join(map(str, fam_vips))
+            vips = [rule.vip] if rule.vip != "all" else fam_vips
+            # one VIP: a plain comparison, cheaper per packet than a set lookup
+            targets = str(vips[0]) if len(vips) == 1 else f"{{ {', '.join(map(str, vips))} }}"
             ports = f"{rule.start}-{rule.last}" if rule.last != rule.start else str(rule.start)
             protos = {Protocol.TCP: "tcp", Protocol.UDP: "udp"}.get(rule.protocol, "{ tcp, udp }")
-            match = f"{fam} daddr {{ {targets} }} meta l4proto {protos} th dport {ports}"
+            match = f"{fam} daddr {targets} meta l4proto {protos} th dport {ports}"
             if rule.mode is FilteringMode.MULTIPLE:
                 e4, e6 = _hash_exprs(rule)
                 h = f"jhash {e4 if fam == 'ip' else e6} mod {cl.buckets} seed {seed}"
                 if rule.protocol is not Protocol.UDP:
-                    tcp = f"{fam} daddr {{ {targets} }} meta l4proto tcp th dport {ports}"
+                    tcp = f"{fam} daddr {targets} meta l4proto tcp th dport {ports}"
                     lines.append(
                         f"    {tcp} tcp flags & (fin|syn|rst|ack) == syn {h} != @owned_{i} drop"
                     )

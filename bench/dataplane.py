@@ -1,0 +1,279 @@
+"""Receive-side cost per packet of the nftables data plane, and map-update latency.
+
+A generator namespace floods a sink namespace (one host of a 3-host unicast cluster) over
+a veth pair with trafgen; all rows are measured in the same run and compared with the
+cheapest drop (a netdev rule dropping everything) and with no filter at all (the stack
+answers each SYN with a reset). CPU time is the whole machine's, divided by the packets the
+sink received; the sender's share is in every row, so differences between rows are the
+receive-side cost. Update latency: one atomic transaction moving 1%, 25% or 100% of B
+buckets (B = 4096 and 16384), median of several runs, in-process libnftables.
+
+    python bench/dataplane.py --json [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_MAC = "02:bf:c6:12:00:64"
+
+
+def sh(*args: str, ns: str | None = None, input: str | None = None) -> str:
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {res.stderr.strip()}")
+    return res.stdout
+
+
+def config_text(buckets: int) -> str:
+    doc = (ROOT / "examples" / "host1.toml").read_text()
+    return doc.replace("buckets = 4096", f"buckets = {buckets}").replace(
+        'affinity = "single"', 'affinity = "none"', 1
+    )
+
+
+def cpu_seconds() -> float:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def rx_packets(ns: str) -> int:
+    return int(sh("cat", "/sys/class/net/eth0/statistics/rx_packets", ns=ns))
+
+
+def flood(gen: str, sink: str, conf: Path, seconds: float) -> dict[str, float]:
+    p0, c0 = rx_packets(sink), cpu_seconds()
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            gen,
+            "timeout",
+            "-s",
+            "INT",
+            str(seconds),
+            "trafgen",
+            "-o",
+            "gen0",
+            "-i",
+            str(conf),
+            "-P",
+            "1",
+            "-q",
+        ],
+        capture_output=True,
+        timeout=seconds + 30,
+    )
+    time.sleep(0.2)
+    p1, c1 = rx_packets(sink), cpu_seconds()
+    pkts = max(1, p1 - p0)
+    return {"kpps": round(pkts / seconds / 1000, 1), "ns_per_packet": round((c1 - c0) / pkts * 1e9)}
+
+
+def trafgen_conf(path: Path, flags: str) -> None:
+    path.write_text(
+        f"{{ eth(da={CLUSTER_MAC}, sa=02:00:00:00:00:99), "
+        "ipv4(sa=198.19.2.2, da=198.18.0.100, ttl=64), "
+        f"tcp(sp=drnd(), dp=80, {flags}, seq=drnd(), aseq=drnd(), win=64240) }}\n"
+    )
+
+
+def install(sink: str, cfg: Path, tokens: set[int], keep_all: bool = False) -> None:
+    tok = cfg.with_suffix(".tokens")
+    tok.write_text("\n".join(map(str, sorted(tokens))))
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from shoal.config import load_config\n"
+        "from shoal.dataplane.backend import NftBackend\n"
+        "from shoal.protocol.engine import Install\n"
+        "from shoal.protocol.frames import RuleState\n"
+        "cfg = load_config(Path(sys.argv[1]))\n"
+        "b = NftBackend(cfg); b.create()\n"
+        "st = tuple(RuleState.ENABLED for _ in cfg.cluster.effective_rules)\n"
+        "if sys.argv[3] == '1':\n"
+        "    b.apply(Install(frozenset(range(cfg.cluster.buckets)), True, st, None))\n"
+        "toks = frozenset(int(x) for x in Path(sys.argv[2]).read_text().split())\n"
+        "b.apply(Install(toks, True, st, None)); b.renew(3_600_000)\n"
+    )
+    res = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            sink,
+            sys.executable,
+            "-c",
+            code,
+            str(cfg),
+            str(tok),
+            "1" if keep_all else "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr)
+
+
+def clear(sink: str) -> None:
+    for t in ("inet shoal", "netdev shoal_pre", "netdev floor"):
+        subprocess.run(
+            ["ip", "netns", "exec", sink, "nft", "delete", "table", *t.split()], capture_output=True
+        )
+
+
+UPDATE_CODE = """
+import json, random, statistics, sys, time
+from pathlib import Path
+from shoal.config import load_config
+from shoal.dataplane.backend import NftBackend
+from shoal.protocol.engine import Install
+from shoal.protocol.frames import RuleState
+cfg = load_config(Path(sys.argv[1]))
+B = cfg.cluster.buckets
+st = tuple(RuleState.ENABLED for _ in cfg.cluster.effective_rules)
+rng = random.Random(1)
+out = {}
+for pct in (1, 25, 100):
+    times = []
+    for run in range(7):
+        b = NftBackend(cfg); b.create()
+        mine = set(rng.sample(range(B), B // 3))
+        b.apply(Install(frozenset(mine), True, st, None))
+        moving = rng.sample(range(B), max(1, B * pct // 100))
+        nxt = set(mine)
+        for bucket in moving:  # each moving bucket leaves or joins this host
+            nxt ^= {bucket}
+        t0 = time.perf_counter()
+        b.apply(Install(frozenset(nxt), True, st, None))
+        times.append((time.perf_counter() - t0) * 1000)
+    out[str(pct)] = round(statistics.median(times), 3)
+print(json.dumps(out))
+"""
+
+
+def update_latency(sink: str, tmp: Path) -> dict[str, dict[str, float]]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    out = {}
+    for b in (4096, 16384):
+        cfg = tmp / f"b{b}.toml"
+        cfg.write_text(config_text(b))
+        res = subprocess.run(
+            ["ip", "netns", "exec", sink, sys.executable, "-c", UPDATE_CODE, str(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr)
+        out[str(b)] = json.loads(res.stdout)
+    clear(sink)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    if shutil.which("trafgen") is None:
+        raise SystemExit("trafgen not found: apt-get install netsniff-ng")
+    prefix = f"shb{uuid.uuid4().hex[:5]}"
+    gen, sink = f"{prefix}-gen", f"{prefix}-sink"
+    tmp = Path(tempfile.mkdtemp(prefix="shoal-bench-"))
+    try:
+        for ns in (gen, sink):
+            sh("ip", "netns", "add", ns)
+        sh(
+            "ip",
+            "link",
+            "add",
+            "gen0",
+            "netns",
+            gen,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            sink,
+        )
+        sh("ip", "link", "set", "gen0", "up", ns=gen)
+        sh("ip", "link", "set", "eth0", "address", CLUSTER_MAC, ns=sink)
+        sh("ip", "link", "set", "eth0", "up", ns=sink)
+        sh("ip", "addr", "add", "198.18.0.100/32", "dev", "eth0", ns=sink)
+        sh("ip", "addr", "add", "198.18.0.11/24", "dev", "eth0", ns=sink)
+        sh("ip", "route", "add", "default", "dev", "eth0", ns=sink)
+        sh("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", ns=sink)
+        cfg = tmp / "host1.toml"
+        cfg.write_text(config_text(4096))
+        syn, ack = tmp / "syn.cfg", tmp / "ack.cfg"
+        trafgen_conf(syn, "syn")
+        trafgen_conf(ack, "ack")
+        rows: dict[str, dict[str, float]] = {}
+        sh(
+            "nft",
+            "-f",
+            "-",
+            ns=sink,
+            input=(
+                'table netdev floor {\n chain in {\n  type filter hook ingress device "eth0" '
+                "priority -1000; policy drop;\n }\n}\n"
+            ),
+        )
+        rows["cheapest_drop"] = flood(gen, sink, syn, args.seconds)
+        clear(sink)
+        rows["no_filter"] = flood(gen, sink, syn, args.seconds)
+        all_web = {b for b in range(4096)}  # rule 0 ("web") tokens are its bucket numbers
+        install(sink, cfg, all_web)
+        rows["owned_bucket_syn"] = flood(gen, sink, syn, args.seconds)
+        clear(sink)
+        install(sink, cfg, set())
+        rows["unowned_bucket_syn"] = flood(gen, sink, syn, args.seconds)
+        rows["midstream_never_owned"] = flood(gen, sink, ack, args.seconds)
+        clear(sink)
+        install(sink, cfg, set(), keep_all=True)
+        rows["midstream_untracked_given_away"] = flood(gen, sink, ack, args.seconds)
+        clear(sink)
+        floor = rows["cheapest_drop"]["ns_per_packet"]
+        base = rows["no_filter"]["ns_per_packet"]
+        for r in rows.values():
+            r["over_cheapest_drop_ns"] = round(r["ns_per_packet"] - floor)
+            r["ratio_to_no_filter"] = round(r["ns_per_packet"] / base, 3)
+        doc = {
+            "per_packet": rows,
+            "update_ms": update_latency(sink, tmp),
+            "seconds_per_row": args.seconds,
+        }
+        print(json.dumps(doc, indent=None if args.json else 2))
+    finally:
+        for ns in (gen, sink):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    statistics.mean([0])
+    main()
