@@ -32,6 +32,7 @@ def lab_factory() -> Iterator[list[Lab]]:
 
 
 def _up(labs: list[Lab], **kw: object) -> Lab:
+    kw.setdefault("daemons", False)  # a bare lab: the tests install maps themselves
     lab = Lab(name=_name(), **kw)  # type: ignore[arg-type]
     labs.append(lab)
     lab.up()
@@ -70,7 +71,7 @@ def test_two_labs_side_by_side_and_clean_teardown(lab_factory: list[Lab]) -> Non
 def test_existing_lab_is_refused_and_untouched(lab_factory: list[Lab]) -> None:
     lab = _up(lab_factory, hosts=1)
     with pytest.raises(LabError, match="exists"):
-        Lab(name=lab.name, hosts=2).up()
+        Lab(name=lab.name, hosts=2, daemons=False).up()
     assert lab.ns("h1") in list_namespaces() and lab.status()["processes"]["service-h1"]
 
 

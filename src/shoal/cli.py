@@ -139,6 +139,195 @@ def plan_cmd(
         out.print(table)
 
 
+# ------------------------------------------------------------------ the daemon and its verbs
+
+EXIT_REFUSED = 1
+EXIT_UNREACHABLE = 3
+
+
+@app.command()
+def daemon(
+    config: Annotated[Path, typer.Option("--config", "-c", help="This host's configuration.")],
+    control: Annotated[Path | None, typer.Option(help="Control socket path.")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Where the membership record is kept.")] = Path(
+        "/var/lib/shoal"
+    ),
+    no_adapter: Annotated[
+        bool, typer.Option("--no-adapter", help="Leave the cluster interface as it is.")
+    ] = False,
+) -> None:
+    """Run this host's cluster daemon in the foreground."""
+    import asyncio
+
+    from shoal.daemon.shell import Daemon
+
+    try:
+        d = Daemon(config, control, state_dir, setup_adapter=not no_adapter)
+    except ConfigError as e:
+        for p in e.problems:
+            err.print(f"[red]error:[/red] {e.source}: {p}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    from shoal.dataplane.adapter import AdapterError
+
+    try:
+        d.prepare()
+    except AdapterError as e:
+        raise _fail(str(e)) from None
+    try:
+        asyncio.run(d.run())
+    finally:
+        d.restore()
+
+
+def _control_path(control: Path | None, config: Path | None) -> Path:
+    import os
+
+    from shoal.daemon.shell import default_control
+
+    if control is not None:
+        return control
+    if os.environ.get("SHOAL_CONTROL"):
+        return Path(os.environ["SHOAL_CONTROL"])
+    path = config or (
+        Path(os.environ["SHOAL_CONFIG"])
+        if os.environ.get("SHOAL_CONFIG")
+        else Path("/etc/shoal/shoal.toml")
+    )
+    try:
+        return default_control(load_config(path))
+    except ConfigError as e:
+        raise _fail(f"cannot find the daemon: {e}", EXIT_UNREACHABLE) from None
+
+
+ControlOpt = Annotated[Path | None, typer.Option("--control", help="Daemon control socket.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Host configuration.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _call(req: dict[str, object], control: Path | None, config: Path | None) -> dict[str, object]:
+    from shoal.daemon.control import call
+
+    path = _control_path(control, config)
+    try:
+        resp = call(path, req)
+    except (OSError, ValueError) as e:
+        raise _fail(f"no daemon answers on {path}: {e}", EXIT_UNREACHABLE) from None
+    if not resp.get("ok"):
+        raise _fail(str(resp.get("error")), EXIT_REFUSED)
+    return resp
+
+
+def _verb(cmd: str, control: Path | None, config: Path | None, **extra: object) -> None:
+    resp = _call({"cmd": cmd, **extra}, control, config)
+    typer.echo(str(resp.get("message", "ok")))
+
+
+@app.command()
+def query(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Every host of the cluster as this host sees it."""
+    resp = _call({"cmd": "query"}, control, config)
+    if as_json:
+        typer.echo(json.dumps(resp))
+        return
+    hosts = resp["hosts"]
+    assert isinstance(hosts, list)
+    for h in hosts:
+        typer.echo(
+            f"Host {h['host_id']} ({h['dedicated_ip'] or '-'}) is {h['state']}"
+            + (" (this host)" if h["this_host"] else "")
+        )
+
+
+@app.command()
+def start(control: ControlOpt = None, config: ConfigOpt = None) -> None:
+    """Start cluster operations on this host."""
+    _verb("start", control, config)
+
+
+@app.command()
+def stop(control: ControlOpt = None, config: ConfigOpt = None) -> None:
+    """Stop cluster operations (existing connections are dropped)."""
+    _verb("stop", control, config)
+
+
+@app.command()
+def drainstop(
+    control: ControlOpt = None,
+    config: ConfigOpt = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Close what remains after S seconds.")
+    ] = None,
+) -> None:
+    """Take no new connections, let existing ones finish, then stop."""
+    _verb("drainstop", control, config, timeout=timeout)
+
+
+@app.command()
+def suspend(control: ControlOpt = None, config: ConfigOpt = None) -> None:
+    """Stop, and refuse every command but resume."""
+    _verb("suspend", control, config)
+
+
+@app.command()
+def resume(control: ControlOpt = None, config: ConfigOpt = None) -> None:
+    """Leave the suspended state (the host is then stopped)."""
+    _verb("resume", control, config)
+
+
+def _rule_verb(
+    cmd: str, port: str, vip: str | None, control: Path | None, config: Path | None
+) -> None:
+    _verb(cmd, control, config, port=port, vip=vip)
+
+
+PortArg = Annotated[str, typer.Argument(help="A port the rule covers, or all.")]
+VipOpt = Annotated[str | None, typer.Option(help="Only the rule for this VIP.")]
+
+
+@app.command()
+def enable(
+    port: PortArg, vip: VipOpt = None, control: ControlOpt = None, config: ConfigOpt = None
+) -> None:
+    """Take traffic for the rule covering PORT (or all rules) on this host."""
+    _rule_verb("enable", port, vip, control, config)
+
+
+@app.command()
+def disable(
+    port: PortArg, vip: VipOpt = None, control: ControlOpt = None, config: ConfigOpt = None
+) -> None:
+    """Drop all traffic of the rule covering PORT on this host, existing connections too."""
+    _rule_verb("disable", port, vip, control, config)
+
+
+@app.command()
+def drain(
+    port: PortArg, vip: VipOpt = None, control: ControlOpt = None, config: ConfigOpt = None
+) -> None:
+    """Take no new connections for the rule covering PORT on this host; keep existing ones."""
+    _rule_verb("drain", port, vip, control, config)
+
+
+@app.command()
+def display(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Configuration, state and recent events."""
+    resp = _call({"cmd": "display"}, control, config)
+    typer.echo(json.dumps(resp, indent=None if as_json else 2))
+
+
+@app.command()
+def params(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Every effective parameter and counter."""
+    resp = _call({"cmd": "params"}, control, config)
+    typer.echo(json.dumps(resp, indent=None if as_json else 2))
+
+
+@app.command()
+def reload(control: ControlOpt = None, config: ConfigOpt = None) -> None:
+    """Re-read the configuration file (an invalid file is refused; nothing changes)."""
+    _verb("reload", control, config)
+
+
 lab_app = typer.Typer(
     help="A real cluster in network namespaces (needs root).", no_args_is_help=True
 )
@@ -159,9 +348,12 @@ def lab_up(
     mode: Annotated[ClusterMode, typer.Option(help="Cluster mode.")] = ClusterMode.UNICAST,
     ipv6: Annotated[bool, typer.Option("--ipv6", help="Add IPv6 VIP and clients.")] = False,
     no_service: Annotated[bool, typer.Option("--no-service", help="Start no service.")] = False,
+    no_daemon: Annotated[
+        bool, typer.Option("--no-daemon", help="No shoal daemons: a bare lab for data-plane tests.")
+    ] = False,
 ) -> None:
     """Build a lab: switch, hosts h1..hN, router, clients c1..c3."""
-    lab = Lab(name=name, hosts=hosts, mode=mode.value, ipv6=ipv6)
+    lab = Lab(name=name, hosts=hosts, mode=mode.value, ipv6=ipv6, daemons=not no_daemon)
     try:
         lab.up(service=not no_service)
     except LabError as e:

@@ -35,15 +35,42 @@ async def serve(name: str, addresses: list[str], log_path: Path) -> None:
     reply = f"{name}\n".encode()
 
     async def on_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """HTTP clients (curl, wrk) get a page naming the host; others get the name first,
+        then an echo of whatever they send."""
         peer = writer.get_extra_info("peername")
         log.append(f"tcp {peer[0]} {peer[1]}")
         try:
+            try:
+                first = await asyncio.wait_for(reader.read(4096), 0.3)
+            except TimeoutError:
+                first = b""
+            if first.startswith((b"GET ", b"HEAD ")):
+                while b"\r\n\r\n" not in first and len(first) < 65536:
+                    more = await reader.read(4096)
+                    if not more:
+                        break
+                    first += more
+                keep = b"keep-alive" in first.lower() or b"HTTP/1.1" in first
+                while True:
+                    writer.write(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(reply), reply)
+                    )
+                    await writer.drain()
+                    if not keep:
+                        break
+                    req = await reader.readuntil(b"\r\n\r\n")
+                    if not req:
+                        break
+                return
             writer.write(reply)
+            if first:
+                writer.write(first)
             await writer.drain()
             while data := await reader.read(4096):  # echo until the client closes
                 writer.write(data)
                 await writer.drain()
-        except (ConnectionError, OSError):
+        except (ConnectionError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
             writer.close()

@@ -56,6 +56,7 @@ class Lab:
     hosts: int = 3
     mode: str = "unicast"
     ipv6: bool = False
+    daemons: bool = True
     pids: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------- naming
@@ -219,6 +220,8 @@ handling_priority = {h}
             ns = self.ns(f"h{h}")
             sh("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", ns=ns)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+            if self.daemons:  # the daemon sets its interface up (and restores it) itself
+                continue
             res = subprocess.run(
                 [
                     "ip",
@@ -239,13 +242,61 @@ handling_priority = {h}
             )
             if res.returncode != 0:
                 raise LabError(f"adapter set-up on h{h}: {res.stderr.strip()[-400:]}")
-            routes = ["route add default via 198.18.0.1"]
+        if not self.daemons:
+            self.add_routes()
+
+    def add_routes(self) -> None:
+        for h in range(1, self.hosts + 1):
+            routes = ["route replace default via 198.18.0.1"]
             if self.ipv6:
-                routes.append("route add default via 2001:db8::1")
-            batch(ns, routes)
+                routes.append("route replace default via 2001:db8::1")
+            batch(self.ns(f"h{h}"), routes)
+
+    def control(self, host: int) -> Path:
+        return self.dir / f"h{host}.sock"
+
+    def start_daemon(self, host: int) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.ns(f"h{host}"),
+                sys.executable,
+                "-m",
+                "shoal.cli",
+                "daemon",
+                "--config",
+                str(self.config_path(host)),
+                "--control",
+                str(self.control(host)),
+                "--state-dir",
+                str(self.dir),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / f"h{host}.daemon.log", "a"),  # noqa: SIM115
+            env=env,
+            start_new_session=True,
+        )
+        self.pids[f"daemon-h{host}"] = proc.pid
 
     def start_services(self) -> None:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        if self.daemons:
+            for h in range(1, self.hosts + 1):
+                self.start_daemon(h)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(
+                self.control(h).exists() for h in range(1, self.hosts + 1)
+            ):
+                time.sleep(0.1)  # the daemons add the addresses the services bind to
+            missing = [h for h in range(1, self.hosts + 1) if not self.control(h).exists()]
+            if missing:
+                tail = (self.dir / f"h{missing[0]}.daemon.log").read_text().strip()[-800:]
+                raise LabError(f"daemon h{missing[0]} did not come up: {tail}")
+            self.add_routes()
         for h in range(1, self.hosts + 1):
             addrs = ["198.18.0.100", f"198.18.0.{10 + h}"]
             if self.ipv6:
@@ -277,8 +328,11 @@ handling_priority = {h}
         time.sleep(0.5)
         for key, pid in self.pids.items():
             if not _alive(pid):
-                err = (self.dir / f"{key.split('-')[1]}.service.err").read_text()
-                raise LabError(f"{key} did not start: {err.strip()[-500:]}")
+                kind, host = key.split("-")
+                log = self.dir / (
+                    f"{host}.service.err" if kind == "service" else f"{host}.daemon.log"
+                )
+                raise LabError(f"{key} did not start: {log.read_text().strip()[-500:]}")
 
     # -------------------------------------------------------------- down
 
@@ -325,7 +379,9 @@ handling_priority = {h}
             raise LabError(f"{node!r} is not in lab {self.name} (nodes: {', '.join(nodes)})")
         env = dict(os.environ)
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
-        env["SHOAL_CONFIG"] = str(self.config_path(int(node[1:]))) if node.startswith("h") else ""
+        if node.startswith("h"):
+            env["SHOAL_CONFIG"] = str(self.config_path(int(node[1:])))
+            env["SHOAL_CONTROL"] = str(self.control(int(node[1:])))
         return subprocess.call(["ip", "netns", "exec", self.ns(node), *command], env=env)
 
 

@@ -1,0 +1,243 @@
+"""``shoal daemon``: the thin asyncio shell around the convergence engine.
+
+It owns the I/O the engine must not do: an AF_PACKET socket for EtherType 0x886F on the
+cluster interface, the clock, the nftables backend (installs and the kernel lease), the
+cluster adapter (set up at start, restored at stop), the local control socket, and the
+event log (one JSON object per line on stderr, journald-friendly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
+from shoal.config import ConfigError, ShoalConfig, load_config
+from shoal.dataplane import adapter
+from shoal.dataplane.backend import NftBackend
+from shoal.protocol.engine import Command, Engine, Install
+from shoal.protocol.events import Event
+from shoal.protocol.frames import ETHERTYPE, HostState
+
+PACKET_OUTGOING = 4
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_MR_MULTICAST = 0
+BROADCAST = b"\xff" * 6
+RECENT_EVENTS = 200
+
+
+def default_control(cfg: ShoalConfig) -> Path:
+    return Path(f"/run/shoal/{cfg.cluster.name}-h{cfg.host.host_id}.sock")
+
+
+class Daemon:
+    def __init__(
+        self, config_path: Path, control: Path | None, state_dir: Path, setup_adapter: bool = True
+    ) -> None:
+        self.config_path = config_path
+        self.cfg = load_config(config_path)
+        self.control = control or default_control(self.cfg)
+        self.state_file = state_dir / f"{self.cfg.cluster.name}-h{self.cfg.host.host_id}.json"
+        self.setup_adapter = setup_adapter
+        self.saved: adapter.Saved | None = None
+        self.backend = NftBackend(self.cfg)
+        self.events: list[dict[str, Any]] = []
+        self.installed: Install | None = None
+        self.lease_sent = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.stop_event = asyncio.Event()
+        self.started = time.monotonic()
+        self.record: frozenset[int] = frozenset()
+        if self.state_file.exists():
+            with contextlib.suppress(ValueError, KeyError, OSError):
+                self.record = frozenset(json.loads(self.state_file.read_text())["record"])
+        self.engine = Engine(
+            self.cfg,
+            self.cfg.cluster.secret(config_path.parent),
+            time.time_ns(),
+            self.now(),
+            record=self.record,
+        )
+
+    # -------------------------------------------------------------- helpers
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic()
+
+    def log(self, ev: Event) -> None:
+        doc = ev.as_dict()
+        doc["at"] = round(time.time(), 3)
+        self.events.append(doc)
+        del self.events[:-RECENT_EVENTS]
+        sys.stderr.write(json.dumps(doc) + "\n")
+        sys.stderr.flush()
+
+    # ------------------------------------------------------------- the wire
+
+    def open_socket(self) -> socket.socket:
+        cl = self.cfg.cluster
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETHERTYPE))
+        sock.bind((self.cfg.interface, ETHERTYPE))
+        sock.setblocking(False)
+        if cl.mode is ClusterMode.UNICAST:
+            self.dest = BROADCAST
+        else:
+            self.dest = cluster_mac_bytes(cl.primary_vip, cl.mode)
+            ifindex = socket.if_nametoindex(self.cfg.interface)
+            mreq = struct.pack("iHH8s", ifindex, PACKET_MR_MULTICAST, 6, self.dest)
+            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+        return sock
+
+    def on_readable(self) -> None:
+        for _ in range(256):
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                break
+            if addr[2] == PACKET_OUTGOING:
+                continue
+            self.engine.receive(data, self.now())
+        self.after()
+
+    def send(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            try:
+                self.sock.sendto(frame, (self.cfg.interface, ETHERTYPE, 0, 0, self.dest))
+            except OSError as e:
+                sys.stderr.write(json.dumps({"name": "send_failed", "error": str(e)}) + "\n")
+
+    # ------------------------------------------------------------ the engine
+
+    def on_timer(self) -> None:
+        self.timer = None
+        self.engine.tick(self.now())
+        self.after()
+
+    def after(self) -> None:
+        """Carry out what the engine asked for; arm the next timer."""
+        e = self.engine
+        self.send(e.take_frames())
+        for ev in e.take_events():
+            self.log(ev)
+        inst = e.install
+        if inst != self.installed:
+            self.backend.apply(inst)
+            self.installed = inst
+        now = self.now()
+        if e.lease_until is not None and e.lease_until - self.lease_sent > e.timing.period / 4:
+            ms = int((e.lease_until - now) * 1000)
+            if ms > 0:
+                self.backend.renew(ms)
+                self.lease_sent = e.lease_until
+        if e.record != self.record:
+            self.record = e.record
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            self.state_file.write_text(json.dumps({"record": sorted(self.record)}))
+        assert self.loop is not None
+        if self.timer is not None:
+            self.timer.cancel()
+        delay = max(0.0, e.next_deadline() - now)
+        self.timer = self.loop.call_later(delay, self.on_timer)
+
+    # ---------------------------------------------------------------- control
+
+    async def on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("a request is a JSON object")
+                resp = self.handle(req)
+            except (ValueError, TypeError, KeyError) as e:
+                resp = {"ok": False, "error": f"bad request: {e}"}
+            writer.write((json.dumps(resp) + "\n").encode())
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        from shoal.daemon.control import dispatch
+
+        out = dispatch(self, req)
+        self.after()
+        return out
+
+    def reload(self) -> dict[str, Any]:
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            return {"ok": False, "error": "; ".join(e.problems), "kept": "running configuration"}
+        if cfg.host.host_id != self.cfg.host.host_id or cfg.interface != self.cfg.interface:
+            return {"ok": False, "error": "host.host_id and the interface need a restart"}
+        what = self.engine.reload(cfg, self.now())
+        if cfg.cluster.digest() != self.cfg.cluster.digest():
+            self.backend.remove()
+            self.backend = NftBackend(cfg)
+            self.installed = None
+        self.cfg = cfg
+        return {"ok": True, "message": what}
+
+    # ------------------------------------------------------------------ run
+
+    def prepare(self) -> None:
+        """Set the cluster interface up; before the event loop (pyroute2 runs its own)."""
+        if self.setup_adapter:
+            self.saved = adapter.setup(self.cfg)
+
+    def restore(self) -> None:
+        """Give the interface back as it was; after the event loop."""
+        if self.saved is not None:
+            adapter.teardown(self.saved)
+            self.saved = None
+
+    async def run(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.backend.attach()
+        self.sock = self.open_socket()
+        self.control.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.control.unlink()
+        server = await asyncio.start_unix_server(self.on_client, path=str(self.control))
+        os.chmod(self.control, 0o600)
+        self.loop.add_reader(self.sock.fileno(), self.on_readable)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stop_event.set)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: self.log_reload())
+        self.after()
+        try:
+            await self.stop_event.wait()
+        finally:
+            server.close()
+            self.loop.remove_reader(self.sock.fileno())
+            self.engine.command(Command.STOP, self.now())
+            self.send(self.engine.take_frames())
+            self.backend.remove()
+            with contextlib.suppress(FileNotFoundError):
+                self.control.unlink()
+            self.sock.close()
+
+    def log_reload(self) -> None:
+        res = self.reload()
+        sys.stderr.write(json.dumps({"name": "sighup_reload", **res}) + "\n")
+        self.after()
+
+    def state_name(self) -> str:
+        e = self.engine
+        if e.state is HostState.CONVERGED and e.is_default:
+            return "converged (default)"
+        return e.state.name.lower()

@@ -1,0 +1,212 @@
+"""Real daemons in a lab: convergence, the NLB verbs, bad frames, reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from shoal.lab.topology import Lab
+from tests.conftest import needs_root
+
+pytestmark = [needs_root(), pytest.mark.root]
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    lab = Lab(name="d" + uuid.uuid4().hex[:6], hosts=3)
+    try:
+        lab.up()
+        yield lab
+    finally:
+        lab.down()
+
+
+def shoal(lab: Lab, host: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shoal.cli",
+            "lab",
+            "exec",
+            lab.name,
+            host,
+            "--",
+            sys.executable,
+            "-m",
+            "shoal.cli",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def states(lab: Lab, host: str = "h1") -> dict[int, str]:
+    res = shoal(lab, host, "query", "--json")
+    assert res.returncode == 0, res.stderr
+    return {h["host_id"]: h["state"] for h in json.loads(res.stdout)["hosts"]}
+
+
+def wait_for(lab: Lab, want: dict[int, str], host: str = "h1", seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    seen: dict[int, str] = {}
+    while time.monotonic() < deadline:
+        seen = states(lab, host)
+        if seen == want:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"wanted {want}, {host} sees {seen}")
+
+
+ALL = {1: "converged (default)", 2: "converged", 3: "converged"}
+
+
+def test_three_daemons_converge_with_one_default(lab: Lab) -> None:
+    for h in ("h1", "h2", "h3"):
+        wait_for(lab, ALL, host=h)
+
+
+def test_traffic_through_the_vip_reaches_every_host(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    seen = set()
+    for i in range(10, 40):
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                lab.ns("c1"),
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                "--interface",
+                f"198.19.2.{i}",
+                "http://198.18.0.100/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        assert out in {"h1", "h2", "h3"}
+        seen.add(out)
+    assert seen == {"h1", "h2", "h3"}
+
+
+def test_stop_start_drainstop_suspend_resume(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    assert shoal(lab, "h2", "stop").returncode == 0
+    wait_for(lab, {1: "converged (default)", 2: "stopped", 3: "converged"})
+    assert shoal(lab, "h2", "start").returncode == 0
+    wait_for(lab, ALL)
+    assert shoal(lab, "h3", "drainstop").returncode == 0
+    wait_for(lab, {1: "converged (default)", 2: "converged", 3: "stopped"})
+    assert shoal(lab, "h3", "start").returncode == 0
+    wait_for(lab, ALL)
+    assert shoal(lab, "h3", "suspend").returncode == 0
+    refused = shoal(lab, "h3", "start")
+    assert refused.returncode == 1 and "suspended" in refused.stderr
+    wait_for(lab, {1: "converged (default)", 2: "converged", 3: "suspended"})
+    assert shoal(lab, "h3", "resume").returncode == 0
+    assert shoal(lab, "h3", "start").returncode == 0
+    wait_for(lab, ALL)
+
+
+def test_rule_verbs(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    assert shoal(lab, "h2", "disable", "80").returncode == 0
+    time.sleep(1)
+    display = json.loads(shoal(lab, "h1", "display", "--json").stdout)
+    assert any("traffic" in e["text"] or "epoch" in e["text"] for e in display["events"])
+    bad = shoal(lab, "h2", "drain", "9999")
+    assert bad.returncode == 1 and "no port rule covers port 9999" in bad.stderr
+    assert shoal(lab, "h2", "enable", "all").returncode == 0
+    wait_for(lab, ALL)
+
+
+def test_bad_frames_change_nothing_and_are_counted(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    before = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
+    code = (
+        "import socket, os\n"
+        "s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x886F))\n"
+        "s.bind(('eth0', 0x886F))\n"
+        "for i in range(20):\n"
+        "    s.sendto(os.urandom(100), ('eth0', 0x886F, 0, 0, b'\\xff' * 6))\n"
+        "    s.sendto(b'SH\\x01\\x01' + os.urandom(120), ('eth0', 0x886F, 0, 0, b'\\xff' * 6))\n"
+    )
+    subprocess.run(
+        ["ip", "netns", "exec", lab.ns("rt"), sys.executable, "-c", code], check=True, timeout=30
+    )
+    time.sleep(0.5)
+    after = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
+    rejected = sum(
+        after[k] - before[k]
+        for k in ("bad_magic", "foreign_cluster", "too_short", "bad_length", "bad_auth")
+    )
+    assert rejected >= 40
+    wait_for(lab, ALL)
+
+
+def test_reload_with_a_bad_file_keeps_the_running_configuration(lab: Lab) -> None:
+    path = lab.config_path(2)
+    good = path.read_text()
+    try:
+        path.write_text(good.replace("[host]", "[host]\nbogus = 1"))
+        res = shoal(lab, "h2", "reload")
+        assert res.returncode == 1 and "host.bogus: unknown key" in res.stderr
+        wait_for(lab, ALL)
+    finally:
+        path.write_text(good)
+    assert shoal(lab, "h2", "reload").returncode == 0
+    wait_for(lab, ALL)
+
+
+def test_unreachable_daemon_is_named() -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "shoal.cli", "query", "--control", "/nonexistent/shoal.sock"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert res.returncode == 3 and "no daemon answers" in res.stderr
+
+
+def test_daemon_kill_moves_its_traffic(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    os.killpg(lab.pids["daemon-h3"], signal.SIGKILL)
+    wait_for(lab, {1: "converged (default)", 2: "converged"})
+    for i in range(10, 30):
+        out = subprocess.run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                lab.ns("c2"),
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                "--interface",
+                f"198.19.4.{i}",
+                "http://198.18.0.100/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        assert out in {"h1", "h2"}
+    lab.start_daemon(3)
+    wait_for(lab, ALL)
