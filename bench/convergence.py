@@ -65,6 +65,7 @@ def time_event(n: int, event: str, seed: int, buckets: int) -> float:
         sim.command(victim, Command.STOP)
         after = everyone - {victim}
     else:
+        sim.set_connections(victim, 0)
         sim.command(victim, Command.DRAINSTOP)
         after = everyone - {victim}
     return _settle(sim, after) / sim.period

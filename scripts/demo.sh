@@ -1,12 +1,8 @@
 #!/usr/bin/env bash
-# The main job: shoal on the example cluster.
+# The main job: set-up, then a live 4-host cluster in network namespaces with real clients,
+# a crash (SIGKILL + link cut), a rejoin and a drainstop, ending with a summary measured by
+# the clients. Needs root; exits non-zero if anything it shows went wrong.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-. .venv/bin/activate
-set -x
-shoal check examples/host1.toml examples/host2.toml examples/host3.toml
-shoal ip2mac 198.18.0.100 --mode unicast
-shoal plan examples/host1.toml examples/host2.toml examples/host3.toml --members 1,2
-shoal plan examples/host1.toml examples/host2.toml examples/host3.toml --members 1,2,3 --from 1,2
-python -m shoal.sim --seed 7
+exec .venv/bin/shoal lab demo --hosts 4

@@ -396,6 +396,14 @@ def lab_exec(
     raise typer.Exit(code)
 
 
+@lab_app.command("demo")
+def lab_demo(hosts: Annotated[int, typer.Option(help="Cluster hosts.")] = 4) -> None:
+    """The live demo: traffic, a crash, a rejoin, a drainstop, and a summary."""
+    from shoal.lab.demo import demo
+
+    raise typer.Exit(demo(hosts))
+
+
 @lab_app.command("verify")
 def lab_verify(
     name: Annotated[str, typer.Argument()] = "lab",

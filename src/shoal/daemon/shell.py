@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -38,6 +39,33 @@ RECENT_EVENTS = 200
 
 def default_control(cfg: ShoalConfig) -> Path:
     return Path(f"/run/shoal/{cfg.cluster.name}-h{cfg.host.host_id}.sock")
+
+
+def _hex_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    raw = bytes.fromhex(text)
+    # /proc/net/tcp prints each 32-bit word in host (little-endian) order
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return ipaddress.ip_address(words)
+
+
+def vip_connections(cfg: ShoalConfig) -> int:
+    """Established TCP connections to a VIP on this host (what drainstop waits for)."""
+    vips = set(cfg.cluster.all_vips)
+    count = 0
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 3 and parts[3] == "01":  # ESTABLISHED
+                addr = _hex_address(parts[1].split(":")[0])
+                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+                    addr = addr.ipv4_mapped
+                if addr in vips:
+                    count += 1
+    return count
 
 
 class Daemon:
@@ -122,6 +150,8 @@ class Daemon:
 
     def on_timer(self) -> None:
         self.timer = None
+        if self.engine.state is HostState.DRAINING:
+            self.engine.set_connections(vip_connections(self.cfg), self.now())
         self.engine.tick(self.now())
         self.after()
 
@@ -174,6 +204,8 @@ class Daemon:
         from shoal.daemon.control import dispatch
 
         out = dispatch(self, req)
+        if self.engine.state is HostState.DRAINING:
+            self.engine.set_connections(vip_connections(self.cfg), self.now())
         self.after()
         return out
 

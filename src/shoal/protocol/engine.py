@@ -206,7 +206,7 @@ class Engine:
         self.own_id_seen: list[float] = []
         self.wake = float("inf")
         self.expiry_check = float("inf")
-        self.connections = 0
+        self.connections: int | None = None  # unknown until the shell reports them
         self.drain_deadline: float | None = None
         self.announced: EpochKey | None = None
         self.fingerprint: object = None

@@ -1,0 +1,215 @@
+"""``shoal lab demo``: a 4-host cluster, real clients, a crash, a rejoin and a drainstop.
+
+Clients in three namespaces make short HTTP requests through the VIP from many source
+addresses and keep long-lived connections busy. The demo shows the per-host distribution
+live, kills one host (its daemon with SIGKILL and its switch port down), shows the failover
+and the new distribution, brings the host back, drainstops another, tears everything
+down, and prints a summary measured by the clients. Exit status 1 if anything it shows
+went wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from shoal.daemon.control import call
+from shoal.lab.topology import CLIENTS, Lab
+
+console = Console()
+
+
+@dataclass
+class Run:
+    lab: Lab
+    procs: list[subprocess.Popen[str]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def states(self, host: int = 1) -> dict[int, str]:
+        try:
+            resp = call(self.lab.control(host), {"cmd": "query"}, timeout=2)
+        except (OSError, ValueError):
+            return {}
+        return {h["host_id"]: h["state"] for h in resp.get("hosts", [])}
+
+    def wait(self, want: dict[int, str], host: int = 1, seconds: float = 15) -> bool:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.states(host) == want:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def start_traffic(self, seconds: float) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        for k in range(1, CLIENTS + 1):
+            path = self.lab.dir / f"c{k}.sources"
+            path.write_text("\n".join(self.lab.client_sources(k, False)))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        "ip",
+                        "netns",
+                        "exec",
+                        self.lab.ns(f"c{k}"),
+                        sys.executable,
+                        "-m",
+                        "shoal.lab.traffic",
+                        "--sources",
+                        str(path),
+                        "--seconds",
+                        str(seconds),
+                        "--long",
+                        "10",
+                        "--rate",
+                        "60",
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    text=True,
+                    env=env,
+                )
+            )
+        for p in self.procs:
+            assert p.stdout is not None
+            os.set_blocking(p.stdout.fileno(), False)
+
+    def collect(self) -> None:
+        for p in self.procs:
+            assert p.stdout is not None
+            while True:
+                line = p.stdout.readline()
+                if not line:
+                    break
+                self.events.append(json.loads(line))
+
+    def table(self, title: str, since: float) -> Table:
+        recent = [e for e in self.events if e["kind"] == "short" and e["t"] >= since]
+        per = Counter(e["host"] or "failed" for e in recent)
+        t = Table(title=title, title_justify="left")
+        t.add_column("host")
+        t.add_column("requests (last 2 s)", justify="right")
+        t.add_column("share", justify="right")
+        total = max(1, len(recent))
+        for name in [*sorted(k for k in per if k != "failed"), "failed"]:
+            if per.get(name):
+                t.add_row(name, str(per[name]), f"{100 * per[name] / total:.0f}%")
+        return t
+
+    def show(self, title: str, seconds: float) -> None:
+        end = time.time() + seconds
+        with Live(console=console, refresh_per_second=4) as live:
+            while time.time() < end:
+                self.collect()
+                live.update(self.table(title, time.time() - 2))
+                time.sleep(0.25)
+
+
+def demo(hosts: int = 4) -> int:
+    lab = Lab(name="demo" + uuid.uuid4().hex[:4], hosts=hosts)
+    run = Run(lab)
+    problems: list[str] = []
+    everyone = {h: "converged" for h in range(1, hosts + 1)} | {1: "converged (default)"}
+    try:
+        console.rule(f"shoal lab demo: {hosts} hosts, unicast cluster MAC, VIP 198.18.0.100")
+        lab.up()
+        if not run.wait(everyone):
+            problems.append(f"the cluster did not converge: {run.states()}")
+        console.print(f"converged: {run.states()}")
+        run.start_traffic(seconds=24)
+        run.show("distribution (3 clients, 300 source addresses)", 4)
+        victim = hosts - 1
+        console.rule(f"crash: host {victim} (daemon SIGKILL, switch port down)")
+        kill_at = time.time()
+        os.killpg(lab.pids[f"daemon-h{victim}"], signal.SIGKILL)
+        subprocess.run(
+            ["ip", "-n", lab.ns("sw"), "link", "set", f"p-h{victim}", "down"], check=True
+        )
+        survivors = {h: s for h, s in everyone.items() if h != victim}
+        converged = run.wait(survivors, seconds=10)
+        console.print(f"cluster after the crash: {run.states()}")
+        if not converged:
+            problems.append("the survivors did not converge")
+        run.show("distribution after the crash", 4)
+        console.rule(f"host {victim} comes back")
+        subprocess.run(["ip", "-n", lab.ns("sw"), "link", "set", f"p-h{victim}", "up"], check=True)
+        rejoin_at = time.time()
+        lab.start_daemon(victim)
+        if not run.wait(everyone, seconds=15):
+            problems.append(f"host {victim} did not rejoin: {run.states()}")
+        run.show("distribution after the rejoin", 3)
+        drained = 2
+        console.rule(f"drainstop host {drained}")
+        call(lab.control(drained), {"cmd": "drainstop"})
+        want = {h: s for h, s in everyone.items() if h != drained} | {drained: "stopped"}
+        if not run.wait(want, seconds=15):
+            problems.append(f"host {drained} did not drain to stopped: {run.states()}")
+        run.show("distribution after the drainstop", 3)
+        for p in run.procs:
+            p.wait(timeout=60)
+        run.collect()
+        summary = summarize(run.events, kill_at, rejoin_at, victim)
+        console.rule("summary")
+        console.print_json(json.dumps(summary))
+        if summary["broken_on_survivors"]:
+            problems.append(f"{summary['broken_on_survivors']} connections broken on survivors")
+        if summary["failover_ms"] is None or summary["failover_ms"] > 2000:
+            problems.append(f"failover took {summary['failover_ms']} ms")
+    finally:
+        for p in run.procs:
+            if p.poll() is None:
+                p.kill()
+        lab.down()
+    for problem in problems:
+        console.print(f"[red]problem:[/red] {problem}")
+    console.print("[green]demo ok[/green]" if not problems else "[red]demo failed[/red]")
+    return 1 if problems else 0
+
+
+def summarize(
+    events: list[dict[str, Any]], kill_at: float, rejoin_at: float, victim: int
+) -> dict[str, Any]:
+    short = [e for e in events if e["kind"] == "short"]
+    failed_after = [e["t"] for e in short if e["host"] is None and kill_at <= e["t"] < rejoin_at]
+    ok_after = [e["t"] for e in short if e["host"] and e["t"] >= kill_at]
+    # failover: from the kill to the start of the last request that failed before the host
+    # came back (each failed request was sent to one of the crashed host's buckets)
+    last_fail = max(failed_after, default=None)
+    failover = (
+        None
+        if not ok_after
+        else round(1000 * (last_fail - kill_at), 1)
+        if last_fail is not None
+        else 0.0
+    )
+    longs = [e for e in events if e["kind"] == "long" and e.get("event") != "open"]
+    broken = [e for e in longs if e["error"] and e.get("host") != f"h{victim}"]
+    per = Counter(e["host"] for e in short if e["host"])
+    return {
+        "requests": len(short),
+        "requests_per_host": dict(sorted(per.items())),
+        "failed_requests": sum(1 for e in short if e["host"] is None),
+        "failed_during_failover": len(failed_after),
+        "failover_ms": failover,
+        "long_lived_connections": len({(e.get("idx"), e.get("host")) for e in longs}),
+        "broken_on_survivors": len(broken),
+        "broken_examples": [
+            {"host": e.get("host"), "error": e["error"], "after_kill_s": round(e["t"] - kill_at, 2)}
+            for e in broken[:5]
+        ],
+        "broken_on_crashed_host": sum(
+            1 for e in longs if e["error"] and e.get("host") == f"h{victim}"
+        ),
+    }
