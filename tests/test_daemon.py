@@ -210,3 +210,66 @@ def test_daemon_kill_moves_its_traffic(lab: Lab) -> None:
         assert out in {"h1", "h2"}
     lab.start_daemon(3)
     wait_for(lab, ALL)
+
+
+def test_wrong_key_and_replayed_frames_are_counted(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    before = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
+    code = (
+        "import ipaddress, socket, time\n"
+        "from shoal.protocol.frames import Codec, Heartbeat, HostState, cluster_id\n"
+        "s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x886F))\n"
+        "s.bind(('eth0', 0x886F))\n"
+        "dst = ('eth0', 0x886F, 0, 0, b'\\xff' * 6)\n"
+        "forger = Codec(cluster_id(ipaddress.ip_address('198.18.0.100')), b'w' * 32)\n"
+        "for i in range(10):\n"
+        "    hb = Heartbeat(7, 1, i + 1, HostState.CONVERGED, 0, b'x' * 8, None, b'\\0' * 8,\n"
+        "                   frozenset(), ())\n"
+        "    s.sendto(forger.encode(hb), dst)\n"
+        "s.settimeout(2)\n"
+        "while True:\n"
+        "    data, addr = s.recvfrom(2048)\n"
+        "    if data[:2] == b'SH' and data[3] == 1 and addr[2] != 4:\n"
+        "        break\n"
+        "time.sleep(0.05)\n"
+        "for _ in range(5):\n"
+        "    s.sendto(data, dst)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run(
+        ["ip", "netns", "exec", lab.ns("rt"), sys.executable, "-c", code],
+        check=True,
+        timeout=30,
+        env=env,
+    )
+    time.sleep(0.5)
+    after = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
+    assert after["bad_auth"] - before["bad_auth"] >= 10
+    assert after["replay"] - before["replay"] + after["own"] - before["own"] >= 5
+    wait_for(lab, ALL)
+
+
+def test_host_with_another_port_rule_is_kept_out_and_named(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    path = lab.config_path(3)
+    good = path.read_text()
+    try:
+        path.write_text(good.replace('name = "telnet"\nstart = 23', 'name = "telnet"\nstart = 24'))
+        assert shoal(lab, "h3", "reload").returncode == 0
+        # host 3 is still heard, but stays out: converging, never converged
+        wait_for(lab, {1: "converged (default)", 2: "converged", 3: "converging"}, seconds=10)
+        log = (lab.dir / "h1.daemon.log").read_text()
+        assert "host 3 has cluster digest" in log and "kept out of the cluster" in log
+    finally:
+        path.write_text(good)
+    assert shoal(lab, "h3", "reload").returncode == 0
+    wait_for(lab, ALL, seconds=15)
+
+
+def test_drainstop_timeout_from_the_cli(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    res = shoal(lab, "h2", "drainstop", "--timeout", "0.5")
+    assert res.returncode == 0, res.stderr
+    wait_for(lab, {1: "converged (default)", 2: "stopped", 3: "converged"})
+    assert shoal(lab, "h2", "start").returncode == 0
+    wait_for(lab, ALL)
