@@ -7,8 +7,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
-import subprocess
-import sys
 import time
 import tomllib
 from collections import defaultdict
@@ -18,8 +16,8 @@ from typing import Any
 import pytest
 
 from shoal.config import parse_config
-from shoal.protocol.epoch import EpochKey, next_epoch
-from shoal.protocol.frames import RuleReport, RuleState
+from shoal.lab.topology import run_module
+from shoal.lab.verify import random_map
 from shoal.verdict import ClusterView, Outcome, Packet, decide
 from tests.conftest import example_doc, needs_root
 from tests.nethelp import HELPER, namespaces, python_in, sh
@@ -74,21 +72,7 @@ def _run(tmp_path: Path, lease_ms: int, wait: float) -> tuple[Any, ClusterView, 
     paths = {h: _config(h, tmp_path) for h in (1, 2, 3)}
     cfgs = {h: parse_config(_load(p)) for h, p in paths.items()}
     cl = cfgs[1].cluster
-    rules = cl.effective_rules
-    reports = {
-        h: tuple(
-            RuleReport(rng.randint(1, 100), RuleState.ENABLED, c.priority(r.key)) for r in rules
-        )
-        for h, c in cfgs.items()
-    }
-    epoch = next_epoch(
-        None, EpochKey(1, 1), frozenset(cfgs), frozenset(), (), (), reports, rules, cl.buckets
-    )
-    view = ClusterView(
-        default_host=epoch.default_host,
-        maps={r.key: epoch.maps[i] for i, r in enumerate(rules) if epoch.maps[i] is not None},
-        single_owner={r.key: epoch.handlers[i] or None for i, r in enumerate(rules)},
-    )
+    epoch, view = random_map(cfgs, rng)
     with namespaces("sw", "h1", "h2", "h3", "cl") as ns:
         sh("ip", "link", "add", "br0", "type", "bridge", ns=ns["sw"])
         sh("ip", "link", "set", "br0", "up", ns=ns["sw"])
@@ -138,25 +122,7 @@ def _run(tmp_path: Path, lease_ms: int, wait: float) -> tuple[Any, ClusterView, 
             sh("ip", "addr", "add", "2001:db8::100/128", "dev", "eth0", "nodad", ns=n)
             tok = tmp_path / f"tokens{h}"
             tok.write_text("\n".join(str(t) for t in epoch.tokens_of(h)))
-            out = subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    n,
-                    sys.executable,
-                    "-m",
-                    "shoal.lab.install",
-                    str(paths[h]),
-                    str(tok),
-                    str(lease_ms),
-                ],
-                capture_output=True,
-                text=True,
-                env=_env(),
-                timeout=60,
-            )
-            assert out.returncode == 0, out.stderr
+            run_module(n, "shoal.lab.install", str(paths[h]), str(tok), str(lease_ms))
         sh("ip", "link", "set", "eth0", "up", ns=ns["cl"])
         # flows: every rule kind, both families, random sources
         flows = []

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from shoal.lab.topology import STATE, Lab, LabError, list_namespaces
-from shoal.lab.verify import verify
+from shoal.lab.verify import install, verify
 from tests.conftest import needs_root
 
 pytestmark = [needs_root(), pytest.mark.root]
@@ -135,32 +135,36 @@ def test_cli_up_exec_status_down() -> None:
 
 def _install(lab: Lab, tokens: dict[int, frozenset[int]], order: list[int]) -> None:
     for h in order:
-        path = lab.dir / f"h{h}.tokens"
-        path.write_text("\n".join(map(str, tokens[h])))
-        res = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                lab.ns(f"h{h}"),
-                sys.executable,
-                "-m",
-                "shoal.lab.install",
-                str(lab.config_path(h)),
-                str(path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert res.returncode == 0, res.stderr
+        install(lab, h, tokens[h])
+
+
+def _hold(lab: Lab, sources: list[str]) -> subprocess.Popen[str]:
+    """Connections held by the conn tool in client 1, one per source."""
+    from tests.nethelp import HELPER
+
+    return subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.ns("c1"),
+            sys.executable,
+            str(HELPER.with_name("conn_tool.py")),
+            "198.18.0.100",
+            "80",
+            *sources,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_established_connections_survive_their_bucket_moving(lab_factory: list[Lab]) -> None:
     from shoal.bucket_map import rebalance
     from shoal.protocol.epoch import EpochKey, next_epoch
     from shoal.protocol.frames import RuleReport, RuleState
-    from tests.nethelp import HELPER
 
     lab = _up(lab_factory, hosts=3)
     cfg = lab.config(1)
@@ -179,23 +183,7 @@ def test_established_connections_survive_their_bucket_moving(lab_factory: list[L
     )
     _install(lab, {h: before.tokens_of(h) for h in (1, 2, 3)}, [1, 2, 3])
     sources = lab.client_sources(1, False)[:40]
-    tool = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab.ns("c1"),
-            sys.executable,
-            str(HELPER.with_name("conn_tool.py")),
-            "198.18.0.100",
-            "80",
-            *sources,
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    tool = _hold(lab, sources)
     assert tool.stdout is not None and tool.stdin is not None
     first: dict[int, str] = {}
     for line in tool.stdout:
@@ -218,23 +206,7 @@ def test_established_connections_survive_their_bucket_moving(lab_factory: list[L
     results = dict(line.split() for line in out.splitlines())
     assert list(results.values()).count("ok") == 40, (results, err)
     # new connections from the sources h1 served now land elsewhere
-    again = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            lab.ns("c1"),
-            sys.executable,
-            str(HELPER.with_name("conn_tool.py")),
-            "198.18.0.100",
-            "80",
-            *[sources[i] for i, h in first.items() if h == "h1"],
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    again = _hold(lab, [sources[i] for i, h in first.items() if h == "h1"])
     out, _ = again.communicate("go\n", timeout=60)
     hosts = [
         ln.split()[1]

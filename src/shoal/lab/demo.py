@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from shoal.daemon.control import call
-from shoal.lab.topology import CLIENTS, Lab
+from shoal.lab.topology import CLIENTS, Lab, pyenv
 
 console = Console()
 
@@ -53,7 +53,7 @@ class Run:
         return False
 
     def start_traffic(self, seconds: float) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        env = pyenv()
         for k in range(1, CLIENTS + 1):
             path = self.lab.dir / f"c{k}.sources"
             path.write_text("\n".join(self.lab.client_sources(k, False)))

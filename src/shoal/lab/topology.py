@@ -219,29 +219,15 @@ handling_priority = {h}
         for h in range(1, self.hosts + 1):
             ns = self.ns(f"h{h}")
             sh("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", ns=ns)
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
             if self.daemons:  # the daemon sets its interface up (and restores it) itself
                 continue
-            res = subprocess.run(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    ns,
-                    sys.executable,
-                    "-m",
-                    "shoal.dataplane.adapter",
-                    "setup",
-                    str(self.config_path(h)),
-                    str(self.dir / f"h{h}.adapter.json"),
-                ],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=60,
+            run_module(
+                ns,
+                "shoal.dataplane.adapter",
+                "setup",
+                str(self.config_path(h)),
+                str(self.dir / f"h{h}.adapter.json"),
             )
-            if res.returncode != 0:
-                raise LabError(f"adapter set-up on h{h}: {res.stderr.strip()[-400:]}")
         if not self.daemons:
             self.add_routes()
 
@@ -256,7 +242,7 @@ handling_priority = {h}
         return self.dir / f"h{host}.sock"
 
     def start_daemon(self, host: int) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        env = pyenv()
         proc = subprocess.Popen(
             [
                 "ip",
@@ -283,7 +269,7 @@ handling_priority = {h}
         self.pids[f"daemon-h{host}"] = proc.pid
 
     def start_services(self) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+        env = pyenv()
         if self.daemons:
             for h in range(1, self.hosts + 1):
                 self.start_daemon(h)
@@ -383,6 +369,25 @@ handling_priority = {h}
             env["SHOAL_CONFIG"] = str(self.config_path(int(node[1:])))
             env["SHOAL_CONTROL"] = str(self.control(int(node[1:])))
         return subprocess.call(["ip", "netns", "exec", self.ns(node), *command], env=env)
+
+
+def pyenv() -> dict[str, str]:
+    """The environment for this Python's modules in a child process."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+
+def run_module(ns: str, module: str, *args: str, timeout: float = 60) -> str:
+    """``python -m module args`` inside a namespace; raises LabError naming what failed."""
+    res = subprocess.run(
+        ["ip", "netns", "exec", ns, sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        env=pyenv(),
+        timeout=timeout,
+    )
+    if res.returncode != 0:
+        raise LabError(f"{module} in {ns}: {res.stderr.strip()[-400:]}")
+    return res.stdout
 
 
 def list_namespaces() -> list[str]:

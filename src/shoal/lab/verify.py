@@ -9,7 +9,6 @@ host that logged accepting it) is compared with :func:`shoal.verdict.decide`.
 from __future__ import annotations
 
 import ipaddress
-import os
 import random
 import subprocess
 import sys
@@ -17,8 +16,9 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from shoal.lab.topology import CLIENTS, Lab, LabError
-from shoal.protocol.epoch import next_epoch
+from shoal.config import ShoalConfig
+from shoal.lab.topology import CLIENTS, Lab, LabError, pyenv, run_module
+from shoal.protocol.epoch import EpochState, next_epoch
 from shoal.protocol.frames import EpochKey, RuleReport, RuleState
 from shoal.verdict import ClusterView, Outcome, Packet, decide
 
@@ -33,14 +33,9 @@ KINDS = [
 ]
 
 
-def _env() -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-
-
-def verify(lab: Lab, flows: int, seed: int | None = None) -> dict[str, Any]:
-    rng = random.Random(seed)
-    cfgs = {h: lab.config(h) for h in range(1, lab.hosts + 1)}
-    cl = cfgs[1].cluster
+def random_map(cfgs: dict[int, ShoalConfig], rng: random.Random) -> tuple[EpochState, ClusterView]:
+    """An epoch for these hosts with random weights, and the reference model's view of it."""
+    cl = cfgs[min(cfgs)].cluster
     rules = cl.effective_rules
     reports = {
         h: tuple(
@@ -56,28 +51,26 @@ def verify(lab: Lab, flows: int, seed: int | None = None) -> dict[str, Any]:
         maps={r.key: m for r, m in zip(rules, epoch.maps, strict=True) if m is not None},
         single_owner={r.key: epoch.handlers[i] or None for i, r in enumerate(rules)},
     )
+    return epoch, view
+
+
+def install(lab: Lab, host: int, tokens: frozenset[int], lease_ms: int | None = None) -> None:
+    """Install these tokens on one host directly (no daemon)."""
+    tok = lab.dir / f"h{host}.tokens"
+    tok.write_text("\n".join(str(t) for t in sorted(tokens)))
+    extra = [str(lease_ms)] if lease_ms is not None else []
+    run_module(
+        lab.ns(f"h{host}"), "shoal.lab.install", str(lab.config_path(host)), str(tok), *extra
+    )
+
+
+def verify(lab: Lab, flows: int, seed: int | None = None) -> dict[str, Any]:
+    rng = random.Random(seed)
+    cfgs = {h: lab.config(h) for h in range(1, lab.hosts + 1)}
+    cl = cfgs[1].cluster
+    epoch, view = random_map(cfgs, rng)
     for h in cfgs:
-        tok = lab.dir / f"h{h}.tokens"
-        tok.write_text("\n".join(str(t) for t in epoch.tokens_of(h)))
-        res = subprocess.run(
-            [
-                "ip",
-                "netns",
-                "exec",
-                lab.ns(f"h{h}"),
-                sys.executable,
-                "-m",
-                "shoal.lab.install",
-                str(lab.config_path(h)),
-                str(tok),
-            ],
-            capture_output=True,
-            text=True,
-            env=_env(),
-            timeout=60,
-        )
-        if res.returncode != 0:
-            raise LabError(f"installing on h{h}: {res.stderr.strip()[-400:]}")
+        install(lab, h, epoch.tokens_of(h))
         (lab.dir / f"h{h}.accepts").write_text("")
     # the flows, spread over the clients
     per_client: dict[int, list[tuple[Packet, int]]] = defaultdict(list)
@@ -122,7 +115,7 @@ def verify(lab: Lab, flows: int, seed: int | None = None) -> dict[str, Any]:
                     stdout=subprocess.PIPE,
                     stderr=subprocess.PIPE,
                     text=True,
-                    env=_env(),
+                    env=pyenv(),
                 ),
             )
         )
