@@ -130,6 +130,7 @@ def test_rule_verbs(lab: Lab) -> None:
     time.sleep(1)
     display = json.loads(shoal(lab, "h1", "display", "--json").stdout)
     assert any("traffic" in e["text"] or "epoch" in e["text"] for e in display["events"])
+    assert shoal(lab, "h2", "drain", "53").returncode == 0
     bad = shoal(lab, "h2", "drain", "9999")
     assert bad.returncode == 1 and "no port rule covers port 9999" in bad.stderr
     assert shoal(lab, "h2", "enable", "all").returncode == 0
@@ -272,4 +273,19 @@ def test_drainstop_timeout_from_the_cli(lab: Lab) -> None:
     assert res.returncode == 0, res.stderr
     wait_for(lab, {1: "converged (default)", 2: "stopped", 3: "converged"})
     assert shoal(lab, "h2", "start").returncode == 0
+    wait_for(lab, ALL)
+
+
+def test_garbage_on_the_control_socket_is_answered_and_survived(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    import socket
+
+    for junk in (b"not json\n", b"[1, 2]\n", b'{"cmd": "explode"}\n', b"\xff\xfe\n",
+                 b'{"cmd": "drainstop", "timeout": "soon"}\n'):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(str(lab.control(1)))
+            s.sendall(junk)
+            answer = json.loads(s.recv(65536))
+        assert answer["ok"] is False and answer["error"]
     wait_for(lab, ALL)

@@ -767,6 +767,10 @@ class Engine:
                         target = target - {h}
                         changed = True
             bases = (*bases, *(recs[h] for h in sorted(target) if recs[h]))
+            # a host that left on purpose may have lent its vote to another side before it
+            # left: its record says where, and that side must be outvoted as well
+            left = sorted(h for h in graceful if self._record_of(h))
+            bases = (*bases, *(self._record_of(h) - gone or self._record_of(h) for h in left))
         bases = tuple(dict.fromkeys(bases))
         if self.quorum:
             for base in bases:
