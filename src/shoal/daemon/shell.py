@@ -226,16 +226,31 @@ class Daemon:
 
     # ------------------------------------------------------------------ run
 
+    @property
+    def adapter_file(self) -> Path:
+        return self.state_file.with_suffix(".adapter.json")
+
     def prepare(self) -> None:
-        """Set the cluster interface up; before the event loop (pyroute2 runs its own)."""
-        if self.setup_adapter:
-            self.saved = adapter.setup(self.cfg)
+        """Set the cluster interface up; before the event loop (pyroute2 runs its own).
+
+        The interface's original state is kept on disk: after a crash, the next run first
+        restores it, so what it records as original is the host's own, not its own set-up.
+        """
+        if not self.setup_adapter:
+            return
+        if self.adapter_file.exists():
+            with contextlib.suppress(ValueError, TypeError, OSError):
+                adapter.teardown(adapter.load(self.adapter_file))
+        self.saved = adapter.setup(self.cfg)
+        self.adapter_file.parent.mkdir(parents=True, exist_ok=True)
+        adapter.save(self.saved, self.adapter_file)
 
     def restore(self) -> None:
         """Give the interface back as it was; after the event loop."""
         if self.saved is not None:
             adapter.teardown(self.saved)
             self.saved = None
+            self.adapter_file.unlink(missing_ok=True)
 
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
