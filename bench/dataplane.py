@@ -26,16 +26,10 @@ import time
 import uuid
 from pathlib import Path
 
+from shoal.lab.topology import sh
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_MAC = "02:bf:c6:12:00:64"
-
-
-def sh(*args: str, ns: str | None = None, input: str | None = None) -> str:
-    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
-    res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=120)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)}: {res.stderr.strip()}")
-    return res.stdout
 
 
 def config_text(buckets: int) -> str:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS=(nftables libnftables1 iproute2 curl wrk netsniff-ng)
+DEBS=(nftables libnftables1 iproute2 procps curl wrk netsniff-ng)
 missing=()
 for p in "${DEBS[@]}"; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

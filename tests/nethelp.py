@@ -10,15 +10,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from shoal.lab.topology import sh
+
+__all__ = ["HELPER", "namespaces", "python_in", "sh"]
+
 HELPER = Path(__file__).with_name("packet_tool.py")
-
-
-def sh(*args: str, ns: str | None = None, input: str | None = None) -> str:
-    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
-    res = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=60)
-    if res.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
-    return res.stdout
 
 
 @contextmanager

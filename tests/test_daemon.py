@@ -280,8 +280,13 @@ def test_garbage_on_the_control_socket_is_answered_and_survived(lab: Lab) -> Non
     wait_for(lab, ALL)
     import socket
 
-    for junk in (b"not json\n", b"[1, 2]\n", b'{"cmd": "explode"}\n', b"\xff\xfe\n",
-                 b'{"cmd": "drainstop", "timeout": "soon"}\n'):
+    for junk in (
+        b"not json\n",
+        b"[1, 2]\n",
+        b'{"cmd": "explode"}\n',
+        b"\xff\xfe\n",
+        b'{"cmd": "drainstop", "timeout": "soon"}\n',
+    ):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(str(lab.control(1)))

@@ -18,9 +18,9 @@ from shoal.dataplane.ruleset import (
     TABLE,
     _set,
     base_ruleset,
+    flags,
     lease,
     prefilter,
-    update,
 )
 from shoal.protocol.engine import Install
 from shoal.protocol.epoch import DEFAULT_TOKEN, split_token
@@ -95,12 +95,12 @@ class NftBackend:
         if not self.installed:
             self.create()
         new = owned_by_rule(self.cfg, inst.tokens)
-        flags = _flag_cmds(self.cfg, inst)
+        wanted = flags(self.cfg, inst)
         cmds: list[dict[str, Any]] = []
-        for set_name, group in flags.items():
+        for set_name, group in wanted.items():
             if self.flags.get(set_name) != group:
                 cmds += group
-        self.flags = flags
+        self.flags = wanted
         for i, buckets in new.items():
             gone = sorted(self.owned[i] - buckets)
             came = sorted(buckets - self.owned[i])
@@ -149,14 +149,3 @@ class NftBackend:
             with contextlib.suppress(NftError):
                 self.nft.run(f"delete table {family} {table}")
         self.installed = False
-
-
-def _flag_cmds(cfg: ShoalConfig, inst: Install) -> dict[str, list[dict[str, Any]]]:
-    """The flag-set commands of :func:`update`, grouped by set, owned sets left out."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for cmd in update(cfg, inst):
-        body = cmd.get("flush", {}).get("set") or cmd.get("add", {}).get("element") or {}
-        name = str(body.get("name", ""))
-        if not name.startswith("owned_"):
-            groups.setdefault(name, []).append(cmd)
-    return groups

@@ -44,15 +44,20 @@ def _hash_exprs(rule: PortRule) -> tuple[str, str]:
     return (f"ip saddr & {_mask4(rule.ipv4_prefix)}", f"ip6 saddr & {_mask6(rule.ipv6_prefix)}")
 
 
-def _match(rule: PortRule) -> list[str]:
-    """nft matches selecting a rule's traffic (one line per family the rule covers)."""
-    protos = {Protocol.TCP: "tcp", Protocol.UDP: "udp"}.get(rule.protocol, "{ tcp, udp }")
+def _l4(rule: PortRule, only: Protocol | None = None) -> str:
+    """The protocol (or just ``only``) and port-range match of a rule."""
+    proto = only or rule.protocol
+    protos = {Protocol.TCP: "tcp", Protocol.UDP: "udp"}.get(proto, "{ tcp, udp }")
     ports = f"{rule.start}-{rule.last}" if rule.last != rule.start else str(rule.start)
-    l4 = f"meta l4proto {protos} th dport {ports}"
+    return f"meta l4proto {protos} th dport {ports}"
+
+
+def _match(rule: PortRule) -> str:
+    """The nft match selecting a rule's traffic in the inet table."""
     if rule.vip == "all":
-        return [l4]
+        return _l4(rule)
     fam = "ip" if isinstance(rule.vip, ipaddress.IPv4Address) else "ip6"
-    return [f"{fam} daddr {rule.vip} {l4}"]
+    return f"{fam} daddr {rule.vip} {_l4(rule)}"
 
 
 NEW_ONLY = "meta l4proto tcp tcp flags & (fin|syn|rst|ack) != syn drop"
@@ -91,8 +96,7 @@ def base_ruleset(cfg: ShoalConfig) -> str:
     # rules for one VIP take precedence over rules for all VIPs
     ordered = sorted(range(len(rules)), key=lambda i: rules[i].vip == "all")
     for i in ordered:
-        for m in _match(rules[i]):
-            lines.append(f"    {m} jump r{i}")
+        lines.append(f"    {_match(rules[i])} jump r{i}")
     lines.append("    jump r_default")
     lines.append("  }")
     seed = f"{cl.seed:#x}"
@@ -168,14 +172,12 @@ def prefilter(cfg: ShoalConfig) -> str:
             vips = [rule.vip] if rule.vip != "all" else fam_vips
             # one VIP: a plain comparison, cheaper per packet than a set lookup
             targets = str(vips[0]) if len(vips) == 1 else f"{{ {', '.join(map(str, vips))} }}"
-            ports = f"{rule.start}-{rule.last}" if rule.last != rule.start else str(rule.start)
-            protos = {Protocol.TCP: "tcp", Protocol.UDP: "udp"}.get(rule.protocol, "{ tcp, udp }")
-            match = f"{fam} daddr {targets} meta l4proto {protos} th dport {ports}"
+            match = f"{fam} daddr {targets} {_l4(rule)}"
             if rule.mode is FilteringMode.MULTIPLE:
                 e4, e6 = _hash_exprs(rule)
                 h = f"jhash {e4 if fam == 'ip' else e6} mod {cl.buckets} seed {seed}"
                 if rule.protocol is not Protocol.UDP:
-                    tcp = f"{fam} daddr {targets} meta l4proto tcp th dport {ports}"
+                    tcp = f"{fam} daddr {targets} {_l4(rule, Protocol.TCP)}"
                     lines.append(
                         f"    {tcp} tcp flags & (fin|syn|rst|ack) == syn {h} != @owned_{i} drop"
                     )
@@ -197,36 +199,25 @@ def _flag(name: str, on: bool) -> list[dict[str, Any]]:
     return cmds
 
 
-def update(cfg: ShoalConfig, inst: Install) -> list[dict[str, Any]]:
-    """One JSON transaction making the kernel enforce ``inst``."""
-    rules = cfg.cluster.effective_rules
-    owned: dict[int, list[int]] = {
-        i: [] for i, r in enumerate(rules) if r.mode is FilteringMode.MULTIPLE
-    }
+def flags(cfg: ShoalConfig, inst: Install) -> dict[str, list[dict[str, Any]]]:
+    """For each flag set, the commands making it say what ``inst`` says (the owned bucket
+    sets are the backend's business: it updates them by difference)."""
     handled: set[int] = set()
-    default = False
     for tok in inst.tokens:
-        if tok == DEFAULT_TOKEN:
-            default = True
-            continue
-        rule, bucket = split_token(tok)
-        if bucket is None:
-            handled.add(rule)
-        elif rule in owned:
-            owned[rule].append(bucket)
-    cmds: list[dict[str, Any]] = []
-    cmds += _flag("serving", inst.serving)
-    cmds += _flag("default_host", default)
-    for i in range(len(rules)):
+        if tok != DEFAULT_TOKEN:
+            rule, bucket = split_token(tok)
+            if bucket is None:
+                handled.add(rule)
+    out = {
+        "serving": _flag("serving", inst.serving),
+        "default_host": _flag("default_host", DEFAULT_TOKEN in inst.tokens),
+    }
+    for i in range(len(cfg.cluster.effective_rules)):
         state = inst.rule_states[i] if i < len(inst.rule_states) else RuleState.ENABLED
-        cmds += _flag(f"off_{i}", state is RuleState.DISABLED)
-        cmds += _flag(f"drain_{i}", state is RuleState.DRAINING)
-        cmds += _flag(f"handle_{i}", i in handled)
-    for i, buckets in owned.items():
-        cmds.append({"flush": {"set": _set(f"owned_{i}")}})
-        if buckets:
-            cmds.append({"add": {"element": {**_set(f"owned_{i}"), "elem": sorted(buckets)}}})
-    return cmds
+        out[f"off_{i}"] = _flag(f"off_{i}", state is RuleState.DISABLED)
+        out[f"drain_{i}"] = _flag(f"drain_{i}", state is RuleState.DRAINING)
+        out[f"handle_{i}"] = _flag(f"handle_{i}", i in handled)
+    return out
 
 
 def lease(ms: int) -> str:

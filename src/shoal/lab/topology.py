@@ -241,17 +241,25 @@ handling_priority = {h}
     def control(self, host: int) -> Path:
         return self.dir / f"h{host}.sock"
 
+    def _spawn(self, key: str, node: str, module: str, args: list[str], log: Path) -> None:
+        """Start ``python -m module`` in a node, in its own session; remember its PID."""
+        with log.open("a") as err:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(node), sys.executable, "-m", module, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=pyenv(),
+                start_new_session=True,
+            )
+        self.pids[key] = proc.pid
+
     def start_daemon(self, host: int) -> None:
-        env = pyenv()
-        proc = subprocess.Popen(
+        self._spawn(
+            f"daemon-h{host}",
+            f"h{host}",
+            "shoal.cli",
             [
-                "ip",
-                "netns",
-                "exec",
-                self.ns(f"h{host}"),
-                sys.executable,
-                "-m",
-                "shoal.cli",
                 "daemon",
                 "--config",
                 str(self.config_path(host)),
@@ -260,16 +268,10 @@ handling_priority = {h}
                 "--state-dir",
                 str(self.dir),
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / f"h{host}.daemon.log", "a"),  # noqa: SIM115
-            env=env,
-            start_new_session=True,
+            self.dir / f"h{host}.daemon.log",
         )
-        self.pids[f"daemon-h{host}"] = proc.pid
 
     def start_services(self) -> None:
-        env = pyenv()
         if self.daemons:
             for h in range(1, self.hosts + 1):
                 self.start_daemon(h)
@@ -289,28 +291,13 @@ handling_priority = {h}
                 addrs += ["2001:db8::100", f"2001:db8::{10 + h:x}"]
             log = self.dir / f"h{h}.accepts"
             log.write_text("")
-            proc = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    self.ns(f"h{h}"),
-                    sys.executable,
-                    "-m",
-                    "shoal.lab.service",
-                    "--name",
-                    f"h{h}",
-                    "--log",
-                    str(log),
-                    *addrs,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=open(self.dir / f"h{h}.service.err", "w"),  # noqa: SIM115
-                env=env,
-                start_new_session=True,
+            self._spawn(
+                f"service-h{h}",
+                f"h{h}",
+                "shoal.lab.service",
+                ["--name", f"h{h}", "--log", str(log), *addrs],
+                self.dir / f"h{h}.service.err",
             )
-            self.pids[f"service-h{h}"] = proc.pid
         time.sleep(0.5)
         for key, pid in self.pids.items():
             if not _alive(pid):

@@ -187,7 +187,6 @@ class Engine:
         self.peers: dict[int, Peer] = {}
         self.epoch: EpochState | None = None
         self.epoch_ready = False
-        self.adopted_at = NEVER
         self.own_bounds: dict[int, float] = {}
         self.known: dict[EpochKey, EpochState] = {}
         self.assemblies: dict[tuple[EpochKey, bytes], _Assembly] = {}
@@ -208,7 +207,6 @@ class Engine:
         self.expiry_check = float("inf")
         self.connections: int | None = None  # unknown until the shell reports them
         self.drain_deadline: float | None = None
-        self.announced: EpochKey | None = None
         self.fingerprint: object = None
         self.no_quorum_reported: object = None
         self.heal_reported: set[EpochKey] = set()
@@ -342,11 +340,7 @@ class Engine:
             self._leave()
             for p in self.peers.values():
                 if p.hb is not None:
-                    p.eligible = (
-                        p.hb.config_digest == new_digest
-                        and p.hb.state in ELIGIBLE
-                        and len(p.hb.rules) == len(self.rules)
-                    )
+                    p.eligible = self._could_join(p.hb)
                     p.payload = b""
             self.started_at = now
             self.why_converging = "cluster parameters changed"
@@ -489,11 +483,7 @@ class Engine:
         if p.hb is not None and hb.seq < p.hb.seq:
             return False
         p.hb = hb
-        p.eligible = (
-            hb.config_digest == self.digest
-            and hb.state in ELIGIBLE
-            and len(hb.rules) == len(self.rules)
-        )
+        p.eligible = self._could_join(hb)
         if hb.epoch is not None:
             self.max_epoch_seen = max(self.max_epoch_seen, hb.epoch.number)
         if hb.config_digest != self.digest:
@@ -580,6 +570,14 @@ class Engine:
 
     def _eligible_self(self, now: float) -> bool:
         return self.state in ELIGIBLE and self.duplicate_until < now
+
+    def _could_join(self, hb: Heartbeat) -> bool:
+        """A started host with this host's configuration, as its heartbeat says."""
+        return (
+            hb.config_digest == self.digest
+            and hb.state in ELIGIBLE
+            and len(hb.rules) == len(self.rules)
+        )
 
     def _eligible_peer(self, p: Peer, now: float) -> bool:
         return p.eligible and p.duplicate_until < now
@@ -861,7 +859,6 @@ class Engine:
         prev = self.epoch
         self.epoch = state
         self.epoch_ready = False
-        self.adopted_at = now
         mine = self._mine(state) if self._eligible_self(now) else frozenset()
         self.installed = self.installed & mine
         self.own_bounds = {}
