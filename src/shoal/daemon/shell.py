@@ -233,15 +233,17 @@ class Daemon:
     def prepare(self) -> None:
         """Set the cluster interface up; before the event loop (pyroute2 runs its own).
 
-        The interface's original state is kept on disk: after a crash, the next run first
-        restores it, so what it records as original is the host's own, not its own set-up.
+        The interface's original state is kept on disk: after a crash, the next run sets
+        up again in place (no address or route comes and goes) and keeps that record, so what
+        it restores at the end is the host's own state, not a crashed run's set-up.
         """
         if not self.setup_adapter:
             return
+        previous = None
         if self.adapter_file.exists():
             with contextlib.suppress(ValueError, TypeError, OSError):
-                adapter.teardown(adapter.load(self.adapter_file))
-        self.saved = adapter.setup(self.cfg)
+                previous = adapter.load(self.adapter_file)
+        self.saved = adapter.setup(self.cfg, previous)
         self.adapter_file.parent.mkdir(parents=True, exist_ok=True)
         adapter.save(self.saved, self.adapter_file)
 

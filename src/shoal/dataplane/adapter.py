@@ -101,8 +101,13 @@ def _l2_rules(cfg: ShoalConfig, mac_b: bytes) -> str:
     )
 
 
-def setup(cfg: ShoalConfig) -> Saved:
-    """Prepare the cluster interface of this namespace; returns what teardown needs."""
+def setup(cfg: ShoalConfig, previous: Saved | None = None) -> Saved:
+    """Prepare the cluster interface of this namespace; returns what teardown needs.
+
+    ``previous`` is the record of an earlier run that did not tear down (it crashed): the
+    interface is set up again in place, routes and addresses untouched, and the original
+    state stays the one that run recorded.
+    """
     cl = cfg.cluster
     dev = cfg.interface
     mac_b = cluster_mac_bytes(cl.primary_vip, cl.mode)
@@ -116,26 +121,33 @@ def setup(cfg: ShoalConfig) -> Saved:
             allmulti=bool(link["flags"] & IFF_ALLMULTI),
             up=bool(link["flags"] & 1),
         )
+        if previous is not None and previous.interface == dev:
+            saved = previous
         keys = {f"net.ipv4.conf.{dev}.arp_announce": "2", "net.ipv4.conf.all.arp_announce": "2"}
         if cl.mode is ClusterMode.UNICAST:
             keys[f"net.ipv6.conf.{dev}.addr_gen_mode"] = "3"
         try:
             for key, value in keys.items():
-                saved.sysctls[key] = _sysctl(key, value)
-            nft.run(_l2_rules(cfg, mac_b))  # before the MAC changes: never leak it
+                old = _sysctl(key, value)
+                saved.sysctls.setdefault(key, old)
+            # replaced whole in one transaction, before the MAC changes: never leak it
+            nft.run(
+                f"table netdev {L2_TABLE} {{}}\ndelete table netdev {L2_TABLE}\n"
+                + _l2_rules(cfg, mac_b)
+            )
             if cl.mode is ClusterMode.UNICAST:
                 ipr.link("set", index=idx, address=format_mac(mac_b, ":"))
             elif cl.mode is ClusterMode.MULTICAST:
                 ipr.link("set", index=idx, flags=IFF_ALLMULTI, change=IFF_ALLMULTI)
             else:
                 group = str(igmp_group(cl.primary_vip))
-                ipr.addr("add", index=idx, address=group, prefixlen=32, flags=IFA_F_MCAUTOJOIN)
-                saved.joined.append(f"{group}/32")
+                if _add(ipr, idx, f"{group}/32", IFA_F_MCAUTOJOIN):
+                    saved.joined.append(f"{group}/32")
             ipr.link("set", index=idx, state="up")
             cidrs = [str(d.with_prefixlen) for d in cfg.host.dedicated_ips]
             cidrs += [f"{v}/{v.max_prefixlen}" for v in cl.all_vips]
             for cidr in cidrs:
-                if _add(ipr, idx, cidr):
+                if _add(ipr, idx, cidr) and cidr not in saved.added:
                     saved.added.append(cidr)
         except (NetlinkError, NftError, OSError) as e:
             teardown(saved)
@@ -143,9 +155,9 @@ def setup(cfg: ShoalConfig) -> Saved:
     return saved
 
 
-def _add(ipr: IPRoute, idx: int, cidr: str) -> bool:
+def _add(ipr: IPRoute, idx: int, cidr: str, flags: int = 0) -> bool:
     iface = ipaddress.ip_interface(cidr)
-    flags = IFA_F_NODAD if iface.version == 6 else 0
+    flags |= IFA_F_NODAD if iface.version == 6 else 0
     try:
         ipr.addr(
             "add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, flags=flags

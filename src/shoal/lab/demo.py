@@ -165,6 +165,9 @@ def demo(hosts: int = 4) -> int:
         console.print_json(json.dumps(summary))
         if summary["broken_on_survivors"]:
             problems.append(f"{summary['broken_on_survivors']} connections broken on survivors")
+        stray = summary["failed_requests"] - summary["failed_during_failover"]
+        if stray > summary["requests"] // 100:
+            problems.append(f"{stray} requests failed outside the failover")
         if summary["failover_ms"] is None or summary["failover_ms"] > 2000:
             problems.append(f"failover took {summary['failover_ms']} ms")
     finally:
