@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from shoal.cluster_mac import ClusterMode, ip2mac
-from shoal.config import ConfigError, ShoalConfig, check_cluster, load_config
+from shoal.config import ConfigError, Profile, ShoalConfig, check_cluster, load_config
 from shoal.lab.topology import Lab, LabError
 from shoal.plan import plan
 
@@ -351,9 +351,25 @@ def lab_up(
     no_daemon: Annotated[
         bool, typer.Option("--no-daemon", help="No shoal daemons: a bare lab for data-plane tests.")
     ] = False,
+    profile: Annotated[Profile, typer.Option(help="Heartbeat timing profile.")] = Profile.DEFAULT,
+    weights: Annotated[
+        str, typer.Option(help="The web rule's load weight per host, e.g. 1,2,3 (default equal).")
+    ] = "",
 ) -> None:
     """Build a lab: switch, hosts h1..hN, router, clients c1..c3."""
-    lab = Lab(name=name, hosts=hosts, mode=mode.value, ipv6=ipv6, daemons=not no_daemon)
+    try:
+        loads = [int(w) for w in weights.split(",")] if weights else []
+    except ValueError:
+        raise _fail(f"--weights {weights!r}: comma-separated integers 0..100", 2) from None
+    lab = Lab(
+        name=name,
+        hosts=hosts,
+        mode=mode.value,
+        ipv6=ipv6,
+        daemons=not no_daemon,
+        profile=profile.value,
+        weights=loads,
+    )
     try:
         lab.up(service=not no_service)
     except LabError as e:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import os
 import signal
@@ -23,10 +22,10 @@ from typing import Any
 
 from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
 from shoal.config import ConfigError, ShoalConfig, load_config
-from shoal.dataplane import adapter
+from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
 from shoal.protocol.engine import Command, Engine, Install
-from shoal.protocol.events import Event
+from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import ETHERTYPE, HostState
 
 PACKET_OUTGOING = 4
@@ -35,37 +34,16 @@ PACKET_ADD_MEMBERSHIP = 1
 PACKET_MR_MULTICAST = 0
 BROADCAST = b"\xff" * 6
 RECENT_EVENTS = 200
+CLOSES_CONNECTIONS = frozenset({EventId.CLUSTER_STOPPED, EventId.DRAIN_TIMEOUT, EventId.SUSPENDED})
 
 
 def default_control(cfg: ShoalConfig) -> Path:
     return Path(f"/run/shoal/{cfg.cluster.name}-h{cfg.host.host_id}.sock")
 
 
-def _hex_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    raw = bytes.fromhex(text)
-    # /proc/net/tcp prints each 32-bit word in host (little-endian) order
-    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-    return ipaddress.ip_address(words)
-
-
-def vip_connections(cfg: ShoalConfig) -> int:
+def open_vip_connections(cfg: ShoalConfig) -> int:
     """Established TCP connections to a VIP on this host (what drainstop waits for)."""
-    vips = set(cfg.cluster.all_vips)
-    count = 0
-    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(name).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if len(parts) > 3 and parts[3] == "01":  # ESTABLISHED
-                addr = _hex_address(parts[1].split(":")[0])
-                if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-                    addr = addr.ipv4_mapped
-                if addr in vips:
-                    count += 1
-    return count
+    return len(sockets.vip_connections(cfg.cluster.all_vips))
 
 
 class Daemon:
@@ -85,6 +63,7 @@ class Daemon:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.stop_event = asyncio.Event()
+        self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
         self.record: frozenset[int] = frozenset()
         if self.state_file.exists():
@@ -151,7 +130,7 @@ class Daemon:
     def on_timer(self) -> None:
         self.timer = None
         if self.engine.state is HostState.DRAINING:
-            self.engine.set_connections(vip_connections(self.cfg), self.now())
+            self.engine.set_connections(open_vip_connections(self.cfg), self.now())
         self.engine.tick(self.now())
         self.after()
 
@@ -159,12 +138,16 @@ class Daemon:
         """Carry out what the engine asked for; arm the next timer."""
         e = self.engine
         self.send(e.take_frames())
+        close = False
         for ev in e.take_events():
             self.log(ev)
+            close |= ev.id in CLOSES_CONNECTIONS
         inst = e.install
         if inst != self.installed:
             self.backend.apply(inst)
             self.installed = inst
+        if close:  # stop, or a drain whose timeout ran out: what is left gets a reset
+            sockets.destroy(sockets.vip_connections(self.cfg.cluster.all_vips, sockets.OPEN))
         now = self.now()
         if e.lease_until is not None and e.lease_until - self.lease_sent > e.timing.period / 4:
             ms = int((e.lease_until - now) * 1000)
@@ -205,7 +188,7 @@ class Daemon:
 
         out = dispatch(self, req)
         if self.engine.state is HostState.DRAINING:
-            self.engine.set_connections(vip_connections(self.cfg), self.now())
+            self.engine.set_connections(open_vip_connections(self.cfg), self.now())
         self.after()
         return out
 
@@ -248,8 +231,9 @@ class Daemon:
         adapter.save(self.saved, self.adapter_file)
 
     def restore(self) -> None:
-        """Give the interface back as it was; after the event loop."""
-        if self.saved is not None:
+        """Give the interface back as it was; after the event loop. On a handover the
+        interface stays as it is, and the next run sets up in place from the same record."""
+        if self.saved is not None and not self.handover:
             adapter.teardown(self.saved)
             self.saved = None
             self.adapter_file.unlink(missing_ok=True)
@@ -266,6 +250,7 @@ class Daemon:
         self.loop.add_reader(self.sock.fileno(), self.on_readable)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop_event.set)
+        self.loop.add_signal_handler(signal.SIGUSR2, self.hand_over)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self.log_reload())
         self.after()
         try:
@@ -273,12 +258,23 @@ class Daemon:
         finally:
             server.close()
             self.loop.remove_reader(self.sock.fileno())
-            self.engine.command(Command.STOP, self.now())
-            self.send(self.engine.take_frames())
-            self.backend.remove()
+            if not self.handover:
+                self.engine.command(Command.STOP, self.now())
+                self.send(self.engine.take_frames())
+                self.backend.remove()
             with contextlib.suppress(FileNotFoundError):
                 self.control.unlink()
             self.sock.close()
+
+    def hand_over(self) -> None:
+        """SIGUSR2: exit for a restart or an upgrade, leaving the kernel's rules, lease and
+        interface in place. Established connections keep flowing; new ones stop when the
+        lease runs out; the next run takes the tables over and rejoins."""
+        self.handover = True
+        sys.stderr.write(
+            json.dumps({"name": "handover", "lease_left": "kept in the kernel"}) + "\n"
+        )
+        self.stop_event.set()
 
     def log_reload(self) -> None:
         res = self.reload()

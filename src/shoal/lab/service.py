@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-TCP_PORTS = (22, 23, 80, 443, 8080)
+TCP_PORTS = (22, 23, 80, 443, 8080, 8443)
 UDP_PORTS = (53, 80, 8080)
 
 

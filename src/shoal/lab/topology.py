@@ -57,6 +57,8 @@ class Lab:
     mode: str = "unicast"
     ipv6: bool = False
     daemons: bool = True
+    profile: str = "default"
+    weights: list[int] = field(default_factory=list)  # the web rule's load weight per host
     pids: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------- naming
@@ -107,6 +109,11 @@ class Lab:
     def write_configs(self) -> None:
         vips = '"2001:db8::100"' if self.ipv6 else ""
         for h in range(1, self.hosts + 1):
+            weight = (
+                f'\n[[host.rules]]\nrule = "web"\nload_weight = {self.weights[h - 1]}\n'
+                if self.weights
+                else ""
+            )
             dips = [f'"198.18.0.{10 + h}/24"'] + (
                 [f'"2001:db8::{10 + h:x}/64"'] if self.ipv6 else []
             )
@@ -119,6 +126,7 @@ mode = "{self.mode}"
 key = "{LAB_KEY}"
 hash_seed = 0x5348
 buckets = 4096
+profile = "{self.profile}"
 interface = "eth0"
 
 [[cluster.rules]]
@@ -145,6 +153,12 @@ name = "telnet"
 start = 23
 mode = "disabled"
 
+[[cluster.rules]]
+name = "app"
+start = 8443
+protocol = "tcp"
+affinity = "single"
+
 [host]
 host_id = {h}
 dedicated_ips = [{", ".join(dips)}]
@@ -152,13 +166,15 @@ dedicated_ips = [{", ".join(dips)}]
 [[host.rules]]
 rule = "ssh"
 handling_priority = {h}
-""")
+{weight}""")
 
     def up(self, service: bool = True) -> None:
         if not NAME_RE.match(self.name):
             raise LabError(f"lab name {self.name!r}: use 1 to 8 lower-case letters or digits")
         if not 1 <= self.hosts <= 32:
             raise LabError(f"--hosts {self.hosts}: the lab takes 1 to 32 hosts")
+        if self.weights and len(self.weights) != self.hosts:
+            raise LabError(f"weights {self.weights}: give one load weight per host")
         if self.mode not in {m.value for m in ClusterMode}:
             raise LabError(f"--mode {self.mode!r}: use unicast, multicast or igmp")
         if (self.dir / "lab.json").exists() or self.ns("sw") in list_namespaces():
