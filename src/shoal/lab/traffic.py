@@ -1,26 +1,61 @@
-"""Client traffic for the demo and the end-to-end tests, from one client namespace.
+"""Client traffic for the demo, the end-to-end tests and the failover benchmark; runs in one
+client namespace and prints one JSON line per event.
 
-``python -m shoal.lab.traffic --sources FILE --seconds S [--long N]``: short HTTP requests
-to the VIP from random source addresses (bounded concurrency) for S seconds, plus N
-long-lived connections kept busy (a ping every 100 ms). Prints one JSON line per event:
-``{"t": wall time, "kind": "short"|"long", "host": "h1" | null, "error": ...}``.
+``python -m shoal.lab.traffic --seconds S [--sources FILE --rate R] [--long N]
+[--probe FILE] [--sniff]``
+
+* short: HTTP requests to the VIP from random source addresses (bounded concurrency),
+  ``{"t", "kind": "short", "host": "h1" | null, "error"}``;
+* long: N long-lived connections kept busy (a ping every 100 ms), an ``open`` event, then
+  ``done`` or the error that broke it;
+* probe: for each ``SRC SPORT`` line, connection attempts from exactly that address and
+  port (so to one bucket), each closed with a reset; an event each time the outcome flips,
+  ``{"t": start of the attempt, "kind": "probe", "idx", "ok"}``;
+* sniff: every SYN-ACK the VIP sends back, keyed by the SYN it answers; at the end
+  ``{"kind": "synacks", "synacks": n, "doubles": d}`` where a double is a SYN that got
+  SYN-ACKs with two different sequence numbers: two hosts answered it.
+
+Everything stops after S seconds, or at once on SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import ipaddress
 import json
 import random
+import signal
+import socket
+import struct
 import sys
 import time
+from collections import defaultdict
 
 VIP = "198.18.0.100"
 PORT = 80
+PROBE_TIMEOUT = 0.01  # a lost SYN is retried after 10 ms, with a new SYN
+PROBE_PAUSE = 0.01
+ETH_P_IP = 0x0800
 
 
 def emit(**doc: object) -> None:
     sys.stdout.write(json.dumps(doc) + "\n")
+    sys.stdout.flush()
+
+
+class Clock:
+    """The run's end, moved up by SIGTERM."""
+
+    def __init__(self, seconds: float) -> None:
+        self.until = time.time() + seconds
+
+    def running(self) -> bool:
+        return time.time() < self.until
+
+    def stop(self) -> None:
+        self.until = 0.0
 
 
 async def short(src: str) -> None:
@@ -37,7 +72,18 @@ async def short(src: str) -> None:
         emit(t=t, kind="short", host=None, error=type(e).__name__)
 
 
-async def long_lived(src: str, until: float, idx: int) -> None:
+async def short_loop(sources: list[str], clock: Clock, rate: int) -> None:
+    rng = random.Random()
+    pending: set[asyncio.Task[None]] = set()
+    while clock.running():
+        if len(pending) < 32:
+            pending.add(asyncio.create_task(short(rng.choice(sources))))
+        pending = {t for t in pending if not t.done()}
+        await asyncio.sleep(1 / rate)
+    await asyncio.gather(*pending)
+
+
+async def long_lived(src: str, clock: Clock, idx: int) -> None:
     try:
         r, w = await asyncio.wait_for(asyncio.open_connection(VIP, PORT, local_addr=(src, 0)), 2)
         host = (await asyncio.wait_for(r.readline(), 2)).decode().strip()
@@ -46,7 +92,7 @@ async def long_lived(src: str, until: float, idx: int) -> None:
         return
     emit(t=time.time(), kind="long", idx=idx, host=host, error=None, event="open")
     try:
-        while time.time() < until:
+        while clock.running():
             w.write(b"ping\n")
             await w.drain()
             line = await asyncio.wait_for(r.readline(), 2)
@@ -60,32 +106,117 @@ async def long_lived(src: str, until: float, idx: int) -> None:
         w.close()
 
 
-async def run(sources: list[str], seconds: float, longs: int, rate: int) -> None:
-    until = time.time() + seconds
-    rng = random.Random()
+async def attempt(src: str, sport: int) -> bool:
+    """One connection from (src, sport) to the VIP; closed with a reset, so the same
+    address and port can be used again at once."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setblocking(False)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:
+        s.bind((src, sport))
+        await asyncio.wait_for(
+            asyncio.get_running_loop().sock_connect(s, (VIP, PORT)), PROBE_TIMEOUT
+        )
+        return True
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        s.close()
+
+
+async def probe(idx: int, src: str, sport: int, clock: Clock) -> None:
+    state: bool | None = None
+    while clock.running():
+        t = time.time()
+        ok = await attempt(src, sport)
+        if ok != state:
+            emit(t=t, kind="probe", idx=idx, ok=ok)
+            state = ok
+        if ok or time.time() - t < PROBE_TIMEOUT / 2:  # refused at once: do not spin
+            await asyncio.sleep(PROBE_PAUSE)
+
+
+class SynAckCounter:
+    """SYN-ACKs from the VIP seen on the client's interface, by the SYN they answer."""
+
+    def __init__(self, iface: str = "eth0") -> None:
+        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+        self.sock.bind((iface, ETH_P_IP))
+        self.sock.setblocking(False)
+        self.vip = ipaddress.ip_address(VIP).packed
+        self.answers: dict[tuple[bytes, int, int], set[int]] = defaultdict(set)
+
+    def on_readable(self) -> None:
+        for _ in range(512):
+            try:
+                pkt = self.sock.recv(128)
+            except (BlockingIOError, InterruptedError):
+                return
+            if len(pkt) < 40 or pkt[9] != socket.IPPROTO_TCP or pkt[12:16] != self.vip:
+                continue
+            tcp = pkt[(pkt[0] & 0x0F) * 4 :]
+            if len(tcp) < 14 or tcp[13] & 0x12 != 0x12:
+                continue
+            _, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
+            self.answers[(pkt[16:20], dport, ack)].add(seq)
+
+    def summary(self) -> dict[str, object]:
+        doubles = [k for k, seqs in self.answers.items() if len(seqs) > 1]
+        return {
+            "kind": "synacks",
+            "synacks": len(self.answers),
+            "doubles": len(doubles),
+            "examples": [f"{socket.inet_ntoa(a)}:{p}" for a, p, _ in doubles[:5]],
+        }
+
+
+async def run(args: argparse.Namespace) -> None:
+    clock = Clock(min(args.seconds, 600))
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, clock.stop)
+    counter = SynAckCounter() if args.sniff else None
+    if counter is not None:
+        loop.add_reader(counter.sock.fileno(), counter.on_readable)
+    sources = _lines(args.sources) if args.sources else []
     tasks = [
-        asyncio.create_task(long_lived(sources[i % len(sources)], until, i)) for i in range(longs)
+        asyncio.create_task(long_lived(sources[i % len(sources)], clock, i))
+        for i in range(args.long)
     ]
-    pending: set[asyncio.Task[None]] = set()
-    while time.time() < until:
-        if len(pending) < 32:
-            pending.add(asyncio.create_task(short(rng.choice(sources))))
-        done = {t for t in pending if t.done()}
-        pending -= done
-        await asyncio.sleep(1 / rate)
-    await asyncio.gather(*pending, *tasks)
+    if args.probe:
+        for i, line in enumerate(_lines(args.probe)):
+            src, sport = line.split()
+            tasks.append(asyncio.create_task(probe(i, src, int(sport), clock)))
+    if args.rate and sources:
+        tasks.append(asyncio.create_task(short_loop(sources, clock, args.rate)))
+    emit(t=time.time(), kind="ready")
+    await asyncio.gather(*tasks)
+    if counter is not None:
+        await asyncio.sleep(0.2)  # SYN-ACKs still on the way
+        counter.on_readable()
+        loop.remove_reader(counter.sock.fileno())
+        emit(t=time.time(), **counter.summary())
+    emit(t=time.time(), kind="end")
+
+
+def _lines(path: str) -> list[str]:
+    with open(path) as f:
+        return [ln.strip() for ln in f if ln.strip()]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sources", required=True)
     ap.add_argument("--seconds", type=float, required=True)
-    ap.add_argument("--long", type=int, default=0)
-    ap.add_argument("--rate", type=int, default=100, help="short connections per second")
+    ap.add_argument("--sources", help="file of source addresses, one per line")
+    ap.add_argument("--rate", type=int, default=0, help="short requests per second")
+    ap.add_argument("--long", type=int, default=0, help="long-lived connections")
+    ap.add_argument("--probe", help="file of 'SRC SPORT' lines to probe")
+    ap.add_argument("--sniff", action="store_true", help="count SYN-ACKs per SYN")
     args = ap.parse_args()
-    with open(args.sources) as f:
-        sources = f.read().split()
-    asyncio.run(run(sources, min(args.seconds, 600), args.long, args.rate))
+    if args.long and not args.sources:
+        ap.error("--long needs --sources")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ class Timing:
     @property
     def ack_window(self) -> float:
         """A host heard within this window is acknowledged in heartbeats."""
-        return 1.5 * self.period
+        return 1.25 * self.period
 
     @property
     def max_delay(self) -> float:
@@ -276,10 +276,7 @@ class Engine:
                 # only the ack bitmap may differ from the last parsed heartbeat
                 p.hb_seq = env.seq
                 p.last_heard = now
-                mine = self.epoch
-                p.acks_me = (
-                    mine is not None and p.hb.epoch == mine.key and acks_host(env.payload, self.me)
-                )
+                p.acks_me = acks_host(env.payload, self.me)
                 if p.acks_me:
                     p.ack_at = now
                 if p.fence_epoch is not None:
@@ -499,8 +496,9 @@ class Engine:
             p.acks_me = False
             return True
         p.mismatch_reported = False
-        mine = self.epoch
-        p.acks_me = mine is not None and hb.epoch == mine.key and self.me in hb.acks
+        # a host only acknowledges members of its own epoch, whichever that is: the fence
+        # bounds every acknowledgement by its sender's silence report, not by epoch
+        p.acks_me = self.me in hb.acks
         if p.acks_me:
             p.ack_at = now
         if p.fence_epoch is not None and p.fence_epoch != hb.epoch:
