@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,11 @@ from shoal.protocol.frames import (
     Rejection,
     RuleReport,
     RuleState,
+    _encode_heartbeat,
+    beat_of,
     cluster_id,
+    echo_for,
+    stable_part,
 )
 
 CID = cluster_id(ipaddress.ip_address("198.18.0.100"))
@@ -35,6 +40,7 @@ addresses = st.one_of(st.none(), st.ip_addresses())
 def heartbeats(draw: st.DrawFn) -> Heartbeat:
     epoch = draw(st.one_of(st.none(), keys))
     flags = draw(st.integers(0, 15)) | (Flag.HAS_EPOCH if epoch else 0)
+    acks = draw(st.frozensets(hosts))
     return Heartbeat(
         host_id=draw(hosts),
         incarnation=draw(st.integers(0, 2**64 - 1)),
@@ -44,11 +50,13 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
         config_digest=draw(st.binary(min_size=8, max_size=8)),
         epoch=epoch,
         epoch_digest=draw(st.binary(min_size=8, max_size=8)),
-        acks=draw(st.frozensets(hosts)),
+        acks=acks,
         rules=tuple(draw(st.lists(reports, max_size=32))),
         silences=tuple(draw(st.lists(st.tuples(hosts, st.integers(0, 2**32 - 1)), max_size=128))),
         dedicated_ip=draw(addresses),
         record=draw(st.frozensets(hosts)),
+        beat=draw(st.integers(0, 255)),
+        echoes=tuple(draw(st.lists(st.integers(0, 255), min_size=len(acks), max_size=len(acks)))),
     )
 
 
@@ -58,6 +66,29 @@ def test_heartbeat_round_trip_within_mtu(hb: Heartbeat) -> None:
     wire = CODEC.encode(hb)
     assert len(wire) <= MTU_PAYLOAD  # 256 hosts, 32 rules, 128 silences still fit
     assert CODEC.decode(wire) == hb
+
+
+@settings(max_examples=200)
+@given(hb=heartbeats(), other=heartbeats())
+def test_beat_and_echoes_read_without_a_full_parse(hb: Heartbeat, other: Heartbeat) -> None:
+    """The receive fast path reads the beat and this host's echo straight from the payload,
+    and compares only what does not change from beat to beat."""
+    payload = _encode_heartbeat(hb)
+    assert beat_of(payload) == hb.beat
+    for h in range(1, 257):
+        want = hb.echoes[sorted(hb.acks).index(h)] if h in hb.acks else None
+        assert echo_for(payload, h) == want
+    same = replace(other, acks=hb.acks, echoes=hb.echoes[::-1], beat=(hb.beat + 1) % 256)
+    assert stable_part(_encode_heartbeat(same)) == stable_part(_encode_heartbeat(other))
+
+
+@given(st.binary(max_size=200))
+def test_stable_part_of_any_bytes_never_raises(data: bytes) -> None:
+    stable = stable_part(data)
+    if stable is not None:
+        beat_of(data)
+        for h in (1, 2, 100, 256):
+            echo_for(data, h)
 
 
 @given(
@@ -91,6 +122,7 @@ def _frame() -> bytes:
         b"\0" * 8,
         frozenset({1}),
         (RuleReport(50, RuleState.ENABLED, 3),),
+        echoes=(4,),
     )
     return CODEC.encode(hb)
 

@@ -126,16 +126,24 @@ class Clients:
 # ------------------------------------------------------------------ failures
 
 
-def crash(lab: Lab, host: int, cut: bool = True) -> float:
-    """SIGKILL the host's daemon (and cut its switch port); returns the wall time of the kill."""
+def signal_daemon(lab: Lab, host: int, sig: signal.Signals, wait: float = 10) -> None:
+    """Send a signal to the host's daemon and wait until it is gone."""
     pid = lab.pids[f"daemon-h{host}"]
-    t = time.time()
-    os.killpg(pid, signal.SIGKILL)
-    if cut:
-        sh("ip", "-n", lab.ns("sw"), "link", "set", f"p-h{host}", "down")
-    deadline = time.monotonic() + 5
+    os.killpg(pid, sig)
+    deadline = time.monotonic() + wait
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
+    if _alive(pid):
+        raise LabError(f"daemon h{host} still runs {wait} s after {sig.name}")
+
+
+def crash(lab: Lab, host: int, cut: bool = True) -> float:
+    """SIGKILL the host's daemon (and cut its switch port); returns the wall time of the kill."""
+    t = time.time()
+    if cut:
+        os.killpg(lab.pids[f"daemon-h{host}"], signal.SIGKILL)
+        sh("ip", "-n", lab.ns("sw"), "link", "set", f"p-h{host}", "down")
+    signal_daemon(lab, host, signal.SIGKILL)
     return t
 
 

@@ -44,7 +44,6 @@ from shoal.protocol.epoch import (
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import (
     CHUNK_DATA,
-    HB_ACKS,
     Codec,
     Envelope,
     EpochKey,
@@ -56,9 +55,11 @@ from shoal.protocol.frames import (
     Rejection,
     RuleReport,
     RuleState,
-    acks_host,
+    beat_of,
     cluster_id,
+    echo_for,
     parse,
+    stable_part,
 )
 
 ELIGIBLE = (HostState.CONVERGING, HostState.CONVERGED)
@@ -76,23 +77,29 @@ class Timing:
 
     @property
     def detect(self) -> float:
-        """A host unheard for this long is gone."""
-        return self.tolerance * self.period
+        """A host unheard for this long is gone: ``tolerance`` heartbeats in a row missed,
+        with a quarter period for the next one's jitter (without it, one loss fewer plus a
+        late frame would evict a host)."""
+        return (self.tolerance + 0.25) * self.period
 
     @property
     def ack_window(self) -> float:
-        """A host heard within this window is acknowledged in heartbeats."""
-        return 1.25 * self.period
+        """A host heard within this window is acknowledged in heartbeats (an older echo
+        could not keep a lease alive anyway)."""
+        return self.lease
 
     @property
-    def max_delay(self) -> float:
-        """Assumed bound on a heartbeat's delivery delay (the lease math relies on it)."""
-        return 0.5 * self.period
+    def margin(self) -> float:
+        """How much later than the engine's lease the kernel's may run out: the renewal's
+        own latency and the kernel timer's granularity."""
+        return max(0.1 * self.period, 0.005)
 
     @property
     def lease(self) -> float:
-        """How long a quorum acknowledgement keeps the kernel taking new connections."""
-        return 2.5 * self.period
+        """How long after sending a heartbeat that a quorum acknowledged the kernel keeps
+        taking new connections: as long as it can be while a crashed host's lease still
+        runs out before the others detect it (then the fence never delays a failover)."""
+        return max(1.5 * self.period, self.detect - self.margin)
 
 
 @dataclass(frozen=True)
@@ -131,11 +138,12 @@ class Peer:
     first_heard: float
     last_heard: float
     hb: Heartbeat | None = None
-    payload: bytes = b""  # the last parsed heartbeat payload less its acks (fast path)
+    payload: bytes = b""  # the last parsed heartbeat payload, stable part (fast path)
     hb_seq: int = -1
     acks_me: bool = False
     eligible: bool = False  # same digest, started, same rule count (from its heartbeat)
-    ack_at: float = NEVER  # arrival of its newest heartbeat acknowledging us (same epoch)
+    ack_at: float = NEVER  # when we sent the newest of our heartbeats it acknowledged
+    beat: int = -1  # the beat of its newest heartbeat
     fence_epoch: EpochKey | None = None
     fence_bounds: dict[int, float] = field(default_factory=dict)
     stale: int = 0
@@ -194,7 +202,10 @@ class Engine:
         self.installed: frozenset[int] = frozenset()
         self.lease_until: float | None = None
         self.seq = 0
+        self.beats = 0  # heartbeats sent; the low byte numbers each one
+        self.beat_sent = [NEVER] * 256  # when each beat number was last sent
         self.started_at = now
+        self.eligible_since = now  # the last start: a READY must be fresher than this
         self.last_sent = NEVER
         self.next_hb = now
         self.dirty = True
@@ -270,15 +281,17 @@ class Engine:
         if why is not None:
             return self._reject(why)
         p = self.peers[env.host_id]
-        if env.ftype == FrameType.HEARTBEAT and p.hb is not None and len(env.payload) > 64:
-            rest = env.payload[: HB_ACKS.start] + env.payload[HB_ACKS.stop :]
-            if rest == p.payload and env.seq > p.hb_seq:
-                # only the ack bitmap may differ from the last parsed heartbeat
+        if env.ftype == FrameType.HEARTBEAT and p.hb is not None:
+            stable = stable_part(env.payload)
+            if stable is not None and stable == p.payload and env.seq > p.hb_seq:
+                # only the acks, the beat and the echoes differ from the last parsed one
                 p.hb_seq = env.seq
                 p.last_heard = now
-                p.acks_me = acks_host(env.payload, self.me)
-                if p.acks_me:
-                    p.ack_at = now
+                p.beat = beat_of(env.payload)
+                self._acked(p, echo_for(env.payload, self.me), now)
+                lease = self.lease_until
+                if lease is not None and lease - now < self.timing.lease - self.timing.period:
+                    self._update_lease(now)  # running short: extend it now, not at the tick
                 if p.fence_epoch is not None:
                     self._fence_report(p, p.hb, now)
                 return None
@@ -287,7 +300,7 @@ class Engine:
             return self._reject(frame)
         if isinstance(frame, Heartbeat):
             if self._on_heartbeat(frame, now):
-                p.payload = env.payload[: HB_ACKS.start] + env.payload[HB_ACKS.stop :]
+                p.payload = stable_part(env.payload) or b""
                 p.hb_seq = env.seq
         else:
             self._on_chunk(frame, now)
@@ -340,6 +353,7 @@ class Engine:
                     p.eligible = self._could_join(p.hb)
                     p.payload = b""
             self.started_at = now
+            self.eligible_since = now
             self.why_converging = "cluster parameters changed"
             what = "cluster parameters changed: reconverging"
         else:
@@ -364,6 +378,7 @@ class Engine:
             else:
                 self._drop_epoch()
             self.state = HostState.CONVERGING
+            self.eligible_since = now
             self._emit(EventId.CLUSTER_STARTED, now)
             return CommandResult(True, "cluster operations started")
         if cmd is Command.STOP:
@@ -480,6 +495,7 @@ class Engine:
         if p.hb is not None and hb.seq < p.hb.seq:
             return False
         p.hb = hb
+        p.beat = hb.beat
         p.eligible = self._could_join(hb)
         if hb.epoch is not None:
             self.max_epoch_seen = max(self.max_epoch_seen, hb.epoch.number)
@@ -496,19 +512,31 @@ class Engine:
             p.acks_me = False
             return True
         p.mismatch_reported = False
-        # a host only acknowledges members of its own epoch, whichever that is: the fence
-        # bounds every acknowledgement by its sender's silence report, not by epoch
-        p.acks_me = self.me in hb.acks
-        if p.acks_me:
-            p.ack_at = now
+        echo = None
+        if self.me in hb.acks:
+            echo = hb.echoes[sorted(hb.acks).index(self.me)]
+        self._acked(p, echo, now)
         if p.fence_epoch is not None and p.fence_epoch != hb.epoch:
             p.fence_epoch, p.fence_bounds = None, {}
         self._fence_report(p, hb, now)
         return True
 
+    def _acked(self, p: Peer, echo: int | None, now: float) -> None:
+        """A peer acknowledged our heartbeat number ``echo``: the lease counts from when we
+        sent it. A host only acknowledges members of its own epoch, whichever that is; the
+        fence bounds every acknowledgement by its sender's silence report, not by epoch."""
+        p.acks_me = echo is not None
+        if echo is None:
+            return
+        sent = self.beat_sent[echo]
+        # beats are at most ten a period: an echo older than this cannot be aliased
+        if now - self.timing.ack_window - self.timing.period <= sent <= now:
+            p.ack_at = max(p.ack_at, sent)
+
     def _fence_report(self, p: Peer, hb: Heartbeat, now: float) -> None:
-        """Bound, from a member's post-adoption heartbeat, when it last acknowledged a
-        fenced host: its silence for that host minus the ack window, or now if unknown."""
+        """Bound, from a member's post-adoption heartbeat, the send time of the newest
+        heartbeat of a fenced host it acknowledged: when it last heard that host (its
+        reported silence), or now if unknown."""
         mine = self.epoch
         if mine is None or not mine.fenced or hb.epoch != mine.key or not hb.has(Flag.RELEASED):
             return
@@ -522,7 +550,7 @@ class Engine:
             elif x == 0xFFFFFFFF:
                 bound = NEVER
             else:
-                bound = now - max(0.0, x / 1000 - self.timing.ack_window)
+                bound = now - x / 1000
             p.fence_bounds[c] = min(p.fence_bounds.get(c, bound), bound)
 
     def _on_chunk(self, ch: MapChunk, now: float) -> None:
@@ -842,8 +870,15 @@ class Engine:
             if not self._may_adopt(state):
                 return
             self._adopt(state, now)
-        if hb.has(Flag.READY) and not self.epoch_ready:
+        if hb.has(Flag.READY) and not self.epoch_ready and self._fresh_ready(leader):
             self._ready(now)
+
+    def _fresh_ready(self, leader: Peer) -> bool:
+        """A member acts on its leader's READY only once the leader has heard it since it
+        last started: a READY seen just after a restart may come from before the leader
+        gave this host's share away."""
+        e = self.epoch
+        return e is None or self.me not in e.members or leader.ack_at >= self.eligible_since
 
     def _may_adopt(self, state: EpochState) -> bool:
         """A READY epoch is only ever left for one that descends from it, or one whose
@@ -851,7 +886,13 @@ class Engine:
         branch behind its own branch's back."""
         if not self.quorum or self.epoch is None or not self.epoch_ready:
             return True
-        return self.epoch.key in state.lineage or self.epoch.members in state.bases
+        # a host that left on purpose lends no vote: its record (the members less itself)
+        # is what a leader outvotes for it
+        return (
+            self.epoch.key in state.lineage
+            or self.epoch.members in state.bases
+            or (bool(self.record) and self.record in state.bases)
+        )
 
     def _adopt(self, state: EpochState, now: float) -> None:
         prev = self.epoch
@@ -863,7 +904,7 @@ class Engine:
         for c in state.fenced:
             p = self.peers.get(c)
             heard = p.last_heard if p is not None else NEVER
-            self.own_bounds[c] = now - max(0.0, (now - heard) - self.timing.ack_window)
+            self.own_bounds[c] = heard
         self.why_converging = f"epoch {state.key} adopted"
         old = prev.members if prev else frozenset()
         for h in sorted(state.members - old - {self.me}):
@@ -919,8 +960,8 @@ class Engine:
                 if pq.fence_epoch != e.key or c not in pq.fence_bounds:
                     return
                 bound = max(bound, pq.fence_bounds[c])
-            if now < bound + self.timing.max_delay + self.timing.lease:
-                self._wake_at(bound + self.timing.max_delay + self.timing.lease)
+            if now < bound + self.timing.margin + self.timing.lease:
+                self._wake_at(bound + self.timing.margin + self.timing.lease)
                 return
         self._ready(now)
 
@@ -1080,6 +1121,7 @@ class Engine:
                     for h in e.members
                     if h != self.me
                     and (p := self.peers.get(h)) is not None
+                    and p.beat >= 0
                     and now - p.last_heard <= self.timing.ack_window
                 )
             for c in sorted(e.fenced)[:MAX_SILENCES]:
@@ -1100,7 +1142,11 @@ class Engine:
             silences=tuple(silences),
             dedicated_ip=self.dedicated_ip,
             record=self.record,
+            beat=self.beats % 256,
+            echoes=tuple(self.peers[h].beat for h in sorted(acks)),
         )
+        self.beat_sent[self.beats % 256] = now
+        self.beats += 1
         self._frames.append(self.codec.encode(hb))
         self.counters["frames_sent"] += 1
         self.last_sent = now

@@ -6,7 +6,7 @@ Every frame is ``header | payload | tag``:
 offset   size   field
 =======  =====  ===============================================================
 0        2      magic ``SH``
-2        1      protocol version (1)
+2        1      protocol version (2)
 3        1      frame type: 1 heartbeat, 2 map chunk
 4        8      cluster id: first 8 bytes of SHA-256("shoal-cluster:" + primary VIP)
 12       2      sender host id (1..256)
@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 ETHERTYPE = 0x886F
 MAGIC = b"SH"
-VERSION = 1
+VERSION = 2
 TAG_LEN = 32
 MTU_PAYLOAD = 1500
 MAX_HOST = 256
@@ -141,6 +141,8 @@ class Heartbeat:
     record: frozenset[int] = frozenset()  # members of the newest READY epoch it knew
     silences: tuple[tuple[int, int], ...] = ()  # (host, ms since heard) for fenced hosts
     dedicated_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    beat: int = 0  # this heartbeat's number, modulo 256
+    echoes: tuple[int, ...] = ()  # per acked host (ascending): the newest beat heard from it
 
     def has(self, flag: Flag) -> bool:
         return bool(self.flags & flag)
@@ -167,9 +169,33 @@ _HB_FIXED = struct.Struct("!BB8sIHQ8s32s32sB")
 HB_ACKS = slice(32, 64)  # where the ack bitmap sits in a heartbeat payload
 
 
-def acks_host(payload: bytes, host: int) -> bool:
-    """Whether a heartbeat payload's ack bitmap includes ``host`` (no full parse)."""
-    return bool(payload[HB_ACKS.start + (host - 1) // 8] >> ((host - 1) % 8) & 1)
+def _ack_bits(payload: bytes) -> int:
+    return int.from_bytes(payload[HB_ACKS], "little")
+
+
+def stable_part(payload: bytes) -> bytes | None:
+    """A heartbeat payload less what changes with every beat (acks, beat, echoes): equal
+    for two heartbeats that say the same thing. None if too short to hold its tail (then
+    only the full decoder may judge it)."""
+    tail = 1 + _ack_bits(payload).bit_count()
+    if len(payload) < HB_ACKS.stop + tail:
+        return None
+    return payload[: HB_ACKS.start] + payload[HB_ACKS.stop : len(payload) - tail]
+
+
+def beat_of(payload: bytes) -> int:
+    """The beat number of a heartbeat payload whose stable part is not None."""
+    return payload[len(payload) - 1 - _ack_bits(payload).bit_count()]
+
+
+def echo_for(payload: bytes, host: int) -> int | None:
+    """The beat of ``host`` a heartbeat payload echoes, or None if it does not ack ``host``
+    (a payload whose stable part is not None)."""
+    bits = _ack_bits(payload)
+    if not bits >> (host - 1) & 1:
+        return None
+    below = (bits & ((1 << (host - 1)) - 1)).bit_count()
+    return payload[len(payload) - bits.bit_count() + below]
 
 
 _RULE = struct.Struct("!BBH")
@@ -319,6 +345,9 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
         out.append(b"\x00")
     else:
         out.append(struct.pack("!B", hb.dedicated_ip.version) + hb.dedicated_ip.packed)
+    if len(hb.echoes) != len(hb.acks):
+        raise ValueError("one echo per acknowledged host")
+    out.append(bytes([hb.beat, *hb.echoes]))
     return b"".join(out)
 
 
@@ -356,9 +385,10 @@ def _decode_heartbeat(p: bytes, host: int, inc: int, seq: int) -> Heartbeat:
         off += 16
     elif fam != 0:
         raise _Malformed
-    if off != len(p):
-        raise _Malformed
     acks = hosts_from_bitmap(acks_raw)
+    if off + 1 + len(acks) != len(p):
+        raise _Malformed
+    beat, echoes = p[off], tuple(p[off + 1 :])
     if any(a > MAX_HOST for a in acks):
         raise _Malformed
     has_epoch = bool(flags & Flag.HAS_EPOCH)
@@ -378,6 +408,8 @@ def _decode_heartbeat(p: bytes, host: int, inc: int, seq: int) -> Heartbeat:
         silences=tuple(silences),
         record=hosts_from_bitmap(rec_raw),
         dedicated_ip=dip,
+        beat=beat,
+        echoes=echoes,
     )
 
 
