@@ -153,7 +153,7 @@ def test_join_keeps_every_session_and_takes_new_connections(settled: Lab) -> Non
     try:
         clients.start(2, 30, long=18)
         time.sleep(1.0)
-        lab.start_daemon(4)
+        lab.restart_daemon(4)
         joined = time.time()
         assert C.wait_states(lab, C.converged(ALL), 1, 20), C.states(lab, 1)
         clients.start(3, 3, rate=60)
@@ -226,7 +226,7 @@ def test_daemon_restart_keeps_its_own_connections(settled: Lab) -> None:
         for how in (signal.SIGUSR2, signal.SIGKILL):
             C.signal_daemon(lab, 2, how)
             time.sleep(0.3)
-            lab.start_daemon(2)
+            lab.restart_daemon(2)
             assert C.wait_states(lab, C.converged(ALL), 1, 20), (how, C.states(lab, 1))
             time.sleep(1.0)
         events = clients.finish()

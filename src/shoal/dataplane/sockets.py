@@ -7,13 +7,15 @@ connection aborted and the client gets a reset at once instead of a silent black
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.diag import (
@@ -29,6 +31,7 @@ from pyroute2.netlink.diag import (
 from pyroute2.netlink.exceptions import NetlinkError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+T = TypeVar("T")
 
 # connections that still carry data both ways or wait for the application
 OPEN = (
@@ -66,9 +69,26 @@ def _local(addr: IPAddress) -> IPAddress:
     return addr
 
 
+_worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sock_diag")
+
+
+def _outside_loop(fn: Callable[[], T]) -> T:
+    """pyroute2's synchronous sockets run an event loop of their own, which cannot start
+    inside a running one (the daemon's): there they run in a worker thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return fn()
+    return _worker.submit(fn).result(timeout=10)
+
+
 def vip_connections(vips: Iterable[IPAddress], states: int = ESTABLISHED) -> list[Conn]:
     """TCP sockets in ``states`` whose local address is one of ``vips``."""
     want = set(vips)
+    return _outside_loop(lambda: _list(want, states))
+
+
+def _list(want: set[IPAddress], states: int) -> list[Conn]:
     out: list[Conn] = []
     with DiagSocket() as ds:
         ds.bind()
@@ -93,6 +113,12 @@ def vip_connections(vips: Iterable[IPAddress], states: int = ESTABLISHED) -> lis
 def destroy(conns: Iterable[Conn]) -> None:
     """Abort each connection (the peer gets a reset). One already gone is skipped: the
     kernel's answer to it is an error message that pyroute2 hands back without raising."""
+    todo = list(conns)
+    if todo:
+        _outside_loop(lambda: _destroy(todo))
+
+
+def _destroy(conns: list[Conn]) -> None:
     with DiagSocket() as ds:
         ds.bind()
         for c in conns:

@@ -150,8 +150,7 @@ def crash(lab: Lab, host: int, cut: bool = True) -> float:
 def revive(lab: Lab, host: int) -> None:
     """Port up, daemon started again (it takes over what its predecessor left)."""
     sh("ip", "-n", lab.ns("sw"), "link", "set", f"p-h{host}", "up")
-    lab.start_daemon(host)
-    lab.save()
+    lab.restart_daemon(host)
 
 
 def heartbeat_loss(lab: Lab, host: int, percent: int) -> None:

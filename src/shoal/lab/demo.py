@@ -146,7 +146,7 @@ def demo(hosts: int = 4) -> int:
         console.rule(f"host {victim} comes back")
         subprocess.run(["ip", "-n", lab.ns("sw"), "link", "set", f"p-h{victim}", "up"], check=True)
         rejoin_at = time.time()
-        lab.start_daemon(victim)
+        lab.restart_daemon(victim)
         if not run.wait(everyone, seconds=15):
             problems.append(f"host {victim} did not rejoin: {run.states()}")
         run.show("distribution after the rejoin", 3)

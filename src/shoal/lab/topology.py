@@ -247,12 +247,26 @@ handling_priority = {h}
         if not self.daemons:
             self.add_routes()
 
-    def add_routes(self) -> None:
-        for h in range(1, self.hosts + 1):
+    def add_routes(self, hosts: list[int] | None = None) -> None:
+        for h in hosts or range(1, self.hosts + 1):
             routes = ["route replace default via 198.18.0.1"]
             if self.ipv6:
                 routes.append("route replace default via 2001:db8::1")
             batch(self.ns(f"h{h}"), routes)
+
+    def restart_daemon(self, host: int) -> None:
+        """Start a host's daemon again and wait for it; its routes come back with its
+        addresses (a clean stop gave the interface back as it was before the lab's set-up)."""
+        self.control(host).unlink(missing_ok=True)
+        self.start_daemon(host)
+        deadline = time.monotonic() + 10
+        while not self.control(host).exists():
+            if time.monotonic() > deadline:
+                tail = (self.dir / f"h{host}.daemon.log").read_text().strip()[-500:]
+                raise LabError(f"daemon h{host} did not come back: {tail}")
+            time.sleep(0.05)
+        self.add_routes([host])
+        self.save()
 
     def control(self, host: int) -> Path:
         return self.dir / f"h{host}.sock"
