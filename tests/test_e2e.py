@@ -185,7 +185,8 @@ def test_drainstop_lets_sessions_finish_and_takes_nothing_new(settled: Lab) -> N
     finally:
         clients.kill()
     assert C.broken(events) == []
-    new = Counter(e["host"] for e in events if e["kind"] == "short" and e["t"] > drained)
+    # until the others take its buckets over (one convergence) it still takes new ones
+    new = Counter(e["host"] for e in events if e["kind"] == "short" and e["t"] > drained + 1)
     assert "h2" not in new and sum(new.values()) > 50, new
     want = C.converged([1, 3, 4]) | {2: "stopped"}
     assert C.wait_states(lab, want, 1, 10), C.states(lab, 1)
