@@ -150,11 +150,12 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true", help="fewer crashes per profile")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated")
     args = ap.parse_args()
     runs = {"default": 6, "fast": 6, "nlb": 2}
     if not args.quick:
         runs = {"default": 20, "fast": 20, "nlb": 4}
-    profiles = [profile_runs(p, runs[p], args.seed) for p in PROFILES]
+    profiles = [profile_runs(p, runs[p], args.seed) for p in args.profiles.split(",")]
     one = single_host_ratio(3 if args.quick else 5)
     doc = {
         "profiles": profiles,

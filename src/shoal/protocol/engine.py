@@ -822,7 +822,9 @@ class Engine:
             self.rules,
             self.cfg.cluster.buckets,
         )
-        if same_assignment(cand, cur) and set(cand.bases) <= set(cur.bases):
+        # the same assignment to the same members needs no new epoch: the current
+        # membership as a base of its own adds nothing it does not satisfy already
+        if same_assignment(cand, cur) and set(cand.bases) <= {*cur.bases, cur.members}:
             self.fingerprint = fp
             self._declare_ready(now)
             return
