@@ -142,11 +142,13 @@ def test_bad_frames_change_nothing_and_are_counted(lab: Lab) -> None:
     before = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
     code = (
         "import socket, os\n"
+        "from shoal.protocol.frames import VERSION\n"
         "s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x886F))\n"
         "s.bind(('eth0', 0x886F))\n"
         "for i in range(20):\n"
         "    s.sendto(os.urandom(100), ('eth0', 0x886F, 0, 0, b'\\xff' * 6))\n"
-        "    s.sendto(b'SH\\x01\\x01' + os.urandom(120), ('eth0', 0x886F, 0, 0, b'\\xff' * 6))\n"
+        "    s.sendto(b'SH' + bytes([VERSION, 1]) + os.urandom(120),\n"
+        "             ('eth0', 0x886F, 0, 0, b'\\xff' * 6))\n"
     )
     subprocess.run(
         ["ip", "netns", "exec", lab.ns("rt"), sys.executable, "-c", code], check=True, timeout=30

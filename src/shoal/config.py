@@ -381,7 +381,10 @@ def describe(err: ValidationError) -> list[str]:
         where = _loc(e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            line = f"{where}: unknown key"
+            # the unknown key itself is the last part, even if it reads like a type name
+            key = e["loc"][-1]
+            where = _loc(e["loc"][:-1]) + (f"[{key}]" if isinstance(key, int) else f".{key}")
+            line = f"{where.lstrip('.')}: unknown key"
         elif e["type"] in {"model_type", "dict_type"} or "input" not in e:
             line = f"{where}: {msg}" if where else msg
         else:
