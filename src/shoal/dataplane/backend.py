@@ -23,7 +23,7 @@ from shoal.dataplane.ruleset import (
     prefilter,
 )
 from shoal.protocol.engine import Install
-from shoal.protocol.epoch import DEFAULT_TOKEN, split_token
+from shoal.protocol.epoch import DEFAULT_TOKEN, bucket_token, split_token
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class RuleCounters:
 
 
 def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int]]:
+    """The buckets among ``tokens``, per ``multiple`` rule."""
     out: dict[int, set[int]] = {
         i: set()
         for i, r in enumerate(cfg.cluster.effective_rules)
@@ -58,6 +59,7 @@ class NftBackend:
         self.owned: dict[int, set[int]] = {}
         self.keep: dict[int, set[int]] = {}
         self.flags: dict[str, list[dict[str, Any]]] = {}
+        self.tokens: frozenset[int] = frozenset()
         self.installed = False
 
     def create(self) -> None:
@@ -67,6 +69,7 @@ class NftBackend:
         self.owned = owned_by_rule(self.cfg, frozenset())
         self.keep = {i: set() for i in self.owned}
         self.flags = {}
+        self.tokens = frozenset()
         self.installed = True
 
     def attach(self) -> None:
@@ -88,36 +91,41 @@ class NftBackend:
         for i in self.owned:
             self.owned[i] = sets.get(f"owned_{i}", set())
             self.keep[i] = sets.get(f"keep_{i}", set()) | self.owned[i]
+        self.tokens = frozenset(bucket_token(i, b) for i, bs in self.owned.items() for b in bs)
+        self.flags = {}
         self.installed = True
 
     def apply(self, inst: Install) -> None:
-        """Make the kernel enforce ``inst`` (one atomic transaction)."""
+        """Make the kernel enforce ``inst`` (one atomic transaction). Only the tokens that
+        changed since the last call are looked at: an epoch moves a few buckets of many."""
         if not self.installed:
             self.create()
-        new = owned_by_rule(self.cfg, inst.tokens)
         wanted = flags(self.cfg, inst)
         cmds: list[dict[str, Any]] = []
         for set_name, group in wanted.items():
             if self.flags.get(set_name) != group:
                 cmds += group
         self.flags = wanted
-        for i, buckets in new.items():
-            gone = sorted(self.owned[i] - buckets)
-            came = sorted(buckets - self.owned[i])
-            fresh = sorted(buckets - self.keep[i])
+        gone = owned_by_rule(self.cfg, self.tokens - inst.tokens)
+        came = owned_by_rule(self.cfg, inst.tokens - self.tokens)
+        for i in self.owned:
+            out = sorted(gone[i] & self.owned[i])
+            new = sorted(came[i] - self.owned[i])
+            fresh = [b for b in new if b not in self.keep[i]]
             for table, family in ((TABLE, "inet"), (PRE_TABLE, "netdev")):
                 name = _set(f"owned_{i}", table, family)
-                if gone:
-                    cmds.append({"delete": {"element": {**name, "elem": gone}}})
-                if came:
-                    cmds.append({"add": {"element": {**name, "elem": came}}})
+                if out:
+                    cmds.append({"delete": {"element": {**name, "elem": out}}})
+                if new:
+                    cmds.append({"add": {"element": {**name, "elem": new}}})
             if fresh:
                 keep = _set(f"keep_{i}", PRE_TABLE, "netdev")
                 cmds.append({"add": {"element": {**keep, "elem": fresh}}})
-        self.nft.json(cmds)
-        self.owned = new
-        for i, buckets in new.items():
-            self.keep[i] |= buckets
+            self.owned[i] = (self.owned[i] - gone[i]) | came[i]
+            self.keep[i].update(new)
+        if cmds:
+            self.nft.json(cmds)
+        self.tokens = inst.tokens
 
     def renew(self, ms: int) -> None:
         """The kernel takes new connections for ``ms`` more milliseconds (0: stop now)."""

@@ -21,7 +21,7 @@ from typing import Any
 
 from shoal.config import Affinity, FilteringMode, PortRule, Protocol, ShoalConfig
 from shoal.protocol.engine import Install
-from shoal.protocol.epoch import DEFAULT_TOKEN, split_token
+from shoal.protocol.epoch import DEFAULT_TOKEN, single_token
 from shoal.protocol.frames import RuleState
 
 TABLE = "shoal"
@@ -202,12 +202,8 @@ def _flag(name: str, on: bool) -> list[dict[str, Any]]:
 def flags(cfg: ShoalConfig, inst: Install) -> dict[str, list[dict[str, Any]]]:
     """For each flag set, the commands making it say what ``inst`` says (the owned bucket
     sets are the backend's business: it updates them by difference)."""
-    handled: set[int] = set()
-    for tok in inst.tokens:
-        if tok != DEFAULT_TOKEN:
-            rule, bucket = split_token(tok)
-            if bucket is None:
-                handled.add(rule)
+    rules = cfg.cluster.effective_rules
+    handled = {i for i in range(len(rules)) if single_token(i) in inst.tokens}
     out = {
         "serving": _flag("serving", inst.serving),
         "default_host": _flag("default_host", DEFAULT_TOKEN in inst.tokens),
