@@ -36,7 +36,7 @@ from collections import defaultdict
 VIP = "198.18.0.100"
 PORT = 80
 PROBE_TIMEOUT = 0.01  # a lost SYN is retried after 10 ms, with a new SYN
-PROBE_PAUSE = 0.01
+PROBE_PAUSE = 0.05  # between attempts that succeed (a failing one is retried at once)
 ETH_P_IP = 0x0800
 
 

@@ -900,6 +900,10 @@ class Engine:
         prev = self.epoch
         self.epoch = state
         self.epoch_ready = False
+        if self.me in state.members and self.state in ELIGIBLE:
+            # adopting is voting: a leader that later counts on this host must outvote
+            # this membership too, even if this host never hears that it became READY
+            self.record = state.members
         mine = self._mine(state) if self._eligible_self(now) else frozenset()
         self.installed = self.installed & mine
         self.own_bounds = {}
