@@ -6,7 +6,7 @@ NLB's own 1000 ms x 5 as "nlb") a 4-host lab runs repeated crashes: each run pic
 starts clients, SIGKILLs its daemon and cuts its switch port, waits for the failover, then
 brings the host back. Clients during a run:
 
-* c1 probes 48 random buckets of the victim, each from one fixed address and port (a new
+* c1 probes 24 random buckets of the victim, each from one fixed address and port (a new
   SYN every 10 ms while it fails); failover = from the SIGKILL to the moment the last of them
   accepted again. The new owners each install their share in one atomic transaction, so the
   sampled buckets time every new owner;
@@ -36,7 +36,7 @@ from shoal.lab.topology import Lab
 
 PROFILES = ("default", "fast", "nlb")
 HOSTS = 4
-PROBES = 48
+PROBES = 24
 
 
 def p99(values: list[float]) -> float:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import json
 import random
@@ -137,14 +138,40 @@ async def probe(idx: int, src: str, sport: int, clock: Clock) -> None:
             await asyncio.sleep(PROBE_PAUSE)
 
 
+SO_ATTACH_FILTER = 26
+
+
+def synack_filter(vip: bytes) -> bytes:
+    """A classic BPF program passing only TCP segments from ``vip`` with SYN and ACK set
+    (offsets from the IP header: a SOCK_DGRAM packet socket), so the kernel drops every
+    other packet before Python sees it."""
+    prog = [
+        (0x30, 0, 0, 9),  # ldb [9]: protocol
+        (0x15, 0, 7, socket.IPPROTO_TCP),
+        (0x20, 0, 0, 12),  # ld [12]: source address
+        (0x15, 0, 5, int.from_bytes(vip, "big")),
+        (0xB1, 0, 0, 0),  # ldx 4*([0]&0xf): header length
+        (0x50, 0, 0, 13),  # ldb [x+13]: TCP flags
+        (0x54, 0, 0, 0x12),  # and #SYN|ACK
+        (0x15, 0, 1, 0x12),
+        (0x06, 0, 0, 0xFFFF),  # accept
+        (0x06, 0, 0, 0),  # drop
+    ]
+    return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+
+
 class SynAckCounter:
     """SYN-ACKs from the VIP seen on the client's interface, by the SYN they answer."""
 
     def __init__(self, iface: str = "eth0") -> None:
+        self.vip = ipaddress.ip_address(VIP).packed
         self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
+        code = synack_filter(self.vip)
+        self._prog = ctypes.create_string_buffer(code)  # the kernel copies it; keep it anyway
+        fprog = struct.pack("HL", len(code) // 8, ctypes.addressof(self._prog))
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
         self.sock.bind((iface, ETH_P_IP))
         self.sock.setblocking(False)
-        self.vip = ipaddress.ip_address(VIP).packed
         self.answers: dict[tuple[bytes, int, int], set[int]] = defaultdict(set)
 
     def on_readable(self) -> None:
