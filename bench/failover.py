@@ -65,15 +65,32 @@ def one_run(lab: Lab, victim: int, rng: random.Random, bound_s: float) -> dict[s
         events = clients.finish()
     finally:
         clients.kill()
+    slow = failover is None or failover > 2000 * bound_s
+    log = events_since(lab, survivors, killed - 0.2) if slow else []
     C.revive(lab, victim)
     rejoined = C.wait_states(lab, C.converged(everyone), survivors[0], 30)
     return {
         "victim": victim,
         "failover_ms": failover,
+        "daemon_events": log,
         "broken_on_survivors": len(C.broken(events, {f"h{h}" for h in survivors})),
         "double_answers": C.double_answers(events),
         "rejoined": rejoined,
     }
+
+
+def events_since(lab: Lab, hosts: list[int], since: float) -> list[str]:
+    """The daemons' events from ``since`` on, as ``+ms hN text`` lines (for slow runs)."""
+    out = []
+    for h in hosts:
+        for line in (lab.dir / f"h{h}.daemon.log").read_text().splitlines():
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc.get("at"), int | float) and doc["at"] >= since:
+                out.append((doc["at"], f"h{h} {doc.get('text', doc.get('name'))}"))
+    return [f"+{round(1000 * (t - since))} {text}" for t, text in sorted(out)]
 
 
 def profile_runs(profile: str, runs: int, seed: int) -> dict[str, Any]:
@@ -105,6 +122,12 @@ def profile_runs(profile: str, runs: int, seed: int) -> dict[str, Any]:
         "double_answers": sum(r["double_answers"] for r in results),
         "not_rejoined": sum(1 for r in results if not r["rejoined"]),
         "runs": len(results),
+        "failover_ms_runs": [r["failover_ms"] for r in results],
+        "slow_runs": [
+            {k: r[k] for k in ("victim", "failover_ms", "daemon_events")}
+            for r in results
+            if r["daemon_events"]
+        ],
     }
     if vip_4 is not None:
         doc["vip_over_direct_4_hosts"] = vip_4

@@ -2,7 +2,8 @@
 
 Each :meth:`NftBackend.apply` is one libnftables transaction: the flags, and for each
 ``multiple`` rule only the buckets that changed (deleted from and added to the owned sets
-of both tables), plus newly owned buckets into the pre-filter's ``keep`` sets.
+of the pre-filter, and of the inet table for rules that carry UDP), plus newly owned
+buckets into the pre-filter's ``keep`` sets.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from shoal.dataplane.ruleset import (
     TABLE,
     _set,
     base_ruleset,
+    checks_owned,
     flags,
     lease,
     prefilter,
@@ -108,11 +110,13 @@ class NftBackend:
         self.flags = wanted
         gone = owned_by_rule(self.cfg, self.tokens - inst.tokens)
         came = owned_by_rule(self.cfg, inst.tokens - self.tokens)
+        rules = self.cfg.cluster.effective_rules
         for i in self.owned:
             out = sorted(gone[i] & self.owned[i])
             new = sorted(came[i] - self.owned[i])
             fresh = [b for b in new if b not in self.keep[i]]
-            for table, family in ((TABLE, "inet"), (PRE_TABLE, "netdev")):
+            tables = [(TABLE, "inet")] if checks_owned(rules[i]) else []
+            for table, family in [*tables, (PRE_TABLE, "netdev")]:
                 name = _set(f"owned_{i}", table, family)
                 if out:
                     cmds.append({"delete": {"element": {**name, "elem": out}}})

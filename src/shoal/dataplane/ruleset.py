@@ -3,7 +3,9 @@
 The chains are static; everything that changes at run time lives in sets, so that every
 change the engine asks for is one atomic JSON transaction of set flushes and element adds:
 
-* ``owned_<i>`` — the buckets of ``multiple`` rule *i* this host takes new connections for;
+* ``owned_<i>`` — the buckets of ``multiple`` rule *i* this host takes new UDP flows for (a
+  rule for TCP alone has none here: the pre-filter below already dropped every SYN of a
+  bucket this host does not own, and a new TCP connection is a pure SYN);
 * ``lease`` — holds ``ipv4`` and ``ipv6`` with a timeout: when it runs out (the daemon stopped
   renewing it), ``meta nfproto != @lease`` refuses every new connection;
 * ``serving``, ``default_host``, ``handle_<i>``, ``off_<i>``, ``drain_<i>`` — flags, tested
@@ -26,6 +28,11 @@ from shoal.protocol.frames import RuleState
 
 TABLE = "shoal"
 FAMILIES = ("ipv4", "ipv6")
+
+
+def checks_owned(rule: PortRule) -> bool:
+    """Whether the inet table looks a new connection of this rule up in ``owned_<i>``."""
+    return rule.mode is FilteringMode.MULTIPLE and rule.protocol is not Protocol.TCP
 
 
 def _mask6(prefix: int) -> str:
@@ -81,7 +88,7 @@ def base_ruleset(cfg: ShoalConfig) -> str:
         lines.append(f"  set off_{i} {{ type nf_proto; }}")
         lines.append(f"  set drain_{i} {{ type nf_proto; }}")
         lines.append(f"  set handle_{i} {{ type nf_proto; }}")
-        if rule.mode is FilteringMode.MULTIPLE:
+        if checks_owned(rule):
             lines.append(f"  set owned_{i} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
     lines.append("  chain pre {")
     lines.append("    type filter hook prerouting priority -150; policy accept;")
@@ -115,7 +122,7 @@ def base_ruleset(cfg: ShoalConfig) -> str:
             ]
             if rule.mode is FilteringMode.SINGLE:
                 lines.append(f"    meta nfproto != @handle_{i} {dropped}")
-            else:
+            elif checks_owned(rule):
                 e4, e6 = _hash_exprs(rule)
                 lines.append(
                     f"    meta nfproto ipv4 jhash {e4} mod {cl.buckets} seed {seed} "

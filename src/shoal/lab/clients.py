@@ -195,7 +195,9 @@ def wait_states(lab: Lab, want: dict[int, str], host: int, seconds: float = 15) 
 
 def owned_buckets(lab: Lab, host: int, rule: int = WEB_RULE) -> set[int]:
     """The buckets of a rule the host's kernel accepts new connections for."""
-    out = sh("nft", "-j", "list", "set", "inet", "shoal", f"owned_{rule}", ns=lab.ns(f"h{host}"))
+    out = sh(
+        "nft", "-j", "list", "set", "netdev", "shoal_pre", f"owned_{rule}", ns=lab.ns(f"h{host}")
+    )
     for item in json.loads(out)["nftables"]:
         if "set" in item:
             return {int(e) for e in item["set"].get("elem", []) if isinstance(e, int)}

@@ -30,6 +30,10 @@ CLIENTS = 3
 PER_NET = 50
 LAB_KEY = "shoal-lab-cluster-key-not-secret"
 NAME_RE = re.compile(r"^[a-z0-9]{1,8}$")
+# the cluster daemons run ahead of the lab's services and clients, as packaging/shoal.service
+# runs the daemon ahead of a server's applications: a heartbeat that waits for the CPU
+# behind the load it balances looks like a dead host
+DAEMON_NICE = -10
 
 
 class LabError(RuntimeError):
@@ -271,7 +275,9 @@ handling_priority = {h}
     def control(self, host: int) -> Path:
         return self.dir / f"h{host}.sock"
 
-    def _spawn(self, key: str, node: str, module: str, args: list[str], log: Path) -> None:
+    def _spawn(
+        self, key: str, node: str, module: str, args: list[str], log: Path, nice: int = 0
+    ) -> None:
         """Start ``python -m module`` in a node, in its own session; remember its PID."""
         with log.open("a") as err:
             proc = subprocess.Popen(
@@ -281,6 +287,7 @@ handling_priority = {h}
                 stderr=err,
                 env=pyenv(),
                 start_new_session=True,
+                preexec_fn=(lambda: os.nice(nice)) if nice else None,
             )
         self.pids[key] = proc.pid
 
@@ -299,6 +306,7 @@ handling_priority = {h}
                 str(self.dir),
             ],
             self.dir / f"h{host}.daemon.log",
+            nice=DAEMON_NICE,
         )
 
     def start_services(self) -> None:
