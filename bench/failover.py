@@ -81,15 +81,11 @@ def one_run(lab: Lab, victim: int, rng: random.Random, bound_s: float) -> dict[s
 
 def events_since(lab: Lab, hosts: list[int], since: float) -> list[str]:
     """The daemons' events from ``since`` on, as ``+ms hN text`` lines (for slow runs)."""
-    out = []
-    for h in hosts:
-        for line in (lab.dir / f"h{h}.daemon.log").read_text().splitlines():
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(doc.get("at"), int | float) and doc["at"] >= since:
-                out.append((doc["at"], f"h{h} {doc.get('text', doc.get('name'))}"))
+    out = [
+        (doc["at"], f"h{h} {doc.get('text', doc.get('name'))}")
+        for h in hosts
+        for doc in C.daemon_events(lab, h, since)
+    ]
     return [f"+{round(1000 * (t - since))} {text}" for t, text in sorted(out)]
 
 

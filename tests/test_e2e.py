@@ -3,13 +3,14 @@ crashes, joins, drains, restarts, heartbeat loss, weights and affinity, as users
 
 from __future__ import annotations
 
-import json
+import contextlib
 import random
 import signal
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -56,21 +57,26 @@ def answers(lab: Lab, client: int, flows: list[tuple[str, str, int, int]]) -> li
     return [got[str(i)] for i in range(len(flows))]
 
 
+@contextlib.contextmanager
+def sessions(lab: Lab, count: int, seconds: float = 30) -> Iterator[C.Clients]:
+    """Long-lived sessions from client 2, open and busy; the processes end with the block."""
+    clients = C.Clients(lab)
+    try:
+        clients.start(2, seconds, long=count)
+        time.sleep(1.0)
+        yield clients
+    finally:
+        clients.kill()
+
+
+def opened_on(events: list[dict[str, Any]]) -> list[str]:
+    """The host of every session that opened."""
+    return [e["host"] for e in events if e["kind"] == "long" and e.get("event") == "open"]
+
+
 def restarted(lab: Lab, host: int) -> None:
     C.revive(lab, host)
     assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
-
-
-def events_of(lab: Lab, host: int, since: float) -> list[dict[str, object]]:
-    out = []
-    for line in (lab.dir / f"h{host}.daemon.log").read_text().splitlines():
-        try:
-            doc = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(doc.get("at"), float | int) and doc["at"] >= since:
-            out.append(doc)
-    return out
 
 
 def test_host_crash_fails_over_within_the_bound_and_survivors_keep_sessions(settled: Lab) -> None:
@@ -149,41 +155,29 @@ def test_join_keeps_every_session_and_takes_new_connections(settled: Lab) -> Non
     lab = settled
     C.signal_daemon(lab, 4, signal.SIGTERM)  # host 4 leaves cleanly
     assert C.wait_states(lab, C.converged([1, 2, 3]), 1, 15), C.states(lab, 1)
-    clients = C.Clients(lab)
-    try:
-        clients.start(2, 30, long=18)
-        time.sleep(1.0)
+    with sessions(lab, 18) as clients:
         lab.restart_daemon(4)
         joined = time.time()
         assert C.wait_states(lab, C.converged(ALL), 1, 20), C.states(lab, 1)
         clients.start(3, 3, rate=60)
         time.sleep(3.5)
         events = clients.finish()
-    finally:
-        clients.kill()
     assert C.broken(events) == []
-    opened = {e["host"] for e in events if e["kind"] == "long" and e.get("event") == "open"}
-    assert opened == {"h1", "h2", "h3"}
+    assert set(opened_on(events)) == {"h1", "h2", "h3"}
     new = Counter(e["host"] for e in events if e["kind"] == "short" and e["t"] > joined + 1)
     assert new["h4"] > 0.1 * sum(new.values()), new
 
 
 def test_drainstop_lets_sessions_finish_and_takes_nothing_new(settled: Lab) -> None:
     lab = settled
-    clients = C.Clients(lab)
-    try:
-        clients.start(2, 30, long=16)
-        time.sleep(1.0)
-        on_h2 = [e for e in clients.collect() if e.get("event") == "open" and e["host"] == "h2"]
-        assert on_h2, "no session landed on h2"
+    with sessions(lab, 16) as clients:
+        assert "h2" in opened_on(clients.collect()), "no session landed on h2"
         assert call(lab.control(2), {"cmd": "drainstop"})["ok"]
         drained = time.time()
         clients.start(3, 3, rate=60)
         time.sleep(3.5)
         assert C.states(lab, 1).get(2) == "draining"
         events = clients.finish()  # the sessions end on their own: the drain can finish
-    finally:
-        clients.kill()
     assert C.broken(events) == []
     # until the others take its buckets over (one convergence) it still takes new ones
     new = Counter(e["host"] for e in events if e["kind"] == "short" and e["t"] > drained + 1)
@@ -195,23 +189,17 @@ def test_drainstop_lets_sessions_finish_and_takes_nothing_new(settled: Lab) -> N
 
 def test_drainstop_timeout_resets_what_remains(settled: Lab) -> None:
     lab = settled
-    clients = C.Clients(lab)
-    try:
-        clients.start(2, 30, long=16)
-        time.sleep(1.0)
+    with sessions(lab, 16) as clients:
         assert call(lab.control(2), {"cmd": "drainstop", "timeout": 1.5})["ok"]
         asked = time.time()
         want = C.converged([1, 3, 4]) | {2: "stopped"}
         assert C.wait_states(lab, want, 1, 10), C.states(lab, 1)
         time.sleep(0.5)
         events = clients.finish()
-    finally:
-        clients.kill()
-    opened = [e for e in events if e["kind"] == "long" and e.get("event") == "open"]
-    assert any(e["host"] == "h2" for e in opened)
+    on_h2 = opened_on(events).count("h2")
     broken = C.broken(events)
-    assert broken and {e["host"] for e in broken} == {"h2"}
-    assert len(broken) == sum(1 for e in opened if e["host"] == "h2")
+    assert on_h2 and broken and {e["host"] for e in broken} == {"h2"}
+    assert len(broken) == on_h2
     assert all(e["t"] >= asked + 1.4 for e in broken)
     assert call(lab.control(2), {"cmd": "start"})["ok"]
 
@@ -220,10 +208,7 @@ def test_daemon_restart_keeps_its_own_connections(settled: Lab) -> None:
     """A handover (SIGUSR2) and a kill -9: either way the next daemon takes the kernel's
     state over and rejoins, and no session of the host breaks."""
     lab = settled
-    clients = C.Clients(lab)
-    try:
-        clients.start(2, 40, long=16)
-        time.sleep(1.0)
+    with sessions(lab, 16, seconds=40) as clients:
         for how in (signal.SIGUSR2, signal.SIGKILL):
             C.signal_daemon(lab, 2, how)
             time.sleep(0.3)
@@ -231,10 +216,7 @@ def test_daemon_restart_keeps_its_own_connections(settled: Lab) -> None:
             assert C.wait_states(lab, C.converged(ALL), 1, 20), (how, C.states(lab, 1))
             time.sleep(1.0)
         events = clients.finish()
-    finally:
-        clients.kill()
-    opened = {e["host"] for e in events if e["kind"] == "long" and e.get("event") == "open"}
-    assert "h2" in opened
+    assert "h2" in opened_on(events)
     assert C.broken(events) == []
 
 
@@ -254,7 +236,7 @@ def test_five_percent_heartbeat_loss_evicts_nobody(settled: Lab) -> None:
         for h in ALL:
             sh("nft", "delete", "table", "netdev", "shoal_loss", ns=lab.ns(f"h{h}"), check=False)
     for h in ALL:
-        names = {e.get("name") for e in events_of(lab, h, since)}
+        names = {e.get("name") for e in C.daemon_events(lab, h, since)}
         assert not names & {"host_left", "epoch_created", "converging", "lease_lost"}, (h, names)
 
 

@@ -253,5 +253,18 @@ def broken(events: list[dict[str, Any]], hosts: set[str] | None = None) -> list[
     ]
 
 
+def daemon_events(lab: Lab, host: int, since: float) -> list[dict[str, Any]]:
+    """A host daemon's events (JSON lines of its log) from wall time ``since`` on."""
+    out = []
+    for line in (lab.dir / f"h{host}.daemon.log").read_text().splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(doc, dict) and isinstance(doc.get("at"), int | float) and doc["at"] >= since:
+            out.append(doc)
+    return out
+
+
 def double_answers(events: list[dict[str, Any]]) -> int:
     return sum(int(e["doubles"]) for e in events if e["kind"] == "synacks")
