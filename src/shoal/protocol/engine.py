@@ -947,6 +947,8 @@ class Engine:
                 return
             if p.hb.epoch != e.key or not p.hb.has(Flag.RELEASED):
                 return
+            if p.ack_at < self.eligible_since:
+                return  # sent before it heard this host since its last start: maybe stale
         for p in self._live_peers(now):
             if (
                 p.host_id not in e.members
