@@ -26,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from shoal.lab.topology import sh
+from shoal.lab.topology import run_module, sh, veth
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_MAC = "02:bf:c6:12:00:64"
@@ -89,43 +89,11 @@ def trafgen_conf(path: Path, flags: str) -> None:
 
 
 def install(sink: str, cfg: Path, tokens: set[int], keep_all: bool = False) -> None:
+    """Fresh tables on the sink owning ``tokens`` (the lab's installer)."""
     tok = cfg.with_suffix(".tokens")
     tok.write_text("\n".join(map(str, sorted(tokens))))
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
-    code = (
-        "import sys; from pathlib import Path\n"
-        "from shoal.config import load_config\n"
-        "from shoal.dataplane.backend import NftBackend\n"
-        "from shoal.protocol.engine import Install\n"
-        "from shoal.protocol.frames import RuleState\n"
-        "cfg = load_config(Path(sys.argv[1]))\n"
-        "b = NftBackend(cfg); b.create()\n"
-        "st = tuple(RuleState.ENABLED for _ in cfg.cluster.effective_rules)\n"
-        "if sys.argv[3] == '1':\n"
-        "    b.apply(Install(frozenset(range(cfg.cluster.buckets)), True, st, None))\n"
-        "toks = frozenset(int(x) for x in Path(sys.argv[2]).read_text().split())\n"
-        "b.apply(Install(toks, True, st, None)); b.renew(3_600_000)\n"
-    )
-    res = subprocess.run(
-        [
-            "ip",
-            "netns",
-            "exec",
-            sink,
-            sys.executable,
-            "-c",
-            code,
-            str(cfg),
-            str(tok),
-            "1" if keep_all else "0",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(res.stderr)
+    flags = ["--fresh", *(["--keep-all"] if keep_all else [])]
+    run_module(sink, "shoal.lab.install", str(cfg), str(tok), *flags)
 
 
 def clear(sink: str) -> None:
@@ -198,21 +166,7 @@ def main() -> None:
     try:
         for ns in (gen, sink):
             sh("ip", "netns", "add", ns)
-        sh(
-            "ip",
-            "link",
-            "add",
-            "gen0",
-            "netns",
-            gen,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            sink,
-        )
+        veth("gen0", gen, "eth0", sink)
         sh("ip", "link", "set", "gen0", "up", ns=gen)
         sh("ip", "link", "set", "eth0", "address", CLUSTER_MAC, ns=sink)
         sh("ip", "link", "set", "eth0", "up", ns=sink)

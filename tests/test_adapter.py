@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from shoal.lab.topology import veth
 from tests.conftest import EXAMPLES, example_doc, needs_root
 from tests.nethelp import namespaces, sh
 
@@ -69,21 +70,7 @@ def test_setup_then_teardown_restores_the_host(tmp_path: Path, mode: str) -> Non
     config = tmp_path / "h1.toml"
     config.write_text(text)
     with namespaces("h", "peer") as ns:
-        sh(
-            "ip",
-            "link",
-            "add",
-            "eth0",
-            "netns",
-            ns["h"],
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns["peer"],
-        )
+        veth("eth0", ns["h"], "eth0", ns["peer"])
         sh("ip", "addr", "add", "198.18.0.11/24", "dev", "eth0", ns=ns["h"])  # already there
         before = snapshot(ns["h"])
         run_adapter(ns["h"], "setup", config, tmp_path / "state.json")

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from shoal.config import parse_config
-from shoal.lab.topology import run_module
+from shoal.lab.topology import run_module, veth
 from shoal.lab.verify import random_map
 from shoal.verdict import ClusterView, Outcome, Packet, decide
 from tests.conftest import example_doc, needs_root
@@ -77,21 +77,7 @@ def _run(tmp_path: Path, lease_ms: int, wait: float) -> tuple[Any, ClusterView, 
         sh("ip", "link", "add", "br0", "type", "bridge", ns=ns["sw"])
         sh("ip", "link", "set", "br0", "up", ns=ns["sw"])
         for name in ("h1", "h2", "h3", "cl"):
-            sh(
-                "ip",
-                "link",
-                "add",
-                f"p-{name}",
-                "netns",
-                ns["sw"],
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns[name],
-            )
+            veth(f"p-{name}", ns["sw"], "eth0", ns[name])
             sh("ip", "link", "set", f"p-{name}", "master", "br0", "up", ns=ns["sw"])
         for h in (1, 2, 3):
             n = ns[f"h{h}"]

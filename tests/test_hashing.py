@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from shoal.hashing import affinity_address, bucket_of, hash_key, jhash, reciprocal_scale
+from shoal.lab.topology import veth
 from tests.conftest import needs_root
 from tests.nethelp import namespaces, python_in, sh
 
@@ -79,21 +80,7 @@ def test_kernel_jhash_agrees_bit_for_bit(
     owned = sorted(rng.sample(range(mod), mod // 2))
     flows = _sources(family, rng, 600)
     with namespaces("tx", "rx") as ns:
-        sh(
-            "ip",
-            "link",
-            "add",
-            "tx0",
-            "netns",
-            ns["tx"],
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "rx0",
-            "netns",
-            ns["rx"],
-        )
+        veth("tx0", ns["tx"], "rx0", ns["rx"])
         for side, dev in (("tx", "tx0"), ("rx", "rx0")):
             sh("ip", "link", "set", dev, "up", ns=ns[side])
         sh(

@@ -41,11 +41,6 @@ def default_control(cfg: ShoalConfig) -> Path:
     return Path(f"/run/shoal/{cfg.cluster.name}-h{cfg.host.host_id}.sock")
 
 
-def open_vip_connections(cfg: ShoalConfig) -> int:
-    """Established TCP connections to a VIP on this host (what drainstop waits for)."""
-    return len(sockets.vip_connections(cfg.cluster.all_vips))
-
-
 class Daemon:
     def __init__(
         self, config_path: Path, control: Path | None, state_dir: Path, setup_adapter: bool = True
@@ -129,8 +124,7 @@ class Daemon:
 
     def on_timer(self) -> None:
         self.timer = None
-        if self.engine.state is HostState.DRAINING:
-            self.engine.set_connections(open_vip_connections(self.cfg), self.now())
+        self.count_connections()
         self.engine.tick(self.now())
         self.after()
 
@@ -187,8 +181,7 @@ class Daemon:
         from shoal.daemon.control import dispatch
 
         out = dispatch(self, req)
-        if self.engine.state is HostState.DRAINING:
-            self.engine.set_connections(open_vip_connections(self.cfg), self.now())
+        self.count_connections()
         self.after()
         return out
 
@@ -275,6 +268,12 @@ class Daemon:
             json.dumps({"name": "handover", "lease_left": "kept in the kernel"}) + "\n"
         )
         self.stop_event.set()
+
+    def count_connections(self) -> None:
+        """While draining, tell the engine how many VIP connections are still open."""
+        if self.engine.state is HostState.DRAINING:
+            vips = self.cfg.cluster.all_vips
+            self.engine.set_connections(len(sockets.vip_connections(vips)), self.now())
 
     def log_reload(self) -> None:
         res = self.reload()

@@ -130,6 +130,10 @@ def signal_daemon(lab: Lab, host: int, sig: signal.Signals, wait: float = 10) ->
     """Send a signal to the host's daemon and wait until it is gone."""
     pid = lab.pids[f"daemon-h{host}"]
     os.killpg(pid, sig)
+    _wait_gone(pid, host, sig, wait)
+
+
+def _wait_gone(pid: int, host: int, sig: signal.Signals, wait: float) -> None:
     deadline = time.monotonic() + wait
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -138,12 +142,14 @@ def signal_daemon(lab: Lab, host: int, sig: signal.Signals, wait: float = 10) ->
 
 
 def crash(lab: Lab, host: int, cut: bool = True) -> float:
-    """SIGKILL the host's daemon (and cut its switch port); returns the wall time of the kill."""
+    """SIGKILL the host's daemon (and cut its switch port at once); returns the wall time of
+    the kill."""
+    pid = lab.pids[f"daemon-h{host}"]
     t = time.time()
+    os.killpg(pid, signal.SIGKILL)
     if cut:
-        os.killpg(lab.pids[f"daemon-h{host}"], signal.SIGKILL)
         sh("ip", "-n", lab.ns("sw"), "link", "set", f"p-h{host}", "down")
-    signal_daemon(lab, host, signal.SIGKILL)
+    _wait_gone(pid, host, signal.SIGKILL, 10)
     return t
 
 

@@ -50,9 +50,6 @@ class Run:
         for k in range(1, CLIENTS + 1):
             self.clients.start(k, seconds, rate=60, long=10)
 
-    def collect(self) -> None:
-        self.clients.collect()
-
     def table(self, title: str, since: float) -> Table:
         recent = [e for e in self.events if e["kind"] == "short" and e["t"] >= since]
         per = Counter(e["host"] or "failed" for e in recent)
@@ -70,7 +67,7 @@ class Run:
         end = time.time() + seconds
         with Live(console=console, refresh_per_second=4) as live:
             while time.time() < end:
-                self.collect()
+                self.clients.collect()
                 live.update(self.table(title, time.time() - 2))
                 time.sleep(0.25)
 

@@ -12,31 +12,19 @@ TIMEOUT = 1.5
 CONCURRENCY = 128
 
 
-async def tcp(src: str, sport: int, dst: str, dport: int) -> str:
+async def ask(proto: str, src: str, sport: int, dst: str, dport: int) -> str:
+    """One flow from (src, sport): a TCP connection, or a UDP datagram; the answer or '-'."""
     fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
+    s = socket.socket(fam, socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
     s.setblocking(False)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         s.bind((src, sport))
         loop = asyncio.get_running_loop()
-        await asyncio.wait_for(loop.sock_connect(s, (dst, dport)), TIMEOUT)
-        data = await asyncio.wait_for(loop.sock_recv(s, 64), TIMEOUT)
-        return data.decode().strip() or "-"
-    except (TimeoutError, OSError):
-        return "-"
-    finally:
-        s.close()
-
-
-async def udp(src: str, sport: int, dst: str, dport: int) -> str:
-    fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_DGRAM)
-    s.setblocking(False)
-    try:
-        s.bind((src, sport))
-        loop = asyncio.get_running_loop()
-        await loop.sock_sendto(s, b"?", (dst, dport))
+        if proto == "tcp":
+            await asyncio.wait_for(loop.sock_connect(s, (dst, dport)), TIMEOUT)
+        else:
+            await loop.sock_sendto(s, b"?", (dst, dport))
         data = await asyncio.wait_for(loop.sock_recv(s, 64), TIMEOUT)
         return data.decode().strip() or "-"
     except (TimeoutError, OSError):
@@ -51,8 +39,7 @@ async def run(lines: list[str]) -> None:
     async def one(i: int, line: str) -> str:
         proto, src, sport, dst, dport = line.split()
         async with sem:
-            fn = tcp if proto == "tcp" else udp
-            return f"{i} {await fn(src, int(sport), dst, int(dport))}"
+            return f"{i} {await ask(proto, src, int(sport), dst, int(dport))}"
 
     results = await asyncio.gather(*(one(i, ln) for i, ln in enumerate(lines)))
     print("\n".join(results))

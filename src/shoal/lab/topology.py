@@ -48,6 +48,25 @@ def sh(*args: str, ns: str | None = None, input: str | None = None, check: bool 
     return res.stdout
 
 
+def veth(name: str, ns: str, peer: str, peer_ns: str) -> None:
+    """A veth pair: ``name`` in namespace ``ns``, ``peer`` in ``peer_ns``."""
+    sh(
+        "ip",
+        "link",
+        "add",
+        name,
+        "netns",
+        ns,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        peer,
+        "netns",
+        peer_ns,
+    )
+
+
 def batch(ns: str | None, commands: list[str]) -> None:
     """Many ``ip`` commands in one process (``ip -batch``)."""
     if commands:
