@@ -20,10 +20,8 @@ from shoal.protocol.frames import (
     RuleReport,
     RuleState,
     _encode_heartbeat,
-    beat_of,
     cluster_id,
-    echo_for,
-    stable_part,
+    split_heartbeat,
 )
 
 CID = cluster_id(ipaddress.ip_address("198.18.0.100"))
@@ -74,21 +72,24 @@ def test_beat_and_echoes_read_without_a_full_parse(hb: Heartbeat, other: Heartbe
     """The receive fast path reads the beat and this host's echo straight from the payload,
     and compares only what does not change from beat to beat."""
     payload = _encode_heartbeat(hb)
-    assert beat_of(payload) == hb.beat
     for h in range(1, 257):
         want = hb.echoes[sorted(hb.acks).index(h)] if h in hb.acks else None
-        assert echo_for(payload, h) == want
+        assert split_heartbeat(payload, h) == (stable(payload), hb.beat, want)
     same = replace(other, acks=hb.acks, echoes=hb.echoes[::-1], beat=(hb.beat + 1) % 256)
-    assert stable_part(_encode_heartbeat(same)) == stable_part(_encode_heartbeat(other))
+    assert stable(_encode_heartbeat(same)) == stable(_encode_heartbeat(other))
+    assert stable(_encode_heartbeat(replace(hb, flags=hb.flags ^ 1))) != stable(payload)
+
+
+def stable(payload: bytes) -> bytes:
+    tail = split_heartbeat(payload, 1)
+    assert tail is not None
+    return tail[0]
 
 
 @given(st.binary(max_size=200))
-def test_stable_part_of_any_bytes_never_raises(data: bytes) -> None:
-    stable = stable_part(data)
-    if stable is not None:
-        beat_of(data)
-        for h in (1, 2, 100, 256):
-            echo_for(data, h)
+def test_split_heartbeat_of_any_bytes_never_raises(data: bytes) -> None:
+    for h in (1, 2, 100, 256):
+        split_heartbeat(data, h)
 
 
 @given(

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 from shoal.config import FilteringMode, InitialState, PartitionPolicy, ShoalConfig
 from shoal.protocol.epoch import (
@@ -55,12 +56,11 @@ from shoal.protocol.frames import (
     Rejection,
     RuleReport,
     RuleState,
-    beat_of,
     cluster_id,
-    echo_for,
     parse,
-    stable_part,
+    split_heartbeat,
 )
+from shoal.protocol.lease import LeaseCount
 
 ELIGIBLE = (HostState.CONVERGING, HostState.CONVERGED)
 MAX_SILENCES = 128
@@ -70,31 +70,32 @@ NEVER = float("-inf")
 
 @dataclass(frozen=True)
 class Timing:
-    """Every protocol delay, derived from the heartbeat period P and the loss tolerance."""
+    """Every protocol delay, derived from the heartbeat period P and the loss tolerance
+    (each computed once: the receive path reads them for every frame)."""
 
     period: float
     tolerance: int
 
-    @property
+    @cached_property
     def detect(self) -> float:
         """A host unheard for this long is gone: ``tolerance`` heartbeats in a row missed,
         with a quarter period for the next one's jitter (without it, one loss fewer plus a
         late frame would evict a host)."""
         return (self.tolerance + 0.25) * self.period
 
-    @property
+    @cached_property
     def ack_window(self) -> float:
         """A host heard within this window is acknowledged in heartbeats (an older echo
         could not keep a lease alive anyway)."""
         return self.lease
 
-    @property
+    @cached_property
     def margin(self) -> float:
         """How much later than the engine's lease the kernel's may run out: the renewal's
         own latency and the kernel timer's granularity."""
         return max(0.1 * self.period, 0.005)
 
-    @property
+    @cached_property
     def lease(self) -> float:
         """How long after sending a heartbeat that a quorum acknowledged the kernel keeps
         taking new connections: as long as it can be while a crashed host's lease still
@@ -195,12 +196,15 @@ class Engine:
         self.peers: dict[int, Peer] = {}
         self.epoch: EpochState | None = None
         self.epoch_ready = False
+        self.ready_seen = False  # this epoch was READY here (epoch_ready drops on a lapse)
         self.own_bounds: dict[int, float] = {}
         self.known: dict[EpochKey, EpochState] = {}
         self.assemblies: dict[tuple[EpochKey, bytes], _Assembly] = {}
         self.max_epoch_seen = 0
         self.installed: frozenset[int] = frozenset()
         self.lease_until: float | None = None
+        self.lease_count: LeaseCount | None = None
+        self.peer_generation = 0  # peers replaced or forgotten: a lease count rebuilds
         self.seq = 0
         self.beats = 0  # heartbeats sent; the low byte numbers each one
         self.beat_sent = [NEVER] * 256  # when each beat number was last sent
@@ -281,17 +285,15 @@ class Engine:
         if why is not None:
             return self._reject(why)
         p = self.peers[env.host_id]
-        if env.ftype == FrameType.HEARTBEAT and p.hb is not None:
-            stable = stable_part(env.payload)
-            if stable is not None and stable == p.payload and env.seq > p.hb_seq:
+        tail = split_heartbeat(env.payload, self.me) if env.ftype == FrameType.HEARTBEAT else None
+        if tail is not None and p.hb is not None:
+            stable, beat, echo = tail
+            if stable == p.payload and env.seq > p.hb_seq:
                 # only the acks, the beat and the echoes differ from the last parsed one
                 p.hb_seq = env.seq
                 p.last_heard = now
-                p.beat = beat_of(env.payload)
-                self._acked(p, echo_for(env.payload, self.me), now)
-                lease = self.lease_until
-                if lease is not None and lease - now < self.timing.lease - self.timing.period:
-                    self._update_lease(now)  # running short: extend it now, not at the tick
+                p.beat = beat
+                self._acked(p, echo, now)
                 if p.fence_epoch is not None:
                     self._fence_report(p, p.hb, now)
                 return None
@@ -300,7 +302,7 @@ class Engine:
             return self._reject(frame)
         if isinstance(frame, Heartbeat):
             if self._on_heartbeat(frame, now):
-                p.payload = stable_part(env.payload) or b""
+                p.payload = tail[0] if tail is not None else b""
                 p.hb_seq = env.seq
         else:
             self._on_chunk(frame, now)
@@ -446,7 +448,7 @@ class Engine:
 
     def _drop_epoch(self) -> None:
         self.epoch = None
-        self.epoch_ready = False
+        self.epoch_ready = self.ready_seen = False
         self.installed = frozenset()
         self.own_bounds = {}
         self.fingerprint = None
@@ -471,6 +473,7 @@ class Engine:
         p = self.peers.get(h)
         if p is None or frame.incarnation > p.incarnation:
             self.peers[h] = Peer(h, frame.incarnation, frame.seq, 1, now, now)
+            self.peer_generation += 1
             return None
         if frame.incarnation < p.incarnation:
             p.stale += 1
@@ -530,8 +533,20 @@ class Engine:
             return
         sent = self.beat_sent[echo]
         # beats are at most ten a period: an echo older than this cannot be aliased
-        if now - self.timing.ack_window - self.timing.period <= sent <= now:
-            p.ack_at = max(p.ack_at, sent)
+        if not now - self.timing.ack_window - self.timing.period <= sent <= now:
+            return
+        before = p.ack_at
+        if sent <= before:
+            return
+        p.ack_at = sent
+        count = self.lease_count
+        if count is not None and count.built_for == self._lease_regime():
+            basis = count.echoed(p.host_id, before, sent)
+            lease = self.lease_until
+            # a lease not yet given or already run out is left to the next step, which
+            # must see the lapse first
+            if basis is not None and lease is not None and lease > now:
+                self._extend_lease(basis + self.timing.lease)
 
     def _fence_report(self, p: Peer, hb: Heartbeat, now: float) -> None:
         """Bound, from a member's post-adoption heartbeat, the send time of the newest
@@ -644,6 +659,7 @@ class Engine:
                     )
             if now - p.last_heard > 600:
                 del self.peers[p.host_id]
+                self.peer_generation += 1
         self.expiry_check = soonest
 
     def _check_drain(self, now: float) -> None:
@@ -885,8 +901,9 @@ class Engine:
     def _may_adopt(self, state: EpochState) -> bool:
         """A READY epoch is only ever left for one that descends from it, or one whose
         leader outvoted its membership too: a host never lends its vote to a competing
-        branch behind its own branch's back."""
-        if not self.quorum or self.epoch is None or not self.epoch_ready:
+        branch behind its own branch's back. An epoch this host saw READY counts as READY
+        here even after its lease lapsed (which makes it acquire again, not vote again)."""
+        if not self.quorum or self.epoch is None or not self.ready_seen:
             return True
         # a host that left on purpose lends no vote: its record (the members less itself)
         # is what a leader outvotes for it
@@ -899,7 +916,7 @@ class Engine:
     def _adopt(self, state: EpochState, now: float) -> None:
         prev = self.epoch
         self.epoch = state
-        self.epoch_ready = False
+        self.epoch_ready = self.ready_seen = False
         if self.me in state.members and self.state in ELIGIBLE:
             # adopting is voting: a leader that later counts on this host must outvote
             # this membership too, even if this host never hears that it became READY
@@ -975,7 +992,7 @@ class Engine:
 
     def _ready(self, now: float) -> None:
         """The epoch is READY: acquire, and remember its members (the record)."""
-        self.epoch_ready = True
+        self.epoch_ready = self.ready_seen = True
         if self.epoch is not None and self.epoch.members:
             self.record = self.epoch.members
             if self.state not in ELIGIBLE:
@@ -1037,34 +1054,35 @@ class Engine:
         if not self.quorum or e.members == {self.me}:
             self.lease_until = now + self.timing.lease
             return
-        acks = sorted(
-            (
-                (p.ack_at, p.host_id)
-                for h in e.members
-                if h != self.me and (p := self.peers.get(h)) is not None and p.ack_at > NEVER
-            ),
-            reverse=True,
-        )
         # until the epoch is READY, hosts may still be at any epoch since the last READY
         # one: the lease needs a quorum of each of those memberships too
-        bases = [e.members] if self.epoch_ready else [e.members, *e.bases]
-        tally = [_Tally(b) for b in bases]
-        for t in tally:
-            t.add(self.me)
-        until: float | None = None
-        if all(t.quorate() for t in tally):
-            until = now + self.timing.lease
-        else:
-            for at, h in acks:
-                for t in tally:
-                    t.add(h)
-                if all(t.quorate() for t in tally):
-                    until = min(now, at) + self.timing.lease
-                    break
-        if until is not None and (self.lease_until is None or until > self.lease_until):
+        regime = self._lease_regime()
+        count = self.lease_count
+        if count is None or regime != count.built_for:
+            bases = (e.members,) if self.epoch_ready else (e.members, *e.bases)
+            acks = {
+                h: p.ack_at
+                for h in e.members
+                if h != self.me and (p := self.peers.get(h)) is not None
+            }
+            oldest = now - self.timing.ack_window - self.timing.period
+            sends = [t for t in self.beat_sent if oldest <= t <= now]
+            count = self.lease_count = LeaseCount(bases, self.me, acks, sends, e.members)
+            count.built_for = regime
+        if count.alone:
+            self._extend_lease(now + self.timing.lease)
+        elif count.basis > NEVER:
+            self._extend_lease(min(now, count.basis) + self.timing.lease)
+
+    def _lease_regime(self) -> tuple[object, ...]:
+        """What a lease count is only good for (the epoch by identity: this is compared
+        for every echo)."""
+        return (self.epoch, self.epoch_ready, self.peer_generation)
+
+    def _extend_lease(self, until: float) -> None:
+        if self.lease_until is None or until > self.lease_until:
             self.lease_until = until
-        if self.lease_until is not None and self.lease_until > now:
-            self._wake_at(self.lease_until)
+            self._wake_at(until)
 
     # -------------------------------------------------------------- sending
 
@@ -1154,6 +1172,8 @@ class Engine:
             echoes=tuple(self.peers[h].beat for h in sorted(acks)),
         )
         self.beat_sent[self.beats % 256] = now
+        if self.lease_count is not None:
+            self.lease_count.sent(now, now - self.timing.ack_window - self.timing.period)
         self.beats += 1
         self._frames.append(self.codec.encode(hb))
         self.counters["frames_sent"] += 1
@@ -1186,25 +1206,6 @@ class Engine:
 
     def _emit(self, eid: EventId, now: float, **fields: object) -> None:
         self._events.append(Event(eid, now, {"host": self.me, **fields}))
-
-
-class _Tally:
-    """Counts hosts of one membership as they are added, to test for a quorum cheaply."""
-
-    def __init__(self, members: frozenset[int]) -> None:
-        self.members = members
-        self.size = len(members)
-        self.lowest = min(members) if members else 0
-        self.count = 0
-        self.has_lowest = False
-
-    def add(self, host: int) -> None:
-        if host in self.members:
-            self.count += 1
-            self.has_lowest |= host == self.lowest
-
-    def quorate(self) -> bool:
-        return 2 * self.count > self.size or (2 * self.count == self.size and self.has_lowest)
 
 
 def _quorate(group: set[int] | frozenset[int], members: frozenset[int]) -> bool:

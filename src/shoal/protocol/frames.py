@@ -169,33 +169,19 @@ _HB_FIXED = struct.Struct("!BB8sIHQ8s32s32sB")
 HB_ACKS = slice(32, 64)  # where the ack bitmap sits in a heartbeat payload
 
 
-def _ack_bits(payload: bytes) -> int:
-    return int.from_bytes(payload[HB_ACKS], "little")
-
-
-def stable_part(payload: bytes) -> bytes | None:
-    """A heartbeat payload less what changes with every beat (acks, beat, echoes): equal
-    for two heartbeats that say the same thing. None if too short to hold its tail (then
-    only the full decoder may judge it)."""
-    tail = 1 + _ack_bits(payload).bit_count()
-    if len(payload) < HB_ACKS.stop + tail:
+def split_heartbeat(payload: bytes, host: int) -> tuple[bytes, int, int | None] | None:
+    """(stable part, beat, the beat of ``host`` it echoes or None) read straight from a
+    heartbeat payload, for the receive fast path; None if too short to hold its tail (then
+    only the full decoder may judge it). The stable part is the payload less what changes
+    with every beat (acks, beat, echoes): equal for two heartbeats that say the same."""
+    bits = int.from_bytes(payload[HB_ACKS], "little")
+    end = len(payload) - 1 - bits.bit_count()  # where the beat sits; the echoes follow
+    if end < HB_ACKS.stop:
         return None
-    return payload[: HB_ACKS.start] + payload[HB_ACKS.stop : len(payload) - tail]
-
-
-def beat_of(payload: bytes) -> int:
-    """The beat number of a heartbeat payload whose stable part is not None."""
-    return payload[len(payload) - 1 - _ack_bits(payload).bit_count()]
-
-
-def echo_for(payload: bytes, host: int) -> int | None:
-    """The beat of ``host`` a heartbeat payload echoes, or None if it does not ack ``host``
-    (a payload whose stable part is not None)."""
-    bits = _ack_bits(payload)
-    if not bits >> (host - 1) & 1:
-        return None
-    below = (bits & ((1 << (host - 1)) - 1)).bit_count()
-    return payload[len(payload) - bits.bit_count() + below]
+    echo = None
+    if bits >> (host - 1) & 1:
+        echo = payload[end + 1 + (bits & ((1 << (host - 1)) - 1)).bit_count()]
+    return payload[: HB_ACKS.start] + payload[HB_ACKS.stop : end], payload[end], echo
 
 
 _RULE = struct.Struct("!BBH")
