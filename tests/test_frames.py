@@ -53,6 +53,7 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
         silences=tuple(draw(st.lists(st.tuples(hosts, st.integers(0, 2**32 - 1)), max_size=128))),
         dedicated_ip=draw(addresses),
         record=draw(st.frozensets(hosts)),
+        vote=draw(st.frozensets(hosts)),
         beat=draw(st.integers(0, 255)),
         echoes=tuple(draw(st.lists(st.integers(0, 255), min_size=len(acks), max_size=len(acks)))),
     )

@@ -61,15 +61,19 @@ class Daemon:
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
         self.record: frozenset[int] = frozenset()
+        self.vote: frozenset[int] | None = None
         if self.state_file.exists():
-            with contextlib.suppress(ValueError, KeyError, OSError):
-                self.record = frozenset(json.loads(self.state_file.read_text())["record"])
+            with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+                saved = json.loads(self.state_file.read_text())
+                self.record = frozenset(saved["record"])
+                self.vote = frozenset(saved.get("vote", saved["record"]))
         self.engine = Engine(
             self.cfg,
             self.cfg.cluster.secret(config_path.parent),
             time.time_ns(),
             self.now(),
             record=self.record,
+            vote=self.vote,
         )
 
     # -------------------------------------------------------------- helpers
@@ -148,10 +152,11 @@ class Daemon:
             if ms > 0:
                 self.backend.renew(ms)
                 self.lease_sent = e.lease_until
-        if e.record != self.record:
-            self.record = e.record
+        if (e.record, e.vote) != (self.record, self.vote):
+            self.record, self.vote = e.record, e.vote
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            self.state_file.write_text(json.dumps({"record": sorted(self.record)}))
+            doc = {"record": sorted(self.record), "vote": sorted(self.vote)}
+            self.state_file.write_text(json.dumps(doc))
         assert self.loop is not None
         if self.timer is not None:
             self.timer.cancel()

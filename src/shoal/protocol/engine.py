@@ -30,7 +30,8 @@ How hosts agree (docs/convergence.md has the full story):
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
 
@@ -64,7 +65,7 @@ from shoal.protocol.lease import LeaseCount
 
 ELIGIBLE = (HostState.CONVERGING, HostState.CONVERGED)
 MAX_SILENCES = 128
-MAX_BASES = 8
+MAX_BASES = 16
 NEVER = float("-inf")
 
 
@@ -169,11 +170,14 @@ class Engine:
         incarnation: int,
         now: float,
         record: frozenset[int] = frozenset(),
+        vote: frozenset[int] | None = None,
     ) -> None:
         """``record``: the members of the newest READY epoch this host knew in an earlier
-        run (the daemon keeps it on disk); a new cluster is only formed with a quorum of it."""
+        run, ``vote``: those of the epoch it adopted last (the daemon keeps both on disk); a
+        new cluster is only formed with a quorum of each."""
         self.cfg = config
         self.record = record
+        self.vote = record if vote is None else vote
         cl = config.cluster
         self.me = config.host.host_id
         self.incarnation = incarnation
@@ -216,15 +220,18 @@ class Engine:
         self.last_map_sent: dict[EpochKey, float] = {}
         self.why_converging = "starting"
         self.leading = False
+        self.leader_id: int | None = None
         self.duplicate_until = NEVER
         self.own_id_seen: list[float] = []
         self.wake = float("inf")
-        self.expiry_check = float("inf")
+        self.expiry_check = float("inf")  # the soonest a heard host's silence is detected
+        self.next_sweep = NEVER
         self.connections: int | None = None  # unknown until the shell reports them
         self.drain_deadline: float | None = None
         self.fingerprint: object = None
         self.no_quorum_reported: object = None
         self.heal_reported: set[EpochKey] = set()
+        self._planned: tuple[object, EpochState] | None = None  # the last next_epoch computed
         self._mine_cache: tuple[EpochKey | None, frozenset[int]] = (None, frozenset())
         self.counters: dict[str, int] = {r.value: 0 for r in Rejection}
         self.counters.update(frames_sent=0, frames_received=0, epochs_created=0)
@@ -340,6 +347,7 @@ class Engine:
         new_digest = bytes.fromhex(config.cluster.digest())[:8]
         old_rules = self.rules
         self.cfg = config
+        self._planned = None  # rules or bucket counts may differ now
         if new_digest != self.digest:
             cl = config.cluster
             self.digest = new_digest
@@ -396,7 +404,8 @@ class Engine:
             if s is HostState.DRAINING:
                 return CommandResult(True, "already draining")
             self.state = HostState.DRAINING
-            self.record = self.record - {self.me}  # the others carry on without this host
+            # the others carry on without this host
+            self.record, self.vote = self.record - {self.me}, self.vote - {self.me}
             self.drain_deadline = now + timeout if timeout is not None else None
             self._emit(EventId.DRAIN_STARTED, now)
             return CommandResult(True, "connection draining started")
@@ -443,7 +452,7 @@ class Engine:
     def _leave(self) -> None:
         """Leaving on purpose: the others carry on without this host, so its own vote no
         longer counts toward forming a cluster from its record."""
-        self.record = self.record - {self.me}
+        self.record, self.vote = self.record - {self.me}, self.vote - {self.me}
         self._drop_epoch()
 
     def _drop_epoch(self) -> None:
@@ -457,6 +466,8 @@ class Engine:
 
     def _admit(self, frame: Envelope, now: float) -> Rejection | None:
         h = frame.host_id
+        if self.expiry_check > now + self.detect:
+            self.expiry_check = now + self.detect  # a host heard again (or for the first time)
         if h == self.me:
             if frame.incarnation == self.incarnation:
                 return Rejection.OWN
@@ -629,6 +640,7 @@ class Engine:
         self._check_drain(now)
         leader = self._leader(now)
         self.leading = leader == self.me
+        self.leader_id = leader
         if leader == self.me:
             self._lead(now)
         elif leader is not None:
@@ -640,6 +652,9 @@ class Engine:
     def _expire(self, now: float) -> None:
         if now >= self.wake:
             self.wake = float("inf")
+        if now < self.expiry_check and now < self.next_sweep:
+            return  # no deadline has passed: hearing a host only ever moves its own later
+        self.next_sweep = now + 60  # and forget hosts unheard for ten minutes, now and then
         detect = self.detect
         soonest = float("inf")
         for p in list(self.peers.values()):
@@ -706,11 +721,16 @@ class Engine:
             return best_host
         return lowest or None
 
-    def _record_of(self, host: int) -> frozenset[int]:
+    def _votes_of(self, host: int) -> tuple[frozenset[int], ...]:
+        """What a leader must outvote for ``host``: the newest READY membership it knew and
+        the membership of the epoch it adopted last (either may be empty)."""
         if host == self.me:
-            return self.record
-        hb = self.peers[host].hb
-        return hb.record if hb is not None else frozenset()
+            rec, vote = self.record, self.vote
+        elif (hb := self.peers[host].hb) is not None:
+            rec, vote = hb.record, hb.vote
+        else:
+            return ()
+        return tuple(x for x in (rec, vote) if x) if rec != vote else ((rec,) if rec else ())
 
     def _reports(self) -> tuple[RuleReport, ...]:
         out = []
@@ -755,13 +775,9 @@ class Engine:
             if not _quorate(target, frozenset(started)):
                 return  # hosts with another configuration outnumber this one
             if self.quorum:
-                records = [self.record] + [
-                    p.hb.record
-                    for h in target
-                    if h != self.me and (p := self.peers[h]).hb is not None
-                ]
+                records = [rec for h in sorted(target) for rec in self._votes_of(h)]
                 for rec in records:
-                    if rec and not _quorate(target & rec, rec):
+                    if not _quorate(target & rec, rec):
                         if self.no_quorum_reported != (target, rec):
                             self.no_quorum_reported = (target, rec)
                             self._emit(
@@ -774,7 +790,7 @@ class Engine:
             target,
             tuple(sorted(reports.items())),
             cur.key,
-            tuple(self._record_of(h) for h in sorted(target)),
+            tuple(self._votes_of(h) for h in sorted(target)),
         )
         if fp == self.fingerprint:
             self._declare_ready(now)
@@ -790,9 +806,10 @@ class Engine:
         }
         bases = (cur.members,) if self.epoch_ready else (*cur.bases, cur.members)
         if self.quorum:
-            # every member's record (the last READY membership it knew) must be outvoted
-            # too, or a host coming from another branch could lend its vote twice
-            recs = {h: self._record_of(h) for h in target}
+            # every member's record (the last READY membership it knew) and vote (the
+            # epoch it adopted last) must be outvoted too, or a host coming from another
+            # branch could lend its vote twice
+            recs = {h: self._votes_of(h) for h in target}
             gone = frozenset(
                 p.host_id
                 for p in self._live_peers(now)
@@ -801,16 +818,18 @@ class Engine:
             changed = True
             while changed:
                 changed = False
-                for h, rec in recs.items():
-                    rec = rec - gone or rec
-                    if h in target and rec and not _quorate(target & rec, rec):
+                for h, votes in recs.items():
+                    if h in target and any(
+                        not _quorate(target & (rec - gone or rec), rec - gone or rec)
+                        for rec in votes
+                    ):
                         target = target - {h}
                         changed = True
-            bases = (*bases, *(recs[h] for h in sorted(target) if recs[h]))
+            bases = (*bases, *(rec for h in sorted(target) for rec in recs[h]))
             # a host that left on purpose may have lent its vote to another side before it
             # left: its record says where, and that side must be outvoted as well
-            left = sorted(h for h in graceful if self._record_of(h))
-            bases = (*bases, *(self._record_of(h) - gone or self._record_of(h) for h in left))
+            left = [rec for h in sorted(graceful) for rec in self._votes_of(h)]
+            bases = (*bases, *(rec - gone or rec for rec in left))
         bases = tuple(dict.fromkeys(bases))
         if self.quorum:
             for base in bases:
@@ -827,17 +846,30 @@ class Engine:
         fenced = (cur.members - target) | (frozenset() if self.epoch_ready else cur.fenced)
         key = EpochKey(max(self.max_epoch_seen, cur.key.number) + 1, self.me, self.incarnation)
         lineage = (cur.key,) if self.epoch_ready else (*cur.lineage, cur.key)
-        cand = next_epoch(
-            cur,
-            key,
-            target,
-            fenced - target,
-            bases,
-            lineage[-MAX_BASES - 1 :],
-            reports,
-            self.rules,
-            self.cfg.cluster.buckets,
-        )
+        plan = (cur.key, target, tuple(sorted(reports.items())))
+        if self._planned is not None and self._planned[0] == plan:
+            # the same members and parameters as last time (only records or votes moved):
+            # the maps are the same, only what guards the epoch changes
+            cand = replace(
+                self._planned[1],
+                key=key,
+                fenced=fenced - target,
+                bases=bases,
+                lineage=lineage[-MAX_BASES - 1 :],
+            )
+        else:
+            cand = next_epoch(
+                cur,
+                key,
+                target,
+                fenced - target,
+                bases,
+                lineage[-MAX_BASES - 1 :],
+                reports,
+                self.rules,
+                self.cfg.cluster.buckets,
+            )
+            self._planned = (plan, cand)
         # the same assignment to the same members needs no new epoch: the current
         # membership as a base of its own adds nothing it does not satisfy already
         if same_assignment(cand, cur) and set(cand.bases) <= {*cur.bases, cur.members}:
@@ -867,7 +899,7 @@ class Engine:
         if cur is not None:
             for a, b in zip(cur.maps, cand.maps, strict=True):
                 if a is not None and b is not None:
-                    moved += sum(1 for x, y in zip(a, b, strict=True) if x != y)
+                    moved += sum(map(operator.ne, a, b))
         self._emit(
             EventId.EPOCH_CREATED, now, epoch=str(cand.key), members=sorted(target), moved=moved
         )
@@ -911,6 +943,7 @@ class Engine:
             self.epoch.key in state.lineage
             or self.epoch.members in state.bases
             or (bool(self.record) and self.record in state.bases)
+            or (bool(self.vote) and self.vote in state.bases)
         )
 
     def _adopt(self, state: EpochState, now: float) -> None:
@@ -920,7 +953,7 @@ class Engine:
         if self.me in state.members and self.state in ELIGIBLE:
             # adopting is voting: a leader that later counts on this host must outvote
             # this membership too, even if this host never hears that it became READY
-            self.record = state.members
+            self.vote = state.members
         mine = self._mine(state) if self._eligible_self(now) else frozenset()
         self.installed = self.installed & mine
         self.own_bounds = {}
@@ -997,6 +1030,7 @@ class Engine:
             self.record = self.epoch.members
             if self.state not in ELIGIBLE:
                 self.record = self.record - {self.me}  # left: no vote of its own
+            self.vote = self.record
         self._acquire(now)
 
     def _mine(self, e: EpochState) -> frozenset[int]:
@@ -1142,9 +1176,17 @@ class Engine:
             if self.epoch_ready and self.leading:
                 flags |= Flag.READY
             if self._eligible_self(now):
+                # the members, and a leader outside the epoch that holds it too (it needs
+                # fresh reports from the members to declare it READY)
+                lead = self.leader_id
+                acked = e.members
+                if lead is not None and lead not in acked:
+                    hb = self.peers[lead].hb if lead in self.peers else None
+                    if hb is not None and hb.epoch == e.key:
+                        acked = acked | {lead}
                 acks = frozenset(
                     h
-                    for h in e.members
+                    for h in acked
                     if h != self.me
                     and (p := self.peers.get(h)) is not None
                     and p.beat >= 0
@@ -1168,6 +1210,7 @@ class Engine:
             silences=tuple(silences),
             dedicated_ip=self.dedicated_ip,
             record=self.record,
+            vote=self.vote,
             beat=self.beats % 256,
             echoes=tuple(self.peers[h].beat for h in sorted(acks)),
         )

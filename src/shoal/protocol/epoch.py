@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import compress
 
 from shoal.bucket_map import rebalance
 from shoal.config import FilteringMode, PortRule
@@ -71,7 +72,7 @@ class EpochState:
         for i, owners in enumerate(self.maps):
             if owners is not None:
                 base = i * _STRIDE
-                out.update(base + b for b, o in enumerate(owners) if o == host)
+                out.update(compress(range(base, base + len(owners)), map(host.__eq__, owners)))
         for i, h in enumerate(self.handlers):
             if h == host:
                 out.add(single_token(i))
@@ -84,7 +85,8 @@ class EpochState:
         out: set[int] = set()
         for i, owners in enumerate(self.maps):
             if owners is not None:
-                out.update(i * _STRIDE + b for b, o in enumerate(owners) if o)
+                base = i * _STRIDE
+                out.update(compress(range(base, base + len(owners)), owners))
         out.update(single_token(i) for i, h in enumerate(self.handlers) if h)
         if self.default_host:
             out.add(DEFAULT_TOKEN)
@@ -197,7 +199,7 @@ def decode_epoch(blob: bytes, rules: Sequence[PortRule], buckets: int) -> EpochS
                     raise EpochDecodeError("map size or rule mode mismatch")
                 owners = struct.unpack_from(f"!{n}H", raw, off)
                 off += 2 * n
-                if any(o and o not in members for o in owners):
+                if not set(owners) <= members | {0}:
                     raise EpochDecodeError("map names a host that is not a member")
                 maps.append(tuple(owners))
                 handlers.append(0)

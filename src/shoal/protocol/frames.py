@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 ETHERTYPE = 0x886F
 MAGIC = b"SH"
-VERSION = 2
+VERSION = 3
 TAG_LEN = 32
 MTU_PAYLOAD = 1500
 MAX_HOST = 256
@@ -139,6 +139,7 @@ class Heartbeat:
     acks: frozenset[int]  # hosts heard within the ack window, members of the sender's epoch
     rules: tuple[RuleReport, ...]
     record: frozenset[int] = frozenset()  # members of the newest READY epoch it knew
+    vote: frozenset[int] = frozenset()  # members of the epoch it adopted last
     silences: tuple[tuple[int, int], ...] = ()  # (host, ms since heard) for fenced hosts
     dedicated_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     beat: int = 0  # this heartbeat's number, modulo 256
@@ -164,8 +165,8 @@ class MapChunk:
 
 Frame = Heartbeat | MapChunk
 
-# state flags cdigest enum eleader edigest acks record nrules
-_HB_FIXED = struct.Struct("!BB8sIHQ8s32s32sB")
+# state flags cdigest enum eleader edigest acks record vote nrules
+_HB_FIXED = struct.Struct("!BB8sIHQ8s32s32s32sB")
 HB_ACKS = slice(32, 64)  # where the ack bitmap sits in a heartbeat payload
 
 
@@ -321,6 +322,7 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
             hb.epoch_digest,
             host_bitmap(hb.acks),
             host_bitmap(hb.record),
+            host_bitmap(hb.vote),
             len(hb.rules),
         )
     ]
@@ -338,7 +340,7 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
 
 
 def _decode_heartbeat(p: bytes, host: int, inc: int, seq: int) -> Heartbeat:
-    state, flags, cdig, enum_, elead, eorig, edig, acks_raw, rec_raw, nrules = (
+    state, flags, cdig, enum_, elead, eorig, edig, acks_raw, rec_raw, vote_raw, nrules = (
         _HB_FIXED.unpack_from(p)
     )
     off = _HB_FIXED.size
@@ -393,6 +395,7 @@ def _decode_heartbeat(p: bytes, host: int, inc: int, seq: int) -> Heartbeat:
         rules=tuple(rules),
         silences=tuple(silences),
         record=hosts_from_bitmap(rec_raw),
+        vote=hosts_from_bitmap(vote_raw),
         dedicated_ip=dip,
         beat=beat,
         echoes=echoes,

@@ -52,6 +52,7 @@ class SimHost:
     tick_at: float = float("inf")
     connections: int = 0
     record: frozenset[int] = frozenset()  # on disk: survives crashes
+    vote: frozenset[int] = frozenset()  # on disk too
 
 
 @dataclass
@@ -89,7 +90,7 @@ class SimCluster:
     def _boot(self, h: SimHost) -> None:
         h.incarnation += 1
         h.tick_at = float("inf")
-        h.engine = Engine(h.config, self.key, h.incarnation, self.now, record=h.record)
+        h.engine = Engine(h.config, self.key, h.incarnation, self.now, record=h.record, vote=h.vote)
         self._after(h)
 
     def crash_host(self, hid: int) -> None:
@@ -178,7 +179,7 @@ class SimCluster:
         before = (h.kernel.tokens, h.kernel.accepting(self.now))
         inst = e.install
         h.kernel.tokens = inst.tokens
-        h.record = e.record
+        h.record, h.vote = e.record, e.vote
         if e.lease_until is not None:
             h.kernel.lease_until = max(h.kernel.lease_until, e.lease_until)
         for frame in e.take_frames():
