@@ -508,6 +508,8 @@ class Engine:
         p.last_heard = max(p.last_heard, now)
         if p.hb is not None and hb.seq < p.hb.seq:
             return False
+        if p.beat < 0 and self.epoch is not None and hb.host_id in self.epoch.members:
+            self.dirty = True  # a member heard for the first time: acknowledge it now
         p.hb = hb
         p.beat = hb.beat
         p.eligible = self._could_join(hb)
