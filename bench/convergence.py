@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true", help="N up to 32, fewer scenarios")
     ap.add_argument("--scenarios", type=int, default=None)
+    ap.add_argument("--first-seed", type=int, default=0, help="scenario seeds start here")
     ap.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()))
     args = ap.parse_args()
     hosts = [n for n in HOSTS if n <= 32] if args.quick else HOSTS
@@ -137,7 +138,13 @@ def main() -> None:
                 }
             )
     with multiprocessing.Pool(args.workers) as pool:
-        failures = [f for f in pool.imap_unordered(_scenario, range(n_scen), 20) if f]
+        failures = [
+            f
+            for f in pool.imap_unordered(
+                _scenario, range(args.first_seed, args.first_seed + n_scen), 20
+            )
+            if f
+        ]
     cpu: dict[str, float] = {}
     bw: dict[str, float] = {}
     for n in hosts:
