@@ -60,21 +60,22 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
-        self.record: frozenset[int] = frozenset()
-        self.vote: frozenset[int] | None = None
+        record: frozenset[int] = frozenset()
+        vote: frozenset[int] | None = None
         if self.state_file.exists():
             with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
                 saved = json.loads(self.state_file.read_text())
-                self.record = frozenset(saved["record"])
-                self.vote = frozenset(saved.get("vote", saved["record"]))
+                record = frozenset(saved["record"])
+                vote = frozenset(saved.get("vote", saved["record"]))
         self.engine = Engine(
             self.cfg,
             self.cfg.cluster.secret(config_path.parent),
             time.time_ns(),
             self.now(),
-            record=self.record,
-            vote=self.vote,
+            record=record,
+            vote=vote,
         )
+        self.record, self.vote = self.engine.record, self.engine.vote  # as on disk
 
     # -------------------------------------------------------------- helpers
 

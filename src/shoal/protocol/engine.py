@@ -61,7 +61,7 @@ from shoal.protocol.frames import (
     parse,
     split_heartbeat,
 )
-from shoal.protocol.lease import LeaseCount
+from shoal.protocol.lease import LeaseCount, quorate
 
 ELIGIBLE = (HostState.CONVERGING, HostState.CONVERGED)
 MAX_SILENCES = 128
@@ -89,6 +89,12 @@ class Timing:
         """A host heard within this window is acknowledged in heartbeats (an older echo
         could not keep a lease alive anyway)."""
         return self.lease
+
+    @cached_property
+    def echo_horizon(self) -> float:
+        """How far back one of our beats may have been sent for its echo to count: beats
+        are at most ten a period, so an echo older than this could be an alias."""
+        return self.ack_window + self.period
 
     @cached_property
     def margin(self) -> float:
@@ -545,8 +551,7 @@ class Engine:
         if echo is None:
             return
         sent = self.beat_sent[echo]
-        # beats are at most ten a period: an echo older than this cannot be aliased
-        if not now - self.timing.ack_window - self.timing.period <= sent <= now:
+        if not now - self.timing.echo_horizon <= sent <= now:
             return
         before = p.ack_at
         if sent <= before:
@@ -732,7 +737,7 @@ class Engine:
             rec, vote = hb.record, hb.vote
         else:
             return ()
-        return tuple(x for x in (rec, vote) if x) if rec != vote else ((rec,) if rec else ())
+        return tuple(dict.fromkeys(x for x in (rec, vote) if x))
 
     def _reports(self) -> tuple[RuleReport, ...]:
         out = []
@@ -774,12 +779,12 @@ class Engine:
             started = target | {
                 p.host_id for p in live if p.hb is not None and p.hb.state in ELIGIBLE
             }
-            if not _quorate(target, frozenset(started)):
+            if not quorate(target, frozenset(started)):
                 return  # hosts with another configuration outnumber this one
             if self.quorum:
                 records = [rec for h in sorted(target) for rec in self._votes_of(h)]
                 for rec in records:
-                    if not _quorate(target & rec, rec):
+                    if not quorate(target & rec, rec):
                         if self.no_quorum_reported != (target, rec):
                             self.no_quorum_reported = (target, rec)
                             self._emit(
@@ -788,9 +793,10 @@ class Engine:
                         return
             self._create(None, target, frozenset(), (), reports, now)
             return
+        reported = tuple(sorted(reports.items()))
         fp = (
             target,
-            tuple(sorted(reports.items())),
+            reported,
             cur.key,
             tuple(self._votes_of(h) for h in sorted(target)),
         )
@@ -822,7 +828,7 @@ class Engine:
                 changed = False
                 for h, votes in recs.items():
                     if h in target and any(
-                        not _quorate(target & (rec - gone or rec), rec - gone or rec)
+                        not quorate(target & (rec - gone or rec), rec - gone or rec)
                         for rec in votes
                     ):
                         target = target - {h}
@@ -836,7 +842,7 @@ class Engine:
         if self.quorum:
             for base in bases:
                 eff = base - graceful
-                if eff and not _quorate(target & eff, eff):
+                if eff and not quorate(target & eff, eff):
                     if self.no_quorum_reported != fp:
                         self.no_quorum_reported = fp
                         self._emit(EventId.NO_QUORUM, now, live=sorted(target), members=sorted(eff))
@@ -848,7 +854,7 @@ class Engine:
         fenced = (cur.members - target) | (frozenset() if self.epoch_ready else cur.fenced)
         key = EpochKey(max(self.max_epoch_seen, cur.key.number) + 1, self.me, self.incarnation)
         lineage = (cur.key,) if self.epoch_ready else (*cur.lineage, cur.key)
-        plan = (cur.key, target, tuple(sorted(reports.items())))
+        plan = (cur.key, target, reported)
         if self._planned is not None and self._planned[0] == plan:
             # the same members and parameters as last time (only records or votes moved):
             # the maps are the same, only what guards the epoch changes
@@ -1101,10 +1107,9 @@ class Engine:
                 for h in e.members
                 if h != self.me and (p := self.peers.get(h)) is not None
             }
-            oldest = now - self.timing.ack_window - self.timing.period
+            oldest = now - self.timing.echo_horizon
             sends = [t for t in self.beat_sent if oldest <= t <= now]
-            count = self.lease_count = LeaseCount(bases, self.me, acks, sends, e.members)
-            count.built_for = regime
+            count = self.lease_count = LeaseCount(bases, self.me, acks, sends, e.members, regime)
         if count.alone:
             self._extend_lease(now + self.timing.lease)
         elif count.basis > NEVER:
@@ -1218,7 +1223,7 @@ class Engine:
         )
         self.beat_sent[self.beats % 256] = now
         if self.lease_count is not None:
-            self.lease_count.sent(now, now - self.timing.ack_window - self.timing.period)
+            self.lease_count.sent(now, now - self.timing.echo_horizon)
         self.beats += 1
         self._frames.append(self.codec.encode(hb))
         self.counters["frames_sent"] += 1
@@ -1251,9 +1256,3 @@ class Engine:
 
     def _emit(self, eid: EventId, now: float, **fields: object) -> None:
         self._events.append(Event(eid, now, {"host": self.me, **fields}))
-
-
-def _quorate(group: set[int] | frozenset[int], members: frozenset[int]) -> bool:
-    """A strict majority of ``members``, or exactly half including the lowest id."""
-    inside = len(group & members)
-    return 2 * inside > len(members) or (2 * inside == len(members) and min(members) in group)

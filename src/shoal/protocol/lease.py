@@ -15,6 +15,16 @@ from collections.abc import Iterable, Mapping
 NEVER = float("-inf")
 
 
+def _majority(count: int, size: int, has_lowest: bool) -> bool:
+    """The quorum rule: a strict majority, or exactly half with the lowest id among them."""
+    return 2 * count > size or (2 * count == size and has_lowest)
+
+
+def quorate(group: set[int] | frozenset[int], members: frozenset[int]) -> bool:
+    """Whether ``group`` holds a quorum of ``members``."""
+    return _majority(len(group & members), len(members), bool(members) and min(members) in group)
+
+
 class Tally:
     """Hosts of one membership counted so far, to test for a quorum cheaply."""
 
@@ -33,8 +43,7 @@ class Tally:
             self.has_lowest |= host == self.lowest
 
     def quorate(self) -> bool:
-        """A strict majority, or exactly half with the lowest id among them."""
-        return 2 * self.count > self.size or (2 * self.count == self.size and self.has_lowest)
+        return _majority(self.count, self.size, self.has_lowest)
 
 
 def _tallies(bases: tuple[frozenset[int], ...], hosts: Iterable[int]) -> list[Tally]:
@@ -56,18 +65,20 @@ class LeaseCount:
         acks: Mapping[int, float],
         sends: Iterable[float],
         voters: frozenset[int],
+        built_for: tuple[object, ...] = (),
     ) -> None:
         """``acks``: per peer, the send time of the newest of our beats it echoed;
         ``sends``: the send times of our beats an echo may still count for; ``voters``:
-        the hosts whose echoes count (the epoch's members)."""
+        the hosts whose echoes count (the epoch's members); ``built_for``: the owner's key
+        for the state this counts for."""
         self.bases = bases
         self.voters = voters
-        self.built_for: tuple[object, ...] = ()  # the owner's key for what this counts
+        self.built_for = built_for
         self.me = me
-        self.alone = all(t.quorate() for t in _tallies(bases, [me]))
+        tallies = _tallies(bases, [me])
+        self.alone = all(t.quorate() for t in tallies)
         self.basis = NEVER
         acks = {h: at for h, at in acks.items() if at > NEVER and h in voters}
-        tallies = _tallies(bases, [me])
         for at, h in sorted(((at, h) for h, at in acks.items()), reverse=True):
             for t in tallies:
                 t.add(h)
