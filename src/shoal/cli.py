@@ -155,6 +155,14 @@ def daemon(
     no_adapter: Annotated[
         bool, typer.Option("--no-adapter", help="Leave the cluster interface as it is.")
     ] = False,
+    rt_priority: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=99,
+            help="Real-time (SCHED_RR) priority of the heartbeat loop; 0: ordinary scheduling.",
+        ),
+    ] = 10,
 ) -> None:
     """Run this host's cluster daemon in the foreground."""
     import asyncio
@@ -162,7 +170,9 @@ def daemon(
     from shoal.daemon.shell import Daemon
 
     try:
-        d = Daemon(config, control, state_dir, setup_adapter=not no_adapter)
+        d = Daemon(
+            config, control, state_dir, setup_adapter=not no_adapter, rt_priority=rt_priority
+        )
     except ConfigError as e:
         for p in e.problems:
             err.print(f"[red]error:[/red] {e.source}: {p}", highlight=False)

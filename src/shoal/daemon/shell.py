@@ -24,6 +24,7 @@ from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
 from shoal.config import ConfigError, ShoalConfig, load_config
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
+from shoal.dataplane.nft import NftError
 from shoal.protocol.engine import Command, Engine, Install
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import ETHERTYPE, HostState
@@ -43,9 +44,15 @@ def default_control(cfg: ShoalConfig) -> Path:
 
 class Daemon:
     def __init__(
-        self, config_path: Path, control: Path | None, state_dir: Path, setup_adapter: bool = True
+        self,
+        config_path: Path,
+        control: Path | None,
+        state_dir: Path,
+        setup_adapter: bool = True,
+        rt_priority: int = 0,
     ) -> None:
         self.config_path = config_path
+        self.rt_priority = rt_priority
         self.cfg = load_config(config_path)
         self.control = control or default_control(self.cfg)
         self.state_file = state_dir / f"{self.cfg.cluster.name}-h{self.cfg.host.host_id}.json"
@@ -108,6 +115,11 @@ class Daemon:
         return sock
 
     def on_readable(self) -> None:
+        self.receive()
+        self.after()
+
+    def receive(self) -> None:
+        """Hand the engine what the socket holds (at most a burst's worth)."""
         for _ in range(256):
             try:
                 data, addr = self.sock.recvfrom(2048)
@@ -116,7 +128,6 @@ class Daemon:
             if addr[2] == PACKET_OUTGOING:
                 continue
             self.engine.receive(data, self.now())
-        self.after()
 
     def send(self, frames: list[bytes]) -> None:
         for frame in frames:
@@ -129,6 +140,9 @@ class Daemon:
 
     def on_timer(self) -> None:
         self.timer = None
+        # frames that arrived while this process waited for the CPU come first: judging
+        # silences and the lease by the clock alone would evict hosts that did speak
+        self.receive()
         self.count_connections()
         self.engine.tick(self.now())
         self.after()
@@ -136,23 +150,28 @@ class Daemon:
     def after(self) -> None:
         """Carry out what the engine asked for; arm the next timer."""
         e = self.engine
-        self.send(e.take_frames())
+        inst = e.install
+        frames = e.take_frames()
+        if inst != self.installed and not self.install(inst):
+            frames = []  # a host that cannot enforce what its heartbeats say stays silent
+        self.send(frames)
         close = False
         for ev in e.take_events():
             self.log(ev)
             close |= ev.id in CLOSES_CONNECTIONS
-        inst = e.install
-        if inst != self.installed:
-            self.backend.apply(inst)
-            self.installed = inst
         if close:  # stop, or a drain whose timeout ran out: what is left gets a reset
             sockets.destroy(sockets.vip_connections(self.cfg.cluster.all_vips, sockets.OPEN))
         now = self.now()
-        if e.lease_until is not None and e.lease_until - self.lease_sent > e.timing.period / 4:
-            ms = int((e.lease_until - now) * 1000)
+        # the kernel's lease never outruns the engine's; it is renewed once less than half
+        # of it and a period are left (each renewal is a kernel transaction, and echoes
+        # extend the engine's lease many times a period)
+        lease = e.lease_until
+        low = self.lease_sent - now < e.timing.lease / 2 + e.timing.period
+        if lease is not None and lease > self.lease_sent and low:
+            ms = int((lease - now) * 1000)
             if ms > 0:
                 self.backend.renew(ms)
-                self.lease_sent = e.lease_until
+                self.lease_sent = lease
         if (e.record, e.vote) != (self.record, self.vote):
             self.record, self.vote = e.record, e.vote
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +182,18 @@ class Daemon:
             self.timer.cancel()
         delay = max(0.0, e.next_deadline() - now)
         self.timer = self.loop.call_later(delay, self.on_timer)
+
+    def install(self, inst: Install) -> bool:
+        """Make the kernel enforce ``inst`` before any heartbeat reports it (a release
+        must be in the kernel before the leader can hear of it); False if refused."""
+        try:
+            self.backend.apply(inst)
+        except NftError as err:
+            # nothing of it applied; the next step tries again
+            sys.stderr.write(json.dumps({"name": "install_failed", "error": str(err)}) + "\n")
+            return False
+        self.installed = inst
+        return True
 
     # ---------------------------------------------------------------- control
 
@@ -237,8 +268,21 @@ class Daemon:
             self.saved = None
             self.adapter_file.unlink(missing_ok=True)
 
+    def realtime(self) -> None:
+        """Heartbeats ahead of everything else on the host (as cluster engines such as
+        corosync do): a daemon that waits for the CPU behind the load it balances misses
+        its own heartbeats, loses its lease and looks dead to the others."""
+        if self.rt_priority <= 0:
+            return
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(self.rt_priority))
+        except OSError as e:
+            msg = {"name": "realtime_refused", "priority": self.rt_priority, "error": str(e)}
+            sys.stderr.write(json.dumps(msg) + "\n")
+
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.realtime()
         self.backend.attach()
         self.sock = self.open_socket()
         self.control.parent.mkdir(parents=True, exist_ok=True)

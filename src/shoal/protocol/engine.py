@@ -207,6 +207,7 @@ class Engine:
         self.epoch: EpochState | None = None
         self.epoch_ready = False
         self.ready_seen = False  # this epoch was READY here (epoch_ready drops on a lapse)
+        self.acquiring = False  # READY here: the tokens are taken once the lease runs
         self.own_bounds: dict[int, float] = {}
         self.known: dict[EpochKey, EpochState] = {}
         self.assemblies: dict[tuple[EpochKey, bytes], _Assembly] = {}
@@ -463,7 +464,7 @@ class Engine:
 
     def _drop_epoch(self) -> None:
         self.epoch = None
-        self.epoch_ready = self.ready_seen = False
+        self.epoch_ready = self.ready_seen = self.acquiring = False
         self.installed = frozenset()
         self.own_bounds = {}
         self.fingerprint = None
@@ -564,7 +565,7 @@ class Engine:
             # a lease not yet given or already run out is left to the next step, which
             # must see the lapse first
             if basis is not None and lease is not None and lease > now:
-                self._extend_lease(basis + self.timing.lease)
+                self._extend_lease(basis + self.timing.lease, now)
 
     def _fence_report(self, p: Peer, hb: Heartbeat, now: float) -> None:
         """Bound, from a member's post-adoption heartbeat, the send time of the newest
@@ -653,6 +654,7 @@ class Engine:
         elif leader is not None:
             self._follow(self.peers[leader], now)
         self._update_lease(now)
+        self._take_tokens(now)
         self._refresh_state(now)
         self._maybe_send(now, leader)
 
@@ -957,7 +959,7 @@ class Engine:
     def _adopt(self, state: EpochState, now: float) -> None:
         prev = self.epoch
         self.epoch = state
-        self.epoch_ready = self.ready_seen = False
+        self.epoch_ready = self.ready_seen = self.acquiring = False
         if self.me in state.members and self.state in ELIGIBLE:
             # adopting is voting: a leader that later counts on this host must outvote
             # this membership too, even if this host never hears that it became READY
@@ -984,12 +986,28 @@ class Engine:
         self.dirty = True
 
     def _acquire(self, now: float) -> None:
+        """Take this host's tokens, at the end of this step once the lease runs."""
         e = self.epoch
         if e is None or not self._eligible_self(now):
             return
-        self.installed = self._mine(e)
+        self.acquiring = True
         if self.lease_until is not None and self.lease_until <= now:
             self.lease_until = None  # a lapse before this acquisition says nothing about it
+
+    def _take_tokens(self, now: float) -> None:
+        """Acquire only under a lease that runs now. Without one the READY is not acted on
+        (a later READY is): tokens taken anyway would be dropped at the next step, and each
+        drop and take is a large kernel update."""
+        e = self.epoch
+        if not self.acquiring or e is None:
+            return
+        self.acquiring = False
+        lease = self.lease_until
+        if lease is None or lease <= now or not self._eligible_self(now):
+            self.epoch_ready = False
+            self.why_converging = "lease expired"
+            return
+        self.installed = self._mine(e)
         self.dirty = True
 
     def _declare_ready(self, now: float) -> None:
@@ -1048,6 +1066,12 @@ class Engine:
             self._mine_cache = (e.key, toks)
         return self._mine_cache[1]
 
+    def _holds_share(self, e: EpochState) -> bool:
+        """Installed is exactly this host's share of ``e`` (usually the very set the cache
+        holds: no walk over thousands of tokens at every step)."""
+        mine = self._mine(e)
+        return self.installed is mine or self.installed == mine
+
     def _wake_at(self, t: float) -> None:
         self.wake = min(self.wake, t)
 
@@ -1067,7 +1091,7 @@ class Engine:
             and self.epoch_ready
             and self.me in e.members
             and self._eligible_self(now)
-            and self.installed == self._mine(e)
+            and self._holds_share(e)
         )
         if done and self.state is HostState.CONVERGING:
             assert e is not None
@@ -1086,7 +1110,7 @@ class Engine:
             # tokens are only ever held under an unbroken lease: once it lapsed, others may
             # have been given them (fenced), so they must be acquired again on READY
             self.installed = frozenset()
-            self.epoch_ready = False
+            self.epoch_ready = self.acquiring = False
             self.why_converging = "lease expired"
             self._emit(EventId.LEASE_LOST, now)
             self.dirty = True
@@ -1111,19 +1135,20 @@ class Engine:
             sends = [t for t in self.beat_sent if oldest <= t <= now]
             count = self.lease_count = LeaseCount(bases, self.me, acks, sends, e.members, regime)
         if count.alone:
-            self._extend_lease(now + self.timing.lease)
+            self._extend_lease(now + self.timing.lease, now)
         elif count.basis > NEVER:
-            self._extend_lease(min(now, count.basis) + self.timing.lease)
+            self._extend_lease(min(now, count.basis) + self.timing.lease, now)
 
     def _lease_regime(self) -> tuple[object, ...]:
         """What a lease count is only good for (the epoch by identity: this is compared
         for every echo)."""
         return (self.epoch, self.epoch_ready, self.peer_generation)
 
-    def _extend_lease(self, until: float) -> None:
+    def _extend_lease(self, until: float, now: float) -> None:
         if self.lease_until is None or until > self.lease_until:
             self.lease_until = until
-            self._wake_at(until)
+            if until > now:  # a lease already over needs no timer (and must not spin one)
+                self._wake_at(until)
 
     # -------------------------------------------------------------- sending
 
@@ -1178,7 +1203,7 @@ class Engine:
             mine = self._mine(e)
             if self.installed <= mine:
                 flags |= Flag.RELEASED
-            if self.installed == mine and self.epoch_ready:
+            if self.epoch_ready and self._holds_share(e):
                 flags |= Flag.ACQUIRED
             if self.epoch_ready and self.leading:
                 flags |= Flag.READY
