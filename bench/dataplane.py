@@ -3,12 +3,14 @@
 A generator namespace floods a sink namespace (one host of a 3-host unicast cluster) over
 a veth pair with trafgen; all rows are measured in the same run and compared with the
 cheapest drop (a netdev rule dropping everything) and with no filter at all (the stack
-answers each SYN with a reset). CPU time is the whole machine's, divided by the packets the
-sink received; the sender's share is in every row, so differences between rows are the
-receive-side cost. Update latency: one atomic transaction moving 1%, 25% or 100% of B
-buckets (B = 4096 and 16384), median of several runs, in-process libnftables.
+answers each SYN with a reset). CPU time is CPU 0's (trafgen and the whole receive path
+run there), divided by the packets the sink received; the sender's share is in every row,
+so differences between rows are the receive-side cost. The rows run interleaved,
+``--rounds`` times; each row's figure is its cheapest round (the median is beside it).
+Update latency: one atomic transaction moving 1%, 25% or 100% of B buckets (B = 4096 and
+16384), median of several runs, in-process libnftables.
 
-    python bench/dataplane.py --json [--seconds 3]
+    python bench/dataplane.py --json [--seconds 2] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from shoal.lab.topology import run_module, sh, veth
 
@@ -40,8 +44,11 @@ def config_text(buckets: int) -> str:
 
 
 def cpu_seconds() -> float:
+    """Busy time of CPU 0: trafgen -P 1 runs pinned there, and a veth delivers on the
+    sending CPU, so the whole path of every packet is on it; the other CPUs' noise is not."""
     with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
+        line = next(x for x in f if x.startswith("cpu0 "))
+    fields = [int(x) for x in line.split()[1:]]
     busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
     return busy / os.sysconf("SC_CLK_TCK")
 
@@ -78,6 +85,19 @@ def flood(gen: str, sink: str, conf: Path, seconds: float) -> dict[str, float]:
     p1, c1 = rx_packets(sink), cpu_seconds()
     pkts = max(1, p1 - p0)
     return {"kpps": round(pkts / seconds / 1000, 1), "ns_per_packet": round((c1 - c0) / pkts * 1e9)}
+
+
+def summary(runs: list[dict[str, float]]) -> dict[str, Any]:
+    """A row over its rounds. ``ns_per_packet`` is the cheapest round: on a shared VM the
+    noise (another tenant, a frequency change) only ever adds time, so the minimum is the
+    estimate of the row's own cost; the median is reported beside it."""
+    ns = [r["ns_per_packet"] for r in runs]
+    return {
+        "ns_per_packet": min(ns),
+        "ns_per_packet_median": statistics.median(ns),
+        "kpps": max(r["kpps"] for r in runs),
+        "ns_per_packet_runs": ns,
+    }
 
 
 def trafgen_conf(path: Path, flags: str) -> None:
@@ -156,7 +176,8 @@ def update_latency(sink: str, tmp: Path) -> dict[str, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--seconds", type=float, default=3.0)
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     if shutil.which("trafgen") is None:
         raise SystemExit("trafgen not found: apt-get install netsniff-ng")
@@ -179,40 +200,44 @@ def main() -> None:
         syn, ack = tmp / "syn.cfg", tmp / "ack.cfg"
         trafgen_conf(syn, "syn")
         trafgen_conf(ack, "ack")
-        rows: dict[str, dict[str, float]] = {}
-        sh(
-            "nft",
-            "-f",
-            "-",
-            ns=sink,
-            input=(
-                'table netdev floor {\n chain in {\n  type filter hook ingress device "eth0" '
-                "priority -1000; policy drop;\n }\n}\n"
-            ),
+        floor_table = (
+            'table netdev floor {\n chain in {\n  type filter hook ingress device "eth0" '
+            "priority -1000; policy drop;\n }\n}\n"
         )
-        rows["cheapest_drop"] = flood(gen, sink, syn, args.seconds)
-        clear(sink)
-        rows["no_filter"] = flood(gen, sink, syn, args.seconds)
         all_web = {b for b in range(4096)}  # rule 0 ("web") tokens are its bucket numbers
-        install(sink, cfg, all_web)
-        rows["owned_bucket_syn"] = flood(gen, sink, syn, args.seconds)
+        # each row: how the sink is set up, and what the generator sends
+        setups: dict[str, tuple[Callable[[], None], Path]] = {
+            "cheapest_drop": (lambda: sh("nft", "-f", "-", ns=sink, input=floor_table), syn),
+            "no_filter": (lambda: None, syn),
+            "owned_bucket_syn": (lambda: install(sink, cfg, all_web), syn),
+            "unowned_bucket_syn": (lambda: install(sink, cfg, set()), syn),
+            "midstream_never_owned": (lambda: install(sink, cfg, set()), ack),
+            "midstream_untracked_given_away": (
+                lambda: install(sink, cfg, set(), keep_all=True),
+                ack,
+            ),
+        }
+        samples: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
+        for _ in range(args.rounds):  # rows interleaved: a slow spell of the VM hits all
+            for name, (setup, frames) in setups.items():
+                clear(sink)
+                setup()
+                samples[name].append(flood(gen, sink, frames, args.seconds))
         clear(sink)
-        install(sink, cfg, set())
-        rows["unowned_bucket_syn"] = flood(gen, sink, syn, args.seconds)
-        rows["midstream_never_owned"] = flood(gen, sink, ack, args.seconds)
-        clear(sink)
-        install(sink, cfg, set(), keep_all=True)
-        rows["midstream_untracked_given_away"] = flood(gen, sink, ack, args.seconds)
-        clear(sink)
-        floor = rows["cheapest_drop"]["ns_per_packet"]
-        base = rows["no_filter"]["ns_per_packet"]
+        rows: dict[str, dict[str, Any]] = {n: summary(runs) for n, runs in samples.items()}
+        floor = rows["cheapest_drop"]
+        base = rows["no_filter"]
         for r in rows.values():
-            r["over_cheapest_drop_ns"] = round(r["ns_per_packet"] - floor)
-            r["ratio_to_no_filter"] = round(r["ns_per_packet"] / base, 3)
+            r["over_cheapest_drop_ns"] = round(r["ns_per_packet"] - floor["ns_per_packet"])
+            r["over_cheapest_drop_ns_median"] = round(
+                r["ns_per_packet_median"] - floor["ns_per_packet_median"]
+            )
+            r["ratio_to_no_filter"] = round(r["ns_per_packet"] / base["ns_per_packet"], 3)
         doc = {
             "per_packet": rows,
             "update_ms": update_latency(sink, tmp),
             "seconds_per_row": args.seconds,
+            "rounds": args.rounds,
         }
         print(json.dumps(doc, indent=None if args.json else 2))
     finally:
@@ -223,5 +248,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     random.seed(0)
-    statistics.mean([0])
     main()
