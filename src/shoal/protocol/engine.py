@@ -1006,6 +1006,10 @@ class Engine:
         if lease is None or lease <= now or not self._eligible_self(now):
             self.epoch_ready = False
             self.why_converging = "lease expired"
+            # the count was built for the READY regime just left: echoes arriving before
+            # the next step would not be tallied, and that READY regime would find the
+            # same stale count again
+            self.lease_count = None
             return
         self.installed = self._mine(e)
         self.dirty = True
