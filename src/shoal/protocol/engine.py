@@ -207,7 +207,7 @@ class Engine:
         self.epoch: EpochState | None = None
         self.epoch_ready = False
         self.ready_seen = False  # this epoch was READY here (epoch_ready drops on a lapse)
-        self.acquiring = False  # READY here: the tokens are taken once the lease runs
+        self.acquiring = False  # READY in this step: tokens taken at its end if leased
         self.own_bounds: dict[int, float] = {}
         self.known: dict[EpochKey, EpochState] = {}
         self.assemblies: dict[tuple[EpochKey, bytes], _Assembly] = {}
@@ -464,7 +464,7 @@ class Engine:
 
     def _drop_epoch(self) -> None:
         self.epoch = None
-        self.epoch_ready = self.ready_seen = self.acquiring = False
+        self.epoch_ready = self.ready_seen = False
         self.installed = frozenset()
         self.own_bounds = {}
         self.fingerprint = None
@@ -959,7 +959,7 @@ class Engine:
     def _adopt(self, state: EpochState, now: float) -> None:
         prev = self.epoch
         self.epoch = state
-        self.epoch_ready = self.ready_seen = self.acquiring = False
+        self.epoch_ready = self.ready_seen = False
         if self.me in state.members and self.state in ELIGIBLE:
             # adopting is voting: a leader that later counts on this host must outvote
             # this membership too, even if this host never hears that it became READY
@@ -986,7 +986,8 @@ class Engine:
         self.dirty = True
 
     def _acquire(self, now: float) -> None:
-        """Take this host's tokens, at the end of this step once the lease runs."""
+        """Take this host's tokens at the end of this step (:meth:`_take_tokens`), if the
+        lease runs then: READY is only ever declared or heard within a step."""
         e = self.epoch
         if e is None or not self._eligible_self(now):
             return
@@ -1114,7 +1115,7 @@ class Engine:
             # tokens are only ever held under an unbroken lease: once it lapsed, others may
             # have been given them (fenced), so they must be acquired again on READY
             self.installed = frozenset()
-            self.epoch_ready = self.acquiring = False
+            self.epoch_ready = False
             self.why_converging = "lease expired"
             self._emit(EventId.LEASE_LOST, now)
             self.dirty = True
