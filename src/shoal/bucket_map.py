@@ -21,10 +21,12 @@ only depends on the previous one and on the weights, a new default host (after t
 failed) computes exactly what the old one would have.
 
 Rounding is chosen to move as little as possible: the R buckets left over after everyone's
-floor go first to hosts that already hold more than their floor (so they keep them), then by
-largest remainder, then by host id. The number of buckets moved is then the least any
-balanced map can achieve: ``max(Σ max(0, old−⌈ideal⌉), Σ max(0, ⌊ideal⌋−old))``
-(see :func:`minimum_moves`).
+floor go first to hosts that already hold more than their floor (so they keep them), then to
+hosts that gain anyway, then to the others; within each group by largest remainder, then by
+host id. The number of buckets moved is then the least any balanced map can achieve:
+``max(Σ max(0, old−⌈ideal⌉), Σ max(0, ⌊ideal⌋−old))`` (see :func:`minimum_moves`), and the
+host whose share changed gives or takes all that balance allows before any other host's count
+moves.
 """
 
 from __future__ import annotations
@@ -56,6 +58,23 @@ def counts(owners: Sequence[int]) -> dict[int, int]:
     return out
 
 
+def _claim(held: int, floor: int, has_previous: bool) -> int:
+    """Rank of a host's claim on one of the units left after the floors (lower goes first).
+
+    A unit given to a host above its floor saves a release, so those go first, and among them
+    the hosts it leaves unchanged (held = ceil) before those that shrink anyway. A unit given to
+    any other host costs one move, so hosts that gain anyway (below their floor) go before hosts
+    it would change. With no previous map every host changes and only the remainder counts.
+    """
+    if not has_previous:
+        return 0
+    if held == floor + 1:
+        return 0
+    if held > floor:
+        return 1
+    return 2 if held < floor else 3
+
+
 def quotas(
     weights: Mapping[int, int], buckets: int, previous: Mapping[int, int] | None = None
 ) -> dict[int, int]:
@@ -72,8 +91,7 @@ def quotas(
         lo, rem = divmod(buckets * w, total)
         result[host] = lo
         if rem:
-            keeps = 1 if previous.get(host, 0) > lo else 0
-            remainders.append((-keeps, -rem, host))
+            remainders.append((_claim(previous.get(host, 0), lo, bool(previous)), -rem, host))
     left = buckets - sum(result.values())
     remainders.sort()
     for _, _, host in remainders[:left]:
