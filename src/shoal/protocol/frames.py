@@ -226,6 +226,10 @@ class Codec:
         self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
         self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
 
+    def __reduce__(self) -> tuple[type[Codec], tuple[bytes, bytes]]:
+        # hash states do not pickle: a copied engine (the benchmark replays one) rebuilds them
+        return (Codec, (self.cluster, self.key))
+
     def tag(self, message: bytes) -> bytes:
         inner = self._inner.copy()
         inner.update(message)
