@@ -107,7 +107,8 @@ def cpu_and_bytes(n: int, seconds: float, buckets: int) -> tuple[dict[str, float
     _settle(sim, set(range(1, n + 1)))
     sim.run_until(sim.now + 20 * sim.period)  # let every view of the others settle too
     roles = {"leader": 1, "follower": n}
-    snapshots, inputs = {}, {}
+    snapshots: dict[int, bytes] = {}
+    inputs: dict[int, list[tuple[bytes | None, float]]] = {}
     for role, hid in roles.items():
         engine = sim.hosts[hid].engine
         assert engine is not None and engine.leading == (role == "leader")

@@ -236,9 +236,12 @@ def main() -> None:
         def owning_nothing() -> None:
             install(sink, cfg, set())
 
+        def dropping_everything() -> None:
+            sh("nft", "-f", "-", ns=sink, input=floor_table)
+
         # each row: how the sink is set up, and what the generator sends
         setups: dict[str, tuple[Callable[[], None], Path]] = {
-            "cheapest_drop": (lambda: sh("nft", "-f", "-", ns=sink, input=floor_table), syn),
+            "cheapest_drop": (dropping_everything, syn),
             "no_filter": (lambda: None, syn),
             "owned_bucket_syn": (lambda: install(sink, cfg, all_web), syn),
             "unowned_bucket_syn": (owning_nothing, syn),

@@ -242,10 +242,9 @@ def test_any_value_is_accepted_or_refused_by_name(field: tuple[str, str], value:
 )
 def test_any_unknown_key_is_refused_by_name(key: str, section: str) -> None:
     doc = example_doc()
-    if (
-        key in doc[section]
-        or key in type(parse_config(doc)).model_fields[section].annotation.model_fields
-    ):  # type: ignore[union-attr]
+    model = type(parse_config(doc)).model_fields[section].annotation
+    assert model is not None and hasattr(model, "model_fields")
+    if key in doc[section] or key in model.model_fields:
         return
     doc[section][key] = 1
     assert f"{section}.{key}: unknown key" in refused(doc)

@@ -124,6 +124,7 @@ def _run(tmp_path: Path, lease_ms: int, wait: float) -> tuple[Any, ClusterView, 
         for _ in range(1500):
             dport, proto = rng.choice(kinds)
             v6 = dport == 8050 or rng.random() < 0.4
+            src: ipaddress.IPv4Address | ipaddress.IPv6Address
             if v6:
                 src = ipaddress.IPv6Address(
                     int(ipaddress.IPv6Address("2001:db8:8000::")) + rng.randrange(2**90)
@@ -147,8 +148,8 @@ def _run(tmp_path: Path, lease_ms: int, wait: float) -> tuple[Any, ClusterView, 
         for h, r in receivers.items():
             text, _ = r.communicate(timeout=150)
             for line in text.splitlines():
-                src, sport, dport = line.split()
-                got[(str(ipaddress.ip_address(src)), int(sport), int(dport))].add(h)
+                a, sp, dp = line.split()
+                got[(str(ipaddress.ip_address(a)), int(sp), int(dp))].add(h)
     return cl, view, flows, got
 
 

@@ -57,6 +57,7 @@ CASES = [
 def _sources(family: int, rng: random.Random, n: int) -> list[tuple[str, int]]:
     out = []
     for _ in range(n):
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address
         if family == 4:
             addr = ipaddress.IPv4Address(
                 int(ipaddress.IPv4Address("198.19.0.0")) + rng.randrange(2**16)

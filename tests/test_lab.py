@@ -163,8 +163,8 @@ def _hold(lab: Lab, sources: list[str]) -> subprocess.Popen[str]:
 
 def test_established_connections_survive_their_bucket_moving(lab_factory: list[Lab]) -> None:
     from shoal.bucket_map import rebalance
-    from shoal.protocol.epoch import EpochKey, next_epoch
-    from shoal.protocol.frames import RuleReport, RuleState
+    from shoal.protocol.epoch import next_epoch
+    from shoal.protocol.frames import EpochKey, RuleReport, RuleState
 
     lab = _up(lab_factory, hosts=3)
     cfg = lab.config(1)

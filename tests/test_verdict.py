@@ -76,7 +76,7 @@ def test_network_affinity_keeps_a_slash24_together(host: int, other: int) -> Non
 
 
 def test_multiple_rule_follows_the_map() -> None:
-    seen = {}
+    seen: dict[int | None, int] = {}
     for i in range(2000):
         src = f"198.19.{i // 250}.{i % 250}"
         d = decide(CL, VIEW, pkt(80, src=src))

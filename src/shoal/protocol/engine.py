@@ -33,8 +33,8 @@ import ipaddress
 import operator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import NamedTuple
 from functools import cached_property
+from typing import NamedTuple
 
 from shoal.config import FilteringMode, InitialState, PartitionPolicy, ShoalConfig
 from shoal.protocol.epoch import (
