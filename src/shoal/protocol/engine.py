@@ -412,7 +412,7 @@ class Engine:
                 return CommandResult(True, "already draining")
             self.state = HostState.DRAINING
             # the others carry on without this host
-            self.record, self.vote = self.record - {self.me}, self.vote - {self.me}
+            self.record, self.vote = self._left(self.record), self._left(self.vote)
             self.drain_deadline = now + timeout if timeout is not None else None
             self._emit(EventId.DRAIN_STARTED, now)
             return CommandResult(True, "connection draining started")
@@ -459,8 +459,16 @@ class Engine:
     def _leave(self) -> None:
         """Leaving on purpose: the others carry on without this host, so its own vote no
         longer counts toward forming a cluster from its record."""
-        self.record, self.vote = self.record - {self.me}, self.vote - {self.me}
+        self.record, self.vote = self._left(self.record), self._left(self.vote)
         self._drop_epoch()
+
+    def _left(self, members: frozenset[int]) -> frozenset[int]:
+        """A membership as a host that leaves it reports it: without itself, unless it was
+        the only member. Then there are no others to carry on: a host that formed a cluster
+        alone (cut off from the rest) and then stopped must still be outvoted by whoever
+        forms the next one, or the rest would form theirs while it forms its own again."""
+        rest = members - {self.me}
+        return rest or members
 
     def _drop_epoch(self) -> None:
         self.epoch = None
@@ -843,7 +851,7 @@ class Engine:
         bases = tuple(dict.fromkeys(bases))
         if self.quorum:
             for base in bases:
-                eff = base - graceful
+                eff = base - graceful or base  # a base of leavers only is outvoted as it is
                 if eff and not quorate(target & eff, eff):
                     if self.no_quorum_reported != fp:
                         self.no_quorum_reported = fp
@@ -1060,7 +1068,7 @@ class Engine:
         if self.epoch is not None and self.epoch.members:
             self.record = self.epoch.members
             if self.state not in ELIGIBLE:
-                self.record = self.record - {self.me}  # left: no vote of its own
+                self.record = self._left(self.record)  # left: no vote of its own
             self.vote = self.record
         self._acquire(now)
 
