@@ -151,10 +151,10 @@ PRE_TABLE = "shoal_pre"
 
 
 def prefilter(cfg: ShoalConfig) -> str:
-    """A netdev ingress table that drops, before conntrack sees them, a pure SYN whose
-    bucket is not owned here and any packet whose bucket was never owned here (no
-    connection of this host can live in it); ``keep_<i>`` holds every bucket owned since
-    the table was made."""
+    """A netdev ingress table that drops, before conntrack sees them, any packet whose
+    bucket was never owned here (no connection of this host can live in it) and a pure SYN
+    whose bucket is not owned here; ``keep_<i>`` holds every bucket owned since the table
+    was made."""
     cl = cfg.cluster
     rules = cl.effective_rules
     lines = [f"table netdev {PRE_TABLE} {{"]
@@ -183,12 +183,14 @@ def prefilter(cfg: ShoalConfig) -> str:
             if rule.mode is FilteringMode.MULTIPLE:
                 e4, e6 = _hash_exprs(rule)
                 h = f"jhash {e4 if fam == 'ip' else e6} mod {cl.buckets} seed {seed}"
+                # never owned first: most buckets of a large cluster never were, and a
+                # packet in one, SYN or not, then meets one rule only
+                lines.append(f"    {match} {h} != @keep_{i} drop")
                 if rule.protocol is not Protocol.UDP:
                     tcp = f"{fam} daddr {targets} {_l4(rule, Protocol.TCP)}"
                     lines.append(
                         f"    {tcp} tcp flags & (fin|syn|rst|ack) == syn {h} != @owned_{i} drop"
                     )
-                lines.append(f"    {match} {h} != @keep_{i} drop")
             lines.append(f"    {match} accept")
     lines.append("  }")
     lines.append("}")
