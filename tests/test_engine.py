@@ -236,3 +236,30 @@ def test_leases_lost_to_heavy_loss_come_back_once_and_soon() -> None:
         lapses = rec.ids().count(EventId.LEASE_LOST)
         assert 1 <= lapses <= 10, (seed, lapses)  # the loss did cost leases, once or so each
         assert took <= 5, (seed, took)
+
+
+def test_a_steady_engine_wakes_only_for_heartbeats_and_deadlines() -> None:
+    """In a steady cluster an engine steps for its heartbeats and for peers' liveness
+    deadlines, nothing else: a lease end it already pushed later is no reason to wake (at
+    256 hosts every step walks all the peers)."""
+    sim = SimCluster(cluster_configs(3, buckets=64), KEY, 5)
+    settle(sim, {1, 2, 3})
+    sim.run_until(sim.now + 10 * P)
+    engine = sim.hosts[2].engine
+    assert engine is not None
+    ticks: list[bool] = []
+    orig = Engine.tick
+
+    def tick(self: Engine, now: float) -> None:
+        if self is engine:
+            ticks.append(now >= self.next_hb or now >= self.expiry_check)
+        orig(self, now)
+
+    setattr(Engine, "tick", tick)  # noqa: B010 - a plain assignment to a method
+    try:
+        sim.run_until(sim.now + 50 * P)
+    finally:
+        setattr(Engine, "tick", orig)  # noqa: B010 - restores the method
+    assert len(ticks) >= 50  # a heartbeat a period at least
+    assert all(ticks), f"{ticks.count(False)} of {len(ticks)} steps had nothing due"
+    assert state_of(engine) is HostState.CONVERGED

@@ -146,6 +146,7 @@ class Peer:
     first_heard: float
     last_heard: float
     hb: Heartbeat | None = None
+    votes: tuple[frozenset[int], ...] = ()  # of hb (see Engine._votes_of), kept with it
     payload: bytes = b""  # the last parsed heartbeat payload, stable part (fast path)
     hb_seq: int = -1
     acks_me: bool = False
@@ -164,6 +165,10 @@ class Peer:
 class _Assembly:
     count: int
     chunks: dict[int, bytes] = field(default_factory=dict)
+
+
+def _votes(record: frozenset[int], vote: frozenset[int]) -> tuple[frozenset[int], ...]:
+    return tuple(dict.fromkeys(x for x in (record, vote) if x))
 
 
 class Engine:
@@ -202,7 +207,7 @@ class Engine:
             InitialState.STOPPED: HostState.STOPPED,
             InitialState.SUSPENDED: HostState.SUSPENDED,
         }[config.host.initial_state]
-        self.rule_states = [RuleState.ENABLED] * len(self.rules)
+        self.rule_states = (RuleState.ENABLED,) * len(self.rules)
         self.peers: dict[int, Peer] = {}
         self.epoch: EpochState | None = None
         self.epoch_ready = False
@@ -264,13 +269,17 @@ class Engine:
         return Install(
             self.installed,
             serving,
-            tuple(self.rule_states),
+            self.rule_states,
             self.epoch.key if self.epoch else None,
         )
 
     def next_deadline(self) -> float:
         """When :meth:`tick` must run next at the latest."""
         t = min(self.next_hb, self.wake, self.expiry_check)
+        if self.installed and self.lease_until is not None:
+            # the tokens go when the lease runs out; read afresh, not kept as a timer: a
+            # lease is extended long before it ends, and a timer would fire for nothing
+            t = min(t, self.lease_until)
         if self.dirty:
             t = min(t, self.last_sent + self.timing.period / 10)
         if self.drain_deadline is not None:
@@ -363,7 +372,7 @@ class Engine:
             self.rules = cl.effective_rules
             self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
             if len(self.rules) != len(old_rules):
-                self.rule_states = [RuleState.ENABLED] * len(self.rules)
+                self.rule_states = (RuleState.ENABLED,) * len(self.rules)
             self._leave()
             for p in self.peers.values():
                 if p.hb is not None:
@@ -436,7 +445,7 @@ class Engine:
             return CommandResult(False, f"no rule with index {rule}")
         indexes = range(len(self.rules)) if rule is None else [rule]
         for i in indexes:
-            self.rule_states[i] = target
+            self.rule_states = (*self.rule_states[:i], target, *self.rule_states[i + 1 :])
             if self.rules[i].mode is FilteringMode.DISABLED:
                 continue
             ev = {
@@ -526,6 +535,7 @@ class Engine:
         if p.beat < 0 and self.epoch is not None and hb.host_id in self.epoch.members:
             self.dirty = True  # a member heard for the first time: acknowledge it now
         p.hb = hb
+        p.votes = _votes(hb.record, hb.vote)
         p.beat = hb.beat
         p.eligible = self._could_join(hb)
         if hb.epoch is not None:
@@ -573,7 +583,7 @@ class Engine:
             # a lease not yet given or already run out is left to the next step, which
             # must see the lapse first
             if basis is not None and lease is not None and lease > now:
-                self._extend_lease(basis + self.timing.lease, now)
+                self._extend_lease(basis + self.timing.lease)
 
     def _fence_report(self, p: Peer, hb: Heartbeat, now: float) -> None:
         """Bound, from a member's post-adoption heartbeat, the send time of the newest
@@ -742,12 +752,8 @@ class Engine:
         """What a leader must outvote for ``host``: the newest READY membership it knew and
         the membership of the epoch it adopted last (either may be empty)."""
         if host == self.me:
-            rec, vote = self.record, self.vote
-        elif (hb := self.peers[host].hb) is not None:
-            rec, vote = hb.record, hb.vote
-        else:
-            return ()
-        return tuple(dict.fromkeys(x for x in (rec, vote) if x))
+            return _votes(self.record, self.vote)
+        return self.peers[host].votes
 
     def _reports(self) -> tuple[RuleReport, ...]:
         out = []
@@ -811,6 +817,9 @@ class Engine:
             tuple(self._votes_of(h) for h in sorted(target)),
         )
         if fp == self.fingerprint:
+            # keep the newest objects: the next comparison then finds the very same ones
+            # (a heartbeat parsed again brings equal but new tuples of rule reports)
+            self.fingerprint = fp
             self._declare_ready(now)
             return
         graceful = {
@@ -1148,20 +1157,18 @@ class Engine:
             sends = [t for t in self.beat_sent if oldest <= t <= now]
             count = self.lease_count = LeaseCount(bases, self.me, acks, sends, e.members, regime)
         if count.alone:
-            self._extend_lease(now + self.timing.lease, now)
+            self._extend_lease(now + self.timing.lease)
         elif count.basis > NEVER:
-            self._extend_lease(min(now, count.basis) + self.timing.lease, now)
+            self._extend_lease(min(now, count.basis) + self.timing.lease)
 
     def _lease_regime(self) -> tuple[object, ...]:
         """What a lease count is only good for (the epoch by identity: this is compared
         for every echo)."""
         return (self.epoch, self.epoch_ready, self.peer_generation)
 
-    def _extend_lease(self, until: float, now: float) -> None:
+    def _extend_lease(self, until: float) -> None:
         if self.lease_until is None or until > self.lease_until:
             self.lease_until = until
-            if until > now:  # a lease already over needs no timer (and must not spin one)
-                self._wake_at(until)
 
     # -------------------------------------------------------------- sending
 
