@@ -65,6 +65,8 @@ from shoal.protocol.frames import (
 from shoal.protocol.lease import LeaseCount, quorate
 
 ELIGIBLE = (HostState.CONVERGING, HostState.CONVERGED)
+SERVING = (*ELIGIBLE, HostState.DRAINING)  # established connections kept
+HEARTBEAT = int(FrameType.HEARTBEAT)  # a plain int: compared for every frame received
 MAX_SILENCES = 128
 MAX_BASES = 16
 NEVER = float("-inf")
@@ -265,7 +267,7 @@ class Engine:
 
     @property
     def install(self) -> Install:
-        serving = self.state in (*ELIGIBLE, HostState.DRAINING)
+        serving = self.state in SERVING
         return Install(
             self.installed,
             serving,
@@ -308,7 +310,7 @@ class Engine:
         if why is not None:
             return self._reject(why)
         p = self.peers[env.host_id]
-        tail = split_heartbeat(env.payload, self.me) if env.ftype == FrameType.HEARTBEAT else None
+        tail = split_heartbeat(env.payload, self.me) if env.ftype == HEARTBEAT else None
         if tail is not None and p.hb is not None:
             stable, beat, echo = tail
             if stable == p.payload and env.seq > p.hb_seq:
@@ -1186,7 +1188,7 @@ class Engine:
             behind = any(
                 p.hb is not None
                 and p.hb.config_digest == self.digest
-                and p.hb.state in (*ELIGIBLE, HostState.DRAINING)
+                and p.hb.state in SERVING
                 and p.hb.epoch != e.key
                 for p in live
             )
