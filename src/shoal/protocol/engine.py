@@ -1094,7 +1094,12 @@ class Engine:
         """Installed is exactly this host's share of ``e`` (usually the very set the cache
         holds: no walk over thousands of tokens at every step)."""
         mine = self._mine(e)
-        return self.installed is mine or self.installed == mine
+        if self.installed is mine:
+            return True
+        if self.installed == mine:
+            self.installed = mine  # the same tokens: from now on found by identity
+            return True
+        return False
 
     def _wake_at(self, t: float) -> None:
         self.wake = min(self.wake, t)
@@ -1223,7 +1228,7 @@ class Engine:
             flags |= Flag.HAS_EPOCH
             edigest = e.digest()
             mine = self._mine(e)
-            if self.installed <= mine:
+            if self.installed is mine or self.installed <= mine:
                 flags |= Flag.RELEASED
             if self.epoch_ready and self._holds_share(e):
                 flags |= Flag.ACQUIRED
