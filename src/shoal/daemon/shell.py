@@ -64,6 +64,7 @@ class Daemon:
         self.lease_sent = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0  # the engine deadline the timer is armed for
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
@@ -178,10 +179,13 @@ class Daemon:
             doc = {"record": sorted(self.record), "vote": sorted(self.vote)}
             self.state_file.write_text(json.dumps(doc))
         assert self.loop is not None
+        deadline = e.next_deadline()
+        if self.timer is not None and self.timer_at == deadline:
+            return  # most frames leave the deadline where it was: no new timer each time
         if self.timer is not None:
             self.timer.cancel()
-        delay = max(0.0, e.next_deadline() - now)
-        self.timer = self.loop.call_later(delay, self.on_timer)
+        self.timer = self.loop.call_later(max(0.0, deadline - now), self.on_timer)
+        self.timer_at = deadline
 
     def install(self, inst: Install) -> bool:
         """Make the kernel enforce ``inst`` before any heartbeat reports it (a release
