@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shutil
 import statistics
@@ -38,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shoal.lab.topology import run_module, sh, veth
+from shoal.lab.topology import pyenv, run_module, sh, veth
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_MAC = "02:bf:c6:12:00:64"
@@ -113,10 +112,10 @@ def flood(
     )
     try:
         res = subprocess.run(
-            [*("ip", "netns", "exec", sink, sys.executable, "-c", TOGGLE_CODE), *helper_args],
+            ["ip", "netns", "exec", sink, sys.executable, "-c", TOGGLE_CODE, *helper_args],
             capture_output=True,
             text=True,
-            env=dict(os.environ, PYTHONPATH=str(ROOT / "src")),
+            env=pyenv(),
             timeout=seconds + 30,
         )
     finally:
@@ -232,7 +231,6 @@ print(json.dumps(out))
 
 
 def update_latency(sink: str, tmp: Path) -> dict[str, dict[str, float]]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     out = {}
     for b in (4096, 16384):
         cfg = tmp / f"b{b}.toml"
@@ -241,7 +239,7 @@ def update_latency(sink: str, tmp: Path) -> dict[str, dict[str, float]]:
             ["ip", "netns", "exec", sink, sys.executable, "-c", UPDATE_CODE, str(cfg)],
             capture_output=True,
             text=True,
-            env=env,
+            env=pyenv(),
             timeout=300,
         )
         if res.returncode != 0:
@@ -284,20 +282,17 @@ def main() -> None:
         def owning_nothing() -> None:
             install(sink, cfg, set())
 
+        def given_away() -> None:  # owning nothing, every bucket owned once
+            install(sink, cfg, set(), keep_all=True)
+
         # each row: how the sink is set up, and what the generator sends
         setups: dict[str, tuple[Callable[[], None], Path]] = {
             "no_filter": (lambda: None, syn),
             "owned_bucket_syn": (lambda: install(sink, cfg, all_web), syn),
             "unowned_bucket_syn": (owning_nothing, syn),
-            "unowned_bucket_syn_given_away": (
-                lambda: install(sink, cfg, set(), keep_all=True),
-                syn,
-            ),
+            "unowned_bucket_syn_given_away": (given_away, syn),
             "midstream_never_owned": (owning_nothing, ack),
-            "midstream_untracked_given_away": (
-                lambda: install(sink, cfg, set(), keep_all=True),
-                ack,
-            ),
+            "midstream_untracked_given_away": (given_away, ack),
         }
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
         floors: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
