@@ -19,9 +19,8 @@ from shoal.protocol.frames import (
     Rejection,
     RuleReport,
     RuleState,
-    _encode_heartbeat,
     cluster_id,
-    split_heartbeat,
+    repeat_of,
 )
 
 CID = cluster_id(ipaddress.ip_address("198.18.0.100"))
@@ -56,6 +55,7 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
         vote=draw(st.frozensets(hosts)),
         beat=draw(st.integers(0, 255)),
         echoes=tuple(draw(st.lists(st.integers(0, 255), min_size=len(acks), max_size=len(acks)))),
+        said=draw(st.integers(0, 2**32 - 1)),
     )
 
 
@@ -68,29 +68,40 @@ def test_heartbeat_round_trip_within_mtu(hb: Heartbeat) -> None:
 
 
 @settings(max_examples=200)
-@given(hb=heartbeats(), other=heartbeats())
-def test_beat_and_echoes_read_without_a_full_parse(hb: Heartbeat, other: Heartbeat) -> None:
-    """The receive fast path reads the beat and this host's echo straight from the payload,
-    and compares only what does not change from beat to beat."""
-    payload = _encode_heartbeat(hb)
-    for h in range(1, 257):
-        want = hb.echoes[sorted(hb.acks).index(h)] if h in hb.acks else None
-        assert split_heartbeat(payload, h) == (stable(payload), hb.beat, want)
-    same = replace(other, acks=hb.acks, echoes=hb.echoes[::-1], beat=(hb.beat + 1) % 256)
-    assert stable(_encode_heartbeat(same)) == stable(_encode_heartbeat(other))
-    assert stable(_encode_heartbeat(replace(hb, flags=hb.flags ^ 1))) != stable(payload)
+@given(hb=heartbeats(), other=heartbeats(), data=st.data())
+def test_a_repeated_heartbeat_is_read_without_a_full_parse(
+    hb: Heartbeat, other: Heartbeat, data: st.DataObject
+) -> None:
+    """The receive fast path takes a frame with the sender, incarnation and content number
+    of the last one parsed; it reads the sequence number, beat and echoes straight from the
+    bytes and checks the tag. Another content number sends the frame to the full decoder."""
+    wire = CODEC.encode(hb)
+    again = replace(
+        hb,
+        seq=other.seq,
+        beat=other.beat,
+        echoes=tuple(data.draw(st.integers(0, 255)) for _ in hb.echoes),
+    )
+    wire2 = CODEC.encode(again)
+    for h in (1, 2, 100, 255, 256, *hb.acks):
+        rep = repeat_of(wire, h)
+        assert CODEC.open_repeat(wire2, rep) == again.seq
+        assert wire2[rep.beat_at] == again.beat
+        want = again.echoes[sorted(hb.acks).index(h)] if h in hb.acks else None
+        assert (wire2[rep.echo_at] if rep.echo_at else None) == want
+    rep = repeat_of(wire, 1)
+    said = replace(other, host_id=hb.host_id, incarnation=hb.incarnation, said=hb.said ^ 1)
+    assert CODEC.open_repeat(CODEC.encode(said), rep) is None
+    at = data.draw(st.integers(0, len(wire2) - 1))
+    flipped = wire2[:at] + bytes([wire2[at] ^ 0x80]) + wire2[at + 1 :]
+    assert CODEC.open_repeat(flipped, rep) == (None if at < 26 else -1)
 
 
-def stable(payload: bytes) -> bytes:
-    tail = split_heartbeat(payload, 1)
-    assert tail is not None
-    return tail[0]
-
-
-@given(st.binary(max_size=200))
-def test_split_heartbeat_of_any_bytes_never_raises(data: bytes) -> None:
-    for h in (1, 2, 100, 256):
-        split_heartbeat(data, h)
+@given(st.binary(max_size=600), heartbeats())
+def test_a_repeat_check_of_any_bytes_never_raises(data: bytes, hb: Heartbeat) -> None:
+    rep = repeat_of(CODEC.encode(hb), 1)
+    assert CODEC.open_repeat(data, rep) in (None, -1)
+    assert CODEC.open_repeat(CODEC.encode(hb)[:26] + data, rep) in (None, -1)
 
 
 @given(

@@ -61,6 +61,7 @@ class Daemon:
         self.backend = NftBackend(self.cfg)
         self.events: list[dict[str, Any]] = []
         self.installed: Install | None = None
+        self.outputs_seen = -1  # the engine's outputs counter when they were last read
         self.lease_sent = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -151,17 +152,9 @@ class Daemon:
     def after(self) -> None:
         """Carry out what the engine asked for; arm the next timer."""
         e = self.engine
-        inst = e.install
-        frames = e.take_frames()
-        if inst != self.installed and not self.install(inst):
-            frames = []  # a host that cannot enforce what its heartbeats say stays silent
-        self.send(frames)
-        close = False
-        for ev in e.take_events():
-            self.log(ev)
-            close |= ev.id in CLOSES_CONNECTIONS
-        if close:  # stop, or a drain whose timeout ran out: what is left gets a reset
-            sockets.destroy(sockets.vip_connections(self.cfg.cluster.all_vips, sockets.OPEN))
+        if e.outputs != self.outputs_seen:
+            self.outputs_seen = e.outputs
+            self.carry_out()
         now = self.now()
         # the kernel's lease never outruns the engine's; it is renewed once less than half
         # of it and a period are left (each renewal is a kernel transaction, and echoes
@@ -173,11 +166,6 @@ class Daemon:
             if ms > 0:
                 self.backend.renew(ms)
                 self.lease_sent = lease
-        if (e.record, e.vote) != (self.record, self.vote):
-            self.record, self.vote = e.record, e.vote
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            doc = {"record": sorted(self.record), "vote": sorted(self.vote)}
-            self.state_file.write_text(json.dumps(doc))
         assert self.loop is not None
         deadline = e.next_deadline()
         if self.timer is not None and self.timer_at == deadline:
@@ -186,6 +174,26 @@ class Daemon:
             self.timer.cancel()
         self.timer = self.loop.call_later(max(0.0, deadline - now), self.on_timer)
         self.timer_at = deadline
+
+    def carry_out(self) -> None:
+        """Install, send and log what the engine's last steps produced."""
+        e = self.engine
+        inst = e.install
+        frames = e.take_frames()
+        if inst != self.installed and not self.install(inst):
+            frames = []  # a host that cannot enforce what its heartbeats say stays silent
+        self.send(frames)
+        close = False
+        for ev in e.take_events():
+            self.log(ev)
+            close |= ev.id in CLOSES_CONNECTIONS
+        if close:  # stop, or a drain whose timeout ran out: what is left gets a reset
+            sockets.destroy(sockets.vip_connections(self.cfg.cluster.all_vips, sockets.OPEN))
+        if (e.record, e.vote) != (self.record, self.vote):
+            self.record, self.vote = e.record, e.vote
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            doc = {"record": sorted(self.record), "vote": sorted(self.vote)}
+            self.state_file.write_text(json.dumps(doc))
 
     def install(self, inst: Install) -> bool:
         """Make the kernel enforce ``inst`` before any heartbeat reports it (a release

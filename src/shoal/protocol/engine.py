@@ -4,7 +4,8 @@ Inputs: :meth:`Engine.receive` (a frame's bytes), :meth:`Engine.tick` (time pass
 :meth:`Engine.command` (operator verbs), :meth:`Engine.reload`, :meth:`Engine.set_connections`.
 Outputs: :meth:`Engine.take_frames` (to broadcast), :meth:`Engine.take_events`,
 :attr:`Engine.install` (what the data plane must enforce), :attr:`Engine.lease_until` (the
-kernel stops taking new connections after it) and :meth:`Engine.next_deadline`.
+kernel stops taking new connections after it) and :meth:`Engine.next_deadline`; all but
+the lease can only have changed when :attr:`Engine.outputs` moved.
 Time is always passed in (seconds, any origin, one clock per engine).
 
 How hosts agree (docs/convergence.md has the full story):
@@ -30,6 +31,7 @@ How hosts agree (docs/convergence.md has the full story):
 from __future__ import annotations
 
 import ipaddress
+import math
 import operator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -47,29 +49,30 @@ from shoal.protocol.epoch import (
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import (
     CHUNK_DATA,
+    HEADER_LEN,
     Codec,
     Envelope,
     EpochKey,
     Flag,
-    FrameType,
     Heartbeat,
     HostState,
     MapChunk,
     Rejection,
+    Repeat,
     RuleReport,
     RuleState,
     cluster_id,
     parse,
-    split_heartbeat,
+    repeat_of,
 )
 from shoal.protocol.lease import LeaseCount, quorate
 
 ELIGIBLE = (HostState.CONVERGING, HostState.CONVERGED)
 SERVING = (*ELIGIBLE, HostState.DRAINING)  # established connections kept
-HEARTBEAT = int(FrameType.HEARTBEAT)  # a plain int: compared for every frame received
 MAX_SILENCES = 128
 MAX_BASES = 16
 NEVER = float("-inf")
+WINDOW_MASK = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,7 @@ class Timing:
 
 
 class Install(NamedTuple):
-    """What this host's data plane enforces (read after every input: cheap to build)."""
+    """What this host's data plane enforces (built at the end of each step)."""
 
     tokens: frozenset[int]  # new connections accepted for these (see epoch tokens)
     serving: bool  # established connections to VIPs kept (False when stopped or suspended)
@@ -139,7 +142,7 @@ class CommandResult:
     message: str
 
 
-@dataclass
+@dataclass(slots=True)
 class Peer:
     host_id: int
     incarnation: int
@@ -149,8 +152,8 @@ class Peer:
     last_heard: float
     hb: Heartbeat | None = None
     votes: tuple[frozenset[int], ...] = ()  # of hb (see Engine._votes_of), kept with it
-    payload: bytes = b""  # the last parsed heartbeat payload, stable part (fast path)
-    hb_seq: int = -1
+    repeat: Repeat | None = None  # of hb, when it has this host's digest (receive fast path)
+    hb_seq: int = -1  # the newest heartbeat whose content hb holds
     acks_me: bool = False
     eligible: bool = False  # same digest, started, same rule count (from its heartbeat)
     ack_at: float = NEVER  # when we sent the newest of our heartbeats it acknowledged
@@ -162,11 +165,22 @@ class Peer:
     mismatch_reported: bool = False
     joined_reported: bool = False
 
+    def advance(self, seq: int) -> None:
+        """A frame numbered past the newest one seen: slide the replay window to it."""
+        self.window = ((self.window << (seq - self.last_seq)) | 1) & WINDOW_MASK
+        self.last_seq = seq
+
 
 @dataclass
 class _Assembly:
     count: int
     chunks: dict[int, bytes] = field(default_factory=dict)
+
+
+def _after(t: float) -> float:
+    """The first time later than ``t`` (a duplicate id blocks a host until ``t``
+    included)."""
+    return math.nextafter(t, math.inf)
 
 
 def _votes(record: frozenset[int], vote: frozenset[int]) -> tuple[frozenset[int], ...]:
@@ -223,6 +237,19 @@ class Engine:
         self.lease_until: float | None = None
         self.lease_count: LeaseCount | None = None
         self.peer_generation = 0  # peers replaced or forgotten: a lease count rebuilds
+        # what is known of the peers changed (a heartbeat parsed, a peer added, forgotten,
+        # gone silent or heard again, a duplicate id seen or past): what the steps derive
+        # from all the peers is derived again, and kept until then
+        self.view = 0
+        self._swept_at = now
+        self._candidates: tuple[int, tuple[int, EpochKey | None, int]] | None = None
+        self._lead_memo: tuple[object, ...] | None = None
+        self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
+        self._said: Heartbeat | None = None  # the last heartbeat sent, less what every beat changes
+        self._said_number = 0
+        self._reports_memo: (
+            tuple[ShoalConfig, tuple[RuleState, ...], tuple[RuleReport, ...]] | None
+        ) = None
         self.seq = 0
         self.beats = 0  # heartbeats sent; the low byte numbers each one
         self.beat_sent = [NEVER] * 256  # when each beat number was last sent
@@ -247,13 +274,19 @@ class Engine:
         self.heal_reported: set[EpochKey] = set()
         self._planned: tuple[object, EpochState] | None = None  # the last next_epoch computed
         self._mine_cache: tuple[EpochKey | None, frozenset[int]] = (None, frozenset())
-        self.counters: dict[str, int] = {r.value: 0 for r in Rejection}
-        self.counters.update(frames_sent=0, frames_received=0, epochs_created=0)
+        self.rejected: dict[str, int] = {r.value: 0 for r in Rejection}
+        self.frames_received = self.frames_sent = self.epochs_created = 0
         self._frames: list[bytes] = []
         self._events: list[Event] = []
+        # moves whenever install, frames, events or the deadline may have: after an input
+        # that left it alone (most received frames) only lease_until needs reading
+        self.outputs = 0
         self._emit(EventId.ENGINE_STARTED, now, incarnation=incarnation)
         if self.state is HostState.CONVERGING:
             self._emit(EventId.CLUSTER_STARTED, now)
+        self.install: Install
+        self._deadline = now
+        self._publish()
 
     # ---------------------------------------------------------------- outputs
 
@@ -265,18 +298,31 @@ class Engine:
         out, self._events = self._events, []
         return out
 
+    def next_deadline(self) -> float:
+        """When :meth:`tick` must run next at the latest."""
+        return self._deadline
+
     @property
-    def install(self) -> Install:
-        serving = self.state in SERVING
-        return Install(
+    def counters(self) -> dict[str, int]:
+        """Frames sent and received, epochs created, and frames dropped by reason."""
+        return {
+            **self.rejected,
+            "frames_sent": self.frames_sent,
+            "frames_received": self.frames_received,
+            "epochs_created": self.epochs_created,
+        }
+
+    def _publish(self) -> None:
+        """Set what the daemon reads after an input that moved :attr:`outputs`
+        (:attr:`install`, the deadline): both change only in a step, and frames that
+        repeat what a peer said never step."""
+        self.outputs += 1
+        self.install = Install(
             self.installed,
-            serving,
+            self.state in SERVING,
             self.rule_states,
             self.epoch.key if self.epoch else None,
         )
-
-    def next_deadline(self) -> float:
-        """When :meth:`tick` must run next at the latest."""
         t = min(self.next_hb, self.wake, self.expiry_check)
         if self.installed and self.lease_until is not None:
             # the tokens go when the lease runs out; read afresh, not kept as a timer: a
@@ -286,7 +332,7 @@ class Engine:
             t = min(t, self.last_sent + self.timing.period / 10)
         if self.drain_deadline is not None:
             t = min(t, self.drain_deadline)
-        return t
+        self._deadline = t
 
     @property
     def is_default(self) -> bool:
@@ -299,43 +345,58 @@ class Engine:
     def receive(self, data: bytes, now: float) -> Rejection | None:
         """Handle one received frame; returns why it was dropped, if it was.
 
-        A heartbeat whose payload equals the sender's previous one only refreshes liveness
-        and acknowledgement times: in a steady cluster that is nearly every frame.
+        A heartbeat that repeats what its sender said last (see :class:`Repeat`) only
+        refreshes liveness and acknowledgement times: in a steady cluster that is nearly
+        every frame, so it is recognised from its bytes, without decoding them.
         """
-        self.counters["frames_received"] += 1
+        self.frames_received += 1
+        p = self.peers.get(data[12] << 8 | data[13]) if len(data) > HEADER_LEN else None
+        if p is not None and (rep := p.repeat) is not None:
+            seq = self.codec.open_repeat(data, rep)
+            if seq is not None:
+                if seq > p.last_seq:  # (older ones meet the replay window below)
+                    # the heartbeat parsed last, said again: its sender is alive, and its
+                    # beat and its echo of ours may have moved (whether it acknowledges us
+                    # has not); written out here, as this runs for nearly every frame
+                    p.advance(seq)
+                    p.hb_seq = seq
+                    detect = self.detect
+                    if p.last_heard + detect <= now:
+                        self.view += 1  # heard again after it went silent
+                    p.last_heard = now
+                    if self.expiry_check > now + detect:
+                        self.expiry_check = now + detect
+                        self._deadline = min(self._deadline, self.expiry_check)
+                    p.beat = data[rep.beat_at]
+                    if rep.echo_at:
+                        self._acked(p, data[rep.echo_at], now)
+                    if p.fence_epoch is not None:
+                        assert p.hb is not None
+                        self._fence_report(p, p.hb, now)
+                    return None
+                if seq < 0:
+                    return self._reject(Rejection.BAD_AUTH)
         env = self.codec.open(data)
         if isinstance(env, Rejection):
             return self._reject(env)
         why = self._admit(env, now)
         if why is not None:
             return self._reject(why)
-        p = self.peers[env.host_id]
-        tail = split_heartbeat(env.payload, self.me) if env.ftype == HEARTBEAT else None
-        if tail is not None and p.hb is not None:
-            stable, beat, echo = tail
-            if stable == p.payload and env.seq > p.hb_seq:
-                # only the acks, the beat and the echoes differ from the last parsed one
-                p.hb_seq = env.seq
-                p.last_heard = now
-                p.beat = beat
-                self._acked(p, echo, now)
-                if p.fence_epoch is not None:
-                    self._fence_report(p, p.hb, now)
-                return None
         frame = parse(env)
         if isinstance(frame, Rejection):
             return self._reject(frame)
         if isinstance(frame, Heartbeat):
+            p = self.peers[env.host_id]
             if self._on_heartbeat(frame, now):
-                p.payload = tail[0] if tail is not None else b""
                 p.hb_seq = env.seq
+                p.repeat = repeat_of(data, self.me) if frame.config_digest == self.digest else None
         else:
             self._on_chunk(frame, now)
         self._step(now, timers=False)
         return None
 
     def _reject(self, why: Rejection) -> Rejection:
-        self.counters[why.value] += 1
+        self.rejected[why.value] += 1
         return why
 
     def tick(self, now: float) -> None:
@@ -379,7 +440,8 @@ class Engine:
             for p in self.peers.values():
                 if p.hb is not None:
                     p.eligible = self._could_join(p.hb)
-                    p.payload = b""
+                    p.repeat = None
+            self.view += 1
             self.started_at = now
             self.eligible_since = now
             self.why_converging = "cluster parameters changed"
@@ -486,7 +548,7 @@ class Engine:
         self.epoch_ready = self.ready_seen = False
         self.installed = frozenset()
         self.own_bounds = {}
-        self.fingerprint = None
+        self.fingerprint = self._lead_memo = None
 
     # --------------------------------------------------------------- frames
 
@@ -494,6 +556,7 @@ class Engine:
         h = frame.host_id
         if self.expiry_check > now + self.detect:
             self.expiry_check = now + self.detect  # a host heard again (or for the first time)
+            self._deadline = min(self._deadline, self.expiry_check)
         if h == self.me:
             if frame.incarnation == self.incarnation:
                 return Rejection.OWN
@@ -511,17 +574,19 @@ class Engine:
         if p is None or frame.incarnation > p.incarnation:
             self.peers[h] = Peer(h, frame.incarnation, frame.seq, 1, now, now)
             self.peer_generation += 1
+            self.view += 1
             return None
         if frame.incarnation < p.incarnation:
             p.stale += 1
             if p.stale >= 3 and p.duplicate_until < now:
                 self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
                 p.duplicate_until = now + self.timing.detect
+                self.view += 1
+                self.expiry_check = min(self.expiry_check, _after(p.duplicate_until))
             return Rejection.REPLAY
         diff = frame.seq - p.last_seq
         if diff > 0:
-            p.window = ((p.window << diff) | 1) & ((1 << 64) - 1)
-            p.last_seq = frame.seq
+            p.advance(frame.seq)
         elif -diff >= 64 or p.window >> -diff & 1:
             return Rejection.REPLAY
         else:
@@ -531,8 +596,9 @@ class Engine:
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
         """Record a heartbeat; False when it is older than the one already held."""
         p = self.peers[hb.host_id]
+        self.view += 1
         p.last_heard = max(p.last_heard, now)
-        if p.hb is not None and hb.seq < p.hb.seq:
+        if p.hb is not None and hb.seq < p.hb_seq:
             return False
         if p.beat < 0 and self.epoch is not None and hb.host_id in self.epoch.members:
             self.dirty = True  # a member heard for the first time: acknowledge it now
@@ -579,7 +645,9 @@ class Engine:
             return
         p.ack_at = sent
         count = self.lease_count
-        if count is not None and count.built_for == self._lease_regime():
+        if count is None or sent <= count.basis:
+            return  # the lease already counts from this beat or a newer one (most echoes)
+        if count.built_for == self._lease_regime():
             basis = count.echoed(p.host_id, before, sent)
             lease = self.lease_until
             # a lease not yet given or already run out is left to the next step, which
@@ -626,10 +694,10 @@ class Engine:
         try:
             state = decode_epoch(blob, self.rules, self.cfg.cluster.buckets)
         except EpochDecodeError:
-            self.counters[Rejection.MALFORMED.value] += 1
+            self.rejected[Rejection.MALFORMED.value] += 1
             return
         if state.key != ch.epoch or state.digest() != ch.epoch_digest:
-            self.counters[Rejection.MALFORMED.value] += 1
+            self.rejected[Rejection.MALFORMED.value] += 1
             return
         self._remember(state)
 
@@ -642,11 +710,15 @@ class Engine:
     # -------------------------------------------------------------- the step
 
     def _alive(self, p: Peer, now: float) -> bool:
-        return now - p.last_heard < self.detect and p.hb is not None
+        """Heard within the detection time. Every liveness test is written exactly so, as
+        the sweep computes deadlines (``last_heard + detect``): with ``now - detect`` a
+        rounding could keep a host alive an instant past the deadline that reported it
+        silent, and what steps keep from the peers would then outlive its cause."""
+        return p.last_heard + self.detect > now and p.hb is not None
 
     def _live_peers(self, now: float) -> list[Peer]:
-        horizon = now - self.detect
-        return [p for p in self.peers.values() if p.last_heard > horizon and p.hb is not None]
+        detect = self.detect
+        return [p for p in self.peers.values() if p.last_heard + detect > now and p.hb is not None]
 
     def _eligible_self(self, now: float) -> bool:
         return self.state in ELIGIBLE and self.duplicate_until < now
@@ -677,6 +749,7 @@ class Engine:
         self._take_tokens(now)
         self._refresh_state(now)
         self._maybe_send(now, leader)
+        self._publish()
 
     def _expire(self, now: float) -> None:
         if now >= self.wake:
@@ -686,13 +759,23 @@ class Engine:
         self.next_sweep = now + 60  # and forget hosts unheard for ten minutes, now and then
         detect = self.detect
         soonest = float("inf")
+        swept, self._swept_at = self._swept_at, now
         for p in list(self.peers.values()):
+            if p.duplicate_until > NEVER:
+                flip = _after(p.duplicate_until)  # eligible again from then
+                if flip > now:
+                    soonest = min(soonest, flip)
+                elif flip > swept:
+                    self.view += 1
             if p.hb is None:
                 continue
             deadline = p.last_heard + detect
             if deadline > now:
                 soonest = min(soonest, deadline)
-            elif p.joined_reported:
+                continue
+            if deadline > swept:
+                self.view += 1  # gone silent since the last sweep
+            if p.joined_reported:
                 p.joined_reported = False
                 if self.epoch and p.host_id in self.epoch.members:
                     self._emit(
@@ -704,6 +787,7 @@ class Engine:
             if now - p.last_heard > 600:
                 del self.peers[p.host_id]
                 self.peer_generation += 1
+                self.view += 1
         self.expiry_check = soonest
 
     def _check_drain(self, now: float) -> None:
@@ -722,16 +806,36 @@ class Engine:
 
     def _leader(self, now: float) -> int | None:
         """Lowest id among eligible live hosts holding the best epoch (or any, if none has)."""
-        best: EpochKey | None = None
-        best_host = 0
-        lowest = 0
+        lowest, best, best_host = self._peer_candidates(now)
         if self._eligible_self(now):
-            lowest = self.me
+            if not lowest or self.me < lowest:
+                lowest = self.me
             if self.epoch is not None:
-                best, best_host = self.epoch.key, self.me
-        horizon = now - self.detect
+                k = self.epoch.key
+                if best is None or k.rank() > best.rank():
+                    best, best_host = k, self.me
+                elif k == best and self.me < best_host:
+                    best_host = self.me
+        if best is not None:
+            return best_host
+        return lowest or None
+
+    def _fresh(self, view: int, now: float) -> bool:
+        """A result derived from the peers at ``view`` still holds: nothing known of them
+        changed since, and no silence or duplicate id has run out (each is a deadline)."""
+        return view == self.view and now < self.expiry_check
+
+    def _peer_candidates(self, now: float) -> tuple[int, EpochKey | None, int]:
+        """Over eligible live peers: the lowest id, the best epoch and the lowest id
+        holding it (0 and None when there are none)."""
+        memo = self._candidates
+        if memo is not None and self._fresh(memo[0], now):
+            return memo[1]
+        best: EpochKey | None = None
+        best_host = lowest = 0
+        detect = self.detect
         for p in self.peers.values():
-            if not p.eligible or p.last_heard <= horizon or p.duplicate_until >= now:
+            if not p.eligible or p.last_heard + detect <= now or p.duplicate_until >= now:
                 continue
             h = p.host_id
             if not lowest or h < lowest:
@@ -746,9 +850,9 @@ class Engine:
                     best_host = h
             elif best is None or k.rank() > best.rank():
                 best, best_host = k, h
-        if best is not None:
-            return best_host
-        return lowest or None
+        out = (lowest, best, best_host)
+        self._candidates = (self.view, out)
+        return out
 
     def _votes_of(self, host: int) -> tuple[frozenset[int], ...]:
         """What a leader must outvote for ``host``: the newest READY membership it knew and
@@ -758,11 +862,18 @@ class Engine:
         return self.peers[host].votes
 
     def _reports(self) -> tuple[RuleReport, ...]:
+        """This host's parameters per rule (the same tuple until they change: every step
+        and heartbeat reads them)."""
+        cfg, states = self.cfg, self.rule_states
+        memo = self._reports_memo
+        if memo is not None and memo[0] is cfg and memo[1] is states:
+            return memo[2]
         out = []
         for i, rule in enumerate(self.rules):
-            hr = self.cfg.host_rule(rule.key)
-            out.append(RuleReport(hr.weight, self.rule_states[i], self.cfg.priority(rule.key)))
-        return tuple(out)
+            hr = cfg.host_rule(rule.key)
+            out.append(RuleReport(hr.weight, states[i], cfg.priority(rule.key)))
+        self._reports_memo = (cfg, states, tuple(out))
+        return self._reports_memo[2]
 
     def _owns_nothing(self, p: Peer) -> bool:
         return p.hb is not None and p.hb.has(Flag.OWNS_NOTHING)
@@ -779,6 +890,12 @@ class Engine:
         return hb.state not in ELIGIBLE or hb.epoch == e.key
 
     def _lead(self, now: float) -> None:
+        cur = self.epoch
+        memo = (self.view, cur and cur.key, self.record, self.vote, self.rule_states, self.cfg)
+        if cur is not None and self._lead_memo == memo and self._fresh(self.view, now):
+            # nothing the fingerprint is made of changed since it last matched
+            self._declare_ready(now)
+            return
         members = {self.me}
         reports = {self.me: self._reports()}
         for p in self._live_peers(now):
@@ -787,7 +904,6 @@ class Engine:
                 members.add(p.host_id)
                 reports[p.host_id] = p.hb.rules
         target = frozenset(members)
-        cur = self.epoch
         if cur is None:
             if now - self.started_at < self.timing.detect:
                 return  # listen for an existing cluster first
@@ -822,6 +938,7 @@ class Engine:
             # keep the newest objects: the next comparison then finds the very same ones
             # (a heartbeat parsed again brings equal but new tuples of rule reports)
             self.fingerprint = fp
+            self._lead_memo = memo
             self._declare_ready(now)
             return
         graceful = {
@@ -903,10 +1020,11 @@ class Engine:
         # membership as a base of its own adds nothing it does not satisfy already
         if same_assignment(cand, cur) and set(cand.bases) <= {*cur.bases, cur.members}:
             self.fingerprint = fp
+            self._lead_memo = memo
             self._declare_ready(now)
             return
         self._create(cur, target, fenced, bases, reports, now, cand)
-        self.fingerprint = None
+        self.fingerprint = self._lead_memo = None
 
     def _create(
         self,
@@ -923,7 +1041,7 @@ class Engine:
             cand = next_epoch(
                 cur, key, target, fenced, bases, (), reports, self.rules, self.cfg.cluster.buckets
             )
-        self.counters["epochs_created"] += 1
+        self.epochs_created += 1
         moved = 0
         if cur is not None:
             for a, b in zip(cur.maps, cand.maps, strict=True):
@@ -1109,6 +1227,7 @@ class Engine:
             self.installed = frozenset()
             self.dirty = True
         self.why_converging = "host id used twice"
+        self._publish()  # heard between steps: the kernel must let go at once
 
     def _refresh_state(self, now: float) -> None:
         """Converged: started, a member of a READY epoch, holding exactly its share."""
@@ -1188,20 +1307,31 @@ class Engine:
         e = self.epoch
         if e is None:
             return
+        memo = self._send_memo
+        key = (e.key, leader == self.me, self.state)
+        if memo is not None and memo[1] == key and self._fresh(memo[0], now):
+            behind = memo[2]  # and no partition to report that was not reported already
+        else:
+            behind = self._behind_and_heal(e, leader, now)
+            self._send_memo = (self.view, key, behind)
+        last = self.last_map_sent.get(e.key, NEVER)
+        if behind and now - last >= self.timing.period:
+            self._send_map(e, now)
+
+    def _behind_and_heal(self, e: EpochState, leader: int | None, now: float) -> bool:
+        """Whether, as the leader, a live host of this configuration holds another epoch
+        (it needs the map); and, converged, report every other cluster of this
+        configuration heard (a partition healed)."""
         live = self._live_peers(now)
-        if leader == self.me:
-            behind = any(
-                p.hb is not None
-                and p.hb.config_digest == self.digest
-                and p.hb.state in SERVING
-                and p.hb.epoch != e.key
-                for p in live
-            )
-            last = self.last_map_sent.get(e.key, NEVER)
-            if behind and now - last >= self.timing.period:
-                self._send_map(e, now)
+        behind = leader == self.me and any(
+            p.hb is not None
+            and p.hb.config_digest == self.digest
+            and p.hb.state in SERVING
+            and p.hb.epoch != e.key
+            for p in live
+        )
         if self.state is not HostState.CONVERGED:
-            return
+            return behind
         for p in live:
             hb = p.hb
             if (
@@ -1215,6 +1345,7 @@ class Engine:
             ):
                 self.heal_reported.add(hb.epoch)
                 self._emit(EventId.PARTITION_HEALED, now, a=e.default_host, b=p.host_id)
+        return behind
 
     def _send_heartbeat(self, now: float) -> None:
         e = self.epoch
@@ -1243,13 +1374,16 @@ class Engine:
                     hb = self.peers[lead].hb if lead in self.peers else None
                     if hb is not None and hb.epoch == e.key:
                         acked = acked | {lead}
+                peers, me, horizon = self.peers, self.me, now - self.timing.ack_window
                 acks = frozenset(
-                    h
-                    for h in acked
-                    if h != self.me
-                    and (p := self.peers.get(h)) is not None
-                    and p.beat >= 0
-                    and now - p.last_heard <= self.timing.ack_window
+                    [
+                        h
+                        for h in acked
+                        if h != me
+                        and (p := peers.get(h)) is not None
+                        and p.beat >= 0
+                        and p.last_heard >= horizon
+                    ]
                 )
             for c in sorted(e.fenced)[:MAX_SILENCES]:
                 p = self.peers.get(c)
@@ -1271,14 +1405,19 @@ class Engine:
             record=self.record,
             vote=self.vote,
             beat=self.beats % 256,
-            echoes=tuple(self.peers[h].beat for h in sorted(acks)),
+            echoes=tuple([self.peers[h].beat for h in sorted(acks)]),
         )
+        said = replace(hb, seq=0, beat=0, echoes=())
+        if said != self._said:
+            # the content number tells receivers that this heartbeat says something new
+            self._said, self._said_number = said, (self._said_number + 1) & 0xFFFFFFFF
+        hb = replace(hb, said=self._said_number)
         self.beat_sent[self.beats % 256] = now
         if self.lease_count is not None:
             self.lease_count.sent(now, now - self.timing.echo_horizon)
         self.beats += 1
         self._frames.append(self.codec.encode(hb))
-        self.counters["frames_sent"] += 1
+        self.frames_sent += 1
         self.last_sent = now
         self.next_hb = now + self.timing.period
         self.dirty = False
@@ -1299,7 +1438,7 @@ class Engine:
                 piece,
             )
             self._frames.append(self.codec.encode(ch))
-            self.counters["frames_sent"] += 1
+            self.frames_sent += 1
         self.last_map_sent[state.key] = now
 
     def _next_seq(self) -> int:
@@ -1308,3 +1447,4 @@ class Engine:
 
     def _emit(self, eid: EventId, now: float, **fields: object) -> None:
         self._events.append(Event(eid, now, {"host": self.me, **fields}))
+        self.outputs += 1

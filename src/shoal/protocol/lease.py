@@ -102,11 +102,15 @@ class LeaseCount:
         if host not in self.voters:
             return None
         newest = None
-        for i, (s, tallies) in enumerate(self.pending):
-            if before < s <= after:
+        for i, (s, tallies) in enumerate(self.pending):  # in the order they were sent
+            if s > after:
+                break
+            if s > before:
+                whole = True
                 for t in tallies:
                     t.add(host)
-                if all(t.quorate() for t in tallies):
+                    whole = whole and t.quorate()
+                if whole:
                     newest = i
         if newest is None:
             return None

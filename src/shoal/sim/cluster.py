@@ -53,6 +53,7 @@ class SimHost:
     connections: int = 0
     record: frozenset[int] = frozenset()  # on disk: survives crashes
     vote: frozenset[int] = frozenset()  # on disk too
+    outputs_seen: int = -1  # the engine's outputs counter when the "daemon" last read them
 
 
 @dataclass
@@ -91,6 +92,7 @@ class SimCluster:
         h.incarnation += 1
         h.tick_at = float("inf")
         h.engine = Engine(h.config, self.key, h.incarnation, self.now, record=h.record, vote=h.vote)
+        h.outputs_seen = -1
         self._after(h)
 
     def crash_host(self, hid: int) -> None:
@@ -177,14 +179,15 @@ class SimCluster:
         e = h.engine
         assert e is not None
         before = (h.kernel.tokens, h.kernel.accepting(self.now))
-        inst = e.install
-        h.kernel.tokens = inst.tokens
-        h.record, h.vote = e.record, e.vote
+        if e.outputs != h.outputs_seen:  # as the daemon reads them
+            h.outputs_seen = e.outputs
+            h.kernel.tokens = e.install.tokens
+            h.record, h.vote = e.record, e.vote
+            for frame in e.take_frames():
+                self._broadcast(h, frame)
+            e.take_events()
         if e.lease_until is not None:
             h.kernel.lease_until = max(h.kernel.lease_until, e.lease_until)
-        for frame in e.take_frames():
-            self._broadcast(h, frame)
-        e.take_events()
         self._note_epoch(e)
         after = h.kernel.accepting(self.now)
         if self.check_exclusive and after and (after - before[1]):
