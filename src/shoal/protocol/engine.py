@@ -245,6 +245,7 @@ class Engine:
         self._candidates: tuple[int, tuple[int, EpochKey | None, int]] | None = None
         self._lead_memo: tuple[object, ...] | None = None
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
+        self._acks_memo: tuple[int, frozenset[int], float, frozenset[int], list[Peer]] | None = None
         self._said: Heartbeat | None = None  # the last heartbeat sent, less what every beat changes
         self._said_number = 0
         self._reports_memo: (
@@ -358,18 +359,18 @@ class Engine:
                     # the heartbeat parsed last, said again: its sender is alive, and its
                     # beat and its echo of ours may have moved (whether it acknowledges us
                     # has not); written out here, as this runs for nearly every frame
-                    p.advance(seq)
-                    p.hb_seq = seq
+                    p.window = ((p.window << (seq - p.last_seq)) | 1) & WINDOW_MASK
+                    p.last_seq = p.hb_seq = seq  # (Peer.advance, written out)
                     detect = self.detect
-                    if p.last_heard + detect <= now:
-                        self.view += 1  # heard again after it went silent
+                    if p.last_heard + self.timing.ack_window < now:
+                        self.view += 1  # heard again after a silence: acknowledged again
                     p.last_heard = now
                     if self.expiry_check > now + detect:
                         self.expiry_check = now + detect
                         self._deadline = min(self._deadline, self.expiry_check)
                     p.beat = data[rep.beat_at]
                     if rep.echo_at:
-                        self._acked(p, data[rep.echo_at], now)
+                        self._echoed(p, data[rep.echo_at], now)
                     if p.fence_epoch is not None:
                         assert p.hb is not None
                         self._fence_report(p, p.hb, now)
@@ -635,13 +636,15 @@ class Engine:
         sent it. A host only acknowledges members of its own epoch, whichever that is; the
         fence bounds every acknowledgement by its sender's silence report, not by epoch."""
         p.acks_me = echo is not None
-        if echo is None:
-            return
+        if echo is not None:
+            self._echoed(p, echo, now)
+
+    def _echoed(self, p: Peer, echo: int, now: float) -> None:
+        """:meth:`_acked` once it is known that ``p`` acknowledges us (the receive fast
+        path knows it from the heartbeat it repeats)."""
         sent = self.beat_sent[echo]
-        if not now - self.timing.echo_horizon <= sent <= now:
-            return
         before = p.ack_at
-        if sent <= before:
+        if sent <= before or not now - self.timing.echo_horizon <= sent <= now:
             return
         p.ack_at = sent
         count = self.lease_count
@@ -771,7 +774,8 @@ class Engine:
                 continue
             deadline = p.last_heard + detect
             if deadline > now:
-                soonest = min(soonest, deadline)
+                if deadline < soonest:
+                    soonest = deadline
                 continue
             if deadline > swept:
                 self.view += 1  # gone silent since the last sweep
@@ -1353,6 +1357,7 @@ class Engine:
         if not self.installed:
             flags |= Flag.OWNS_NOTHING
         acks: frozenset[int] = frozenset()
+        acked_peers: list[Peer] = []
         silences: list[tuple[int, int]] = []
         edigest = b"\x00" * 8
         if e is not None:
@@ -1374,17 +1379,7 @@ class Engine:
                     hb = self.peers[lead].hb if lead in self.peers else None
                     if hb is not None and hb.epoch == e.key:
                         acked = acked | {lead}
-                peers, me, horizon = self.peers, self.me, now - self.timing.ack_window
-                acks = frozenset(
-                    [
-                        h
-                        for h in acked
-                        if h != me
-                        and (p := peers.get(h)) is not None
-                        and p.beat >= 0
-                        and p.last_heard >= horizon
-                    ]
-                )
+                acks, acked_peers = self._to_acknowledge(acked, now)
             for c in sorted(e.fenced)[:MAX_SILENCES]:
                 p = self.peers.get(c)
                 ms = 0xFFFFFFFF if p is None else int((now - p.last_heard) * 1000)
@@ -1405,7 +1400,7 @@ class Engine:
             record=self.record,
             vote=self.vote,
             beat=self.beats % 256,
-            echoes=tuple([self.peers[h].beat for h in sorted(acks)]),
+            echoes=tuple([p.beat for p in acked_peers]),
         )
         said = replace(hb, seq=0, beat=0, echoes=())
         if said != self._said:
@@ -1421,6 +1416,28 @@ class Engine:
         self.last_sent = now
         self.next_hb = now + self.timing.period
         self.dirty = False
+
+    def _to_acknowledge(
+        self, acked: frozenset[int], now: float
+    ) -> tuple[frozenset[int], list[Peer]]:
+        """Those of ``acked`` heard within the ack window, and their peers in id order
+        (kept until something known of the peers changes or one of them may drop out)."""
+        memo = self._acks_memo
+        if memo is not None and memo[1] is acked and now <= memo[2] and self._fresh(memo[0], now):
+            return memo[3], memo[4]
+        window, peers, me = self.timing.ack_window, self.peers, self.me
+        out = [
+            p
+            for h in sorted(acked)
+            if h != me
+            and (p := peers.get(h)) is not None
+            and p.beat >= 0
+            and p.last_heard + window >= now
+        ]
+        until = min([p.last_heard + window for p in out], default=math.inf)
+        ids = frozenset([p.host_id for p in out])
+        self._acks_memo = (self.view, acked, until, ids, out)
+        return ids, out
 
     def _send_map(self, state: EpochState, now: float) -> None:
         blob = state.compressed()

@@ -79,6 +79,11 @@ class Flag(IntEnum):
     ACQUIRED = 4  # installed == this host's share of the announced epoch
     READY = 8  # (leader) every release and fence of the epoch is done: acquire
     HAS_EPOCH = 16
+    ACKS_ARE_RECORD = 32  # (encoding) acks = record less the sender: the acks are not sent
+    VOTE_IS_RECORD = 64  # (encoding) vote = record: the vote is not sent
+
+
+_ENCODING = Flag.ACKS_ARE_RECORD | Flag.VOTE_IS_RECORD
 
 
 class Rejection(StrEnum):
@@ -172,8 +177,9 @@ class MapChunk:
 Frame = Heartbeat | MapChunk
 
 # state flags cdigest enum eleader edigest acks record vote nrules
-_HB_FIXED = struct.Struct("!BB8sIHQ8s32s32s32sB")
-_ACKS_AT = HEADER_LEN + 32  # where the ack bitmap sits in a heartbeat frame
+_HB_FIXED = struct.Struct("!BB8sIHQ8s32s")  # ... epoch digest, record
+_FLAGS_AT = HEADER_LEN + 1
+_RECORD_AT = HEADER_LEN + 32  # where the record bitmap sits in a heartbeat frame
 
 
 class Repeat(NamedTuple):
@@ -192,7 +198,12 @@ def repeat_of(frame: bytes, host: int) -> Repeat:
     (its payload is well formed), as received by ``host``."""
     (plen,) = struct.unpack_from("!H", frame, HEADER_LEN - 2)
     tag_at = HEADER_LEN + plen
-    bits = int.from_bytes(frame[_ACKS_AT : _ACKS_AT + 32], "little")
+    if frame[_FLAGS_AT] & Flag.ACKS_ARE_RECORD:
+        bits = int.from_bytes(frame[_RECORD_AT : _RECORD_AT + 32], "little")
+        (sender,) = struct.unpack_from("!H", frame, 12)
+        bits &= ~(1 << (sender - 1))
+    else:
+        bits = int.from_bytes(frame[_RECORD_AT + 32 : _RECORD_AT + 64], "little")
     beat_at = tag_at - 1 - bits.bit_count()
     echo_at = 0
     if bits >> (host - 1) & 1:
@@ -353,21 +364,29 @@ def parse(env: Envelope) -> Frame | Rejection:
 
 def _encode_heartbeat(hb: Heartbeat) -> bytes:
     ekey = hb.epoch or NO_KEY
+    flags = hb.flags & ~_ENCODING
+    acks_are_record = hb.acks == hb.record - {hb.host_id}
+    if acks_are_record:
+        flags |= Flag.ACKS_ARE_RECORD
+    if hb.vote == hb.record:
+        flags |= Flag.VOTE_IS_RECORD
     out = [
         _HB_FIXED.pack(
             hb.state,
-            hb.flags,
+            flags,
             hb.config_digest,
             ekey.number,
             ekey.leader,
             ekey.origin,
             hb.epoch_digest,
-            host_bitmap(hb.acks),
             host_bitmap(hb.record),
-            host_bitmap(hb.vote),
-            len(hb.rules),
         )
     ]
+    if not acks_are_record:
+        out.append(host_bitmap(hb.acks))
+    if hb.vote != hb.record:
+        out.append(host_bitmap(hb.vote))
+    out.append(struct.pack("!B", len(hb.rules)))
     out += [_RULE.pack(r.weight, r.state, r.priority) for r in hb.rules]
     out.append(struct.pack("!B", len(hb.silences)))
     out += [_SILENCE.pack(h, min(ms, 0xFFFFFFFF)) for h, ms in hb.silences]
@@ -383,10 +402,21 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
 
 def _decode_heartbeat(env: Envelope) -> Heartbeat:
     p = env.payload
-    state, flags, cdig, enum_, elead, eorig, edig, acks_raw, rec_raw, vote_raw, nrules = (
-        _HB_FIXED.unpack_from(p)
-    )
+    state, flags, cdig, enum_, elead, eorig, edig, rec_raw = _HB_FIXED.unpack_from(p)
     off = _HB_FIXED.size
+    record = hosts_from_bitmap(rec_raw)
+    if flags & Flag.ACKS_ARE_RECORD:
+        acks = record - {env.host_id}
+    else:
+        acks = hosts_from_bitmap(p[off : off + 32])
+        off += 32
+    if flags & Flag.VOTE_IS_RECORD:
+        vote = record
+    else:
+        vote = hosts_from_bitmap(p[off : off + 32])
+        off += 32
+    (nrules,) = struct.unpack_from("!B", p, off)
+    off += 1
     if nrules > MAX_RULES:
         raise _Malformed
     rules = []
@@ -416,7 +446,6 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
         off += 16
     elif fam != 0:
         raise _Malformed
-    acks = hosts_from_bitmap(acks_raw)
     if off + 1 + len(acks) != len(p):
         raise _Malformed
     beat, echoes = p[off], tuple(p[off + 1 :])
@@ -430,15 +459,15 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
         incarnation=env.incarnation,
         seq=env.seq,
         state=HostState(state),
-        flags=flags,
+        flags=flags & ~_ENCODING,
         config_digest=cdig,
         epoch=EpochKey(enum_, elead, eorig) if has_epoch else None,
         epoch_digest=edig,
         acks=acks,
         rules=tuple(rules),
         silences=tuple(silences),
-        record=hosts_from_bitmap(rec_raw),
-        vote=hosts_from_bitmap(vote_raw),
+        record=record,
+        vote=vote,
         dedicated_ip=dip,
         beat=beat,
         echoes=echoes,

@@ -107,9 +107,11 @@ class LeaseCount:
                 break
             if s > before:
                 whole = True
-                for t in tallies:
-                    t.add(host)
-                    whole = whole and t.quorate()
+                for t in tallies:  # Tally.add and Tally.quorate, written out (every echo)
+                    if host in t.members:
+                        t.count += 1
+                        t.has_lowest |= host == t.lowest
+                    whole = whole and _majority(t.count, t.size, t.has_lowest)
                 if whole:
                     newest = i
         if newest is None:
