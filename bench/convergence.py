@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from shoal.protocol.engine import Command, Engine
+from shoal.protocol.frames import TAG_LEN, Codec
 from shoal.sim.cluster import InvariantViolation, SimCluster
 from shoal.sim.scenario import KEY, cluster_configs, run_scenario
 
@@ -98,9 +99,9 @@ def _replay(snapshot: bytes, inputs: list[tuple[bytes | None, float]]) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_and_bytes(n: int, seconds: float, buckets: int) -> tuple[dict[str, float], float]:
+def cpu_and_bytes(n: int, seconds: float, buckets: int) -> tuple[dict[str, float], float, float]:
     """CPU fraction of the leader's engine and of a follower's in a steady cluster of n
-    hosts, and the cluster's bytes/s.
+    hosts, the cluster's bytes/s, and the cost of one frame's HMAC meanwhile (µs).
 
     The engines run in the simulator, which records what the two were fed; each is then
     replayed alone from a copy taken before. Timed inside the simulator every engine would
@@ -139,10 +140,24 @@ def cpu_and_bytes(n: int, seconds: float, buckets: int) -> tuple[dict[str, float
     finally:
         Engine.receive, Engine.tick = receive, tick  # type: ignore[method-assign]
     cost = {
-        role: min(_replay(snapshots[hid], inputs[hid]) for _ in range(3)) / seconds
+        role: min(_replay(snapshots[hid], inputs[hid]) for _ in range(5)) / seconds
         for role, hid in roles.items()
     }
-    return cost, (sim.bytes_sent - b0) / (sim.now - t_start)
+    return cost, (sim.bytes_sent - b0) / (sim.now - t_start), _hmac_us(inputs[n])
+
+
+def _hmac_us(inputs: list[tuple[bytes | None, float]]) -> float:
+    """What HMAC-SHA256 of one of these frames costs on this machine now (µs): the CPU
+    figures scale with it when the VM runs slower or faster."""
+    codec = Codec(b"\0" * 8, KEY)
+    frames = [f[:-TAG_LEN] for f, _ in inputs if f is not None]
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for f in frames:
+            codec.tag(f)
+        best = min(best, time.perf_counter() - t0)
+    return 1e6 * best / max(1, len(frames))
 
 
 def _scenario(seed: int) -> str | None:
@@ -161,6 +176,7 @@ def main() -> None:
     ap.add_argument("--scenarios", type=int, default=None)
     ap.add_argument("--first-seed", type=int, default=0, help="scenario seeds start here")
     ap.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()))
+    ap.add_argument("--skip-timing", action="store_true", help="no timing rows (CPU, bytes)")
     args = ap.parse_args()
     hosts = [n for n in HOSTS if n <= 32] if args.quick else HOSTS
     if args.hosts:
@@ -168,7 +184,7 @@ def main() -> None:
     n_scen = args.scenarios if args.scenarios is not None else (300 if args.quick else 10000)
     base = cluster_configs(2)[0].cluster
     timing = []
-    for n in hosts:
+    for n in [] if args.skip_timing else hosts:
         runs = 20 if n <= 8 else (8 if n <= 32 else 3)
         buckets = 4096 if n >= 32 else 256
         for event in EVENTS:
@@ -195,11 +211,13 @@ def main() -> None:
     cpu: dict[str, float] = {}
     by_role: dict[str, dict[str, float]] = {}
     bw: dict[str, float] = {}
+    hmac_us: dict[str, float] = {}
     for n in hosts:
-        c, b = cpu_and_bytes(n, 2.0 if n >= 128 else 10.0, 4096)
+        c, b, h = cpu_and_bytes(n, 2.0 if n >= 128 else 10.0, 4096)
         cpu[str(n)] = round(max(c.values()), 5)
         by_role[str(n)] = {role: round(x, 5) for role, x in c.items()}
         bw[str(n)] = round(b)
+        hmac_us[str(n)] = round(h, 2)
     doc = {
         "period_ms": base.period_ms,
         "tolerance": base.tolerance,
@@ -210,6 +228,7 @@ def main() -> None:
         "cpu_fraction_per_host": cpu,
         "cpu_fraction_by_role": by_role,
         "heartbeat_bytes_per_s": bw,
+        "hmac_us_per_frame": hmac_us,
     }
     print(json.dumps(doc, indent=1 if args.json else 2))
 

@@ -72,7 +72,8 @@ SERVING = (*ELIGIBLE, HostState.DRAINING)  # established connections kept
 MAX_SILENCES = 128
 MAX_BASES = 16
 NEVER = float("-inf")
-WINDOW_MASK = (1 << 64) - 1
+WINDOW = 30  # frames of a peer that may arrive out of order; 30 bits keep it one machine word
+WINDOW_MASK = (1 << WINDOW) - 1
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,7 @@ class Engine:
         self.incarnation = incarnation
         self.timing = Timing(cl.period_ms / 1000.0, cl.tolerance)
         self.detect = self.timing.detect
+        self.ack_window = self.timing.ack_window
         self.rules = cl.effective_rules
         self.codec = Codec(cluster_id(cl.primary_vip), key)
         self.digest = bytes.fromhex(cl.digest())[:8]
@@ -362,7 +364,7 @@ class Engine:
                     p.window = ((p.window << (seq - p.last_seq)) | 1) & WINDOW_MASK
                     p.last_seq = p.hb_seq = seq  # (Peer.advance, written out)
                     detect = self.detect
-                    if p.last_heard + self.timing.ack_window < now:
+                    if p.last_heard + self.ack_window < now:
                         self.view += 1  # heard again after a silence: acknowledged again
                     p.last_heard = now
                     if self.expiry_check > now + detect:
@@ -433,6 +435,7 @@ class Engine:
             self.digest = new_digest
             self.timing = Timing(cl.period_ms / 1000.0, cl.tolerance)
             self.detect = self.timing.detect
+            self.ack_window = self.timing.ack_window
             self.rules = cl.effective_rules
             self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
             if len(self.rules) != len(old_rules):
@@ -588,7 +591,7 @@ class Engine:
         diff = frame.seq - p.last_seq
         if diff > 0:
             p.advance(frame.seq)
-        elif -diff >= 64 or p.window >> -diff & 1:
+        elif -diff >= WINDOW or p.window >> -diff & 1:
             return Rejection.REPLAY
         else:
             p.window |= 1 << -diff
@@ -650,7 +653,8 @@ class Engine:
         count = self.lease_count
         if count is None or sent <= count.basis:
             return  # the lease already counts from this beat or a newer one (most echoes)
-        if count.built_for == self._lease_regime():
+        if count.built_for == (self.epoch, self.epoch_ready, self.peer_generation):
+            # (the lease regime, written out: this runs for half the echoes)
             basis = count.echoed(p.host_id, before, sent)
             lease = self.lease_until
             # a lease not yet given or already run out is left to the next step, which
@@ -1425,7 +1429,7 @@ class Engine:
         memo = self._acks_memo
         if memo is not None and memo[1] is acked and now <= memo[2] and self._fresh(memo[0], now):
             return memo[3], memo[4]
-        window, peers, me = self.timing.ack_window, self.peers, self.me
+        window, peers, me = self.ack_window, self.peers, self.me
         out = [
             p
             for h in sorted(acked)

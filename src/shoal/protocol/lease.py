@@ -101,8 +101,9 @@ class LeaseCount:
         ``after``; the new basis if that made a newer beat quorate."""
         if host not in self.voters:
             return None
-        newest = None
-        for i, (s, tallies) in enumerate(self.pending):  # in the order they were sent
+        newest = -1
+        i = 0
+        for s, tallies in self.pending:  # in the order they were sent
             if s > after:
                 break
             if s > before:
@@ -110,11 +111,15 @@ class LeaseCount:
                 for t in tallies:  # Tally.add and Tally.quorate, written out (every echo)
                     if host in t.members:
                         t.count += 1
-                        t.has_lowest |= host == t.lowest
-                    whole = whole and _majority(t.count, t.size, t.has_lowest)
+                        if host == t.lowest:
+                            t.has_lowest = True
+                    if whole:
+                        twice = 2 * t.count
+                        whole = twice > t.size or (twice == t.size and t.has_lowest)
                 if whole:
                     newest = i
-        if newest is None:
+            i += 1
+        if newest < 0:
             return None
         self.basis = self.pending[newest][0]
         del self.pending[: newest + 1]
