@@ -102,8 +102,7 @@ class LeaseCount:
         if host not in self.voters:
             return None
         newest = -1
-        i = 0
-        for s, tallies in self.pending:  # in the order they were sent
+        for i, (s, tallies) in enumerate(self.pending):  # in the order they were sent
             if s > after:
                 break
             if s > before:
@@ -118,7 +117,6 @@ class LeaseCount:
                         whole = twice > t.size or (twice == t.size and t.has_lowest)
                 if whole:
                     newest = i
-            i += 1
         if newest < 0:
             return None
         self.basis = self.pending[newest][0]
