@@ -84,12 +84,12 @@ def test_a_repeated_heartbeat_is_read_without_a_full_parse(
     )
     wire2 = CODEC.encode(again)
     for h in (1, 2, 100, 255, 256, *hb.acks):
-        rep = repeat_of(wire, h)
+        rep = repeat_of(wire, hb, h)
         assert CODEC.open_repeat(wire2, rep) == again.seq
         assert wire2[rep.beat_at] == again.beat
         want = again.echoes[sorted(hb.acks).index(h)] if h in hb.acks else None
         assert (wire2[rep.echo_at] if rep.echo_at else None) == want
-    rep = repeat_of(wire, 1)
+    rep = repeat_of(wire, hb, 1)
     said = replace(other, host_id=hb.host_id, incarnation=hb.incarnation, said=hb.said ^ 1)
     assert CODEC.open_repeat(CODEC.encode(said), rep) is None
     at = data.draw(st.integers(0, len(wire2) - 1))
@@ -99,7 +99,7 @@ def test_a_repeated_heartbeat_is_read_without_a_full_parse(
 
 @given(st.binary(max_size=600), heartbeats())
 def test_a_repeat_check_of_any_bytes_never_raises(data: bytes, hb: Heartbeat) -> None:
-    rep = repeat_of(CODEC.encode(hb), 1)
+    rep = repeat_of(CODEC.encode(hb), hb, 1)
     assert CODEC.open_repeat(data, rep) in (None, -1)
     assert CODEC.open_repeat(CODEC.encode(hb)[:26] + data, rep) in (None, -1)
 

@@ -209,9 +209,7 @@ class Engine:
         cl = config.cluster
         self.me = config.host.host_id
         self.incarnation = incarnation
-        self.timing = Timing(cl.period_ms / 1000.0, cl.tolerance)
-        self.detect = self.timing.detect
-        self.ack_window = self.timing.ack_window
+        self._use_timing(Timing(cl.period_ms / 1000.0, cl.tolerance))
         self.rules = cl.effective_rules
         self.codec = Codec(cluster_id(cl.primary_vip), key)
         self.digest = bytes.fromhex(cl.digest())[:8]
@@ -245,7 +243,7 @@ class Engine:
         self.view = 0
         self._swept_at = now
         self._candidates: tuple[int, tuple[int, EpochKey | None, int]] | None = None
-        self._lead_memo: tuple[object, ...] | None = None
+        self._lead_memo: tuple[int, tuple[object, ...]] | None = None
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
         self._acks_memo: tuple[int, frozenset[int], float, frozenset[int], list[Peer]] | None = None
         self._said: Heartbeat | None = None  # the last heartbeat sent, less what every beat changes
@@ -290,6 +288,12 @@ class Engine:
         self.install: Install
         self._deadline = now
         self._publish()
+
+    def _use_timing(self, timing: Timing) -> None:
+        """The protocol's delays, and the two the receive path reads for every frame."""
+        self.timing = timing
+        self.detect = timing.detect
+        self.ack_window = timing.ack_window
 
     # ---------------------------------------------------------------- outputs
 
@@ -358,24 +362,7 @@ class Engine:
             seq = self.codec.open_repeat(data, rep)
             if seq is not None:
                 if seq > p.last_seq:  # (older ones meet the replay window below)
-                    # the heartbeat parsed last, said again: its sender is alive, and its
-                    # beat and its echo of ours may have moved (whether it acknowledges us
-                    # has not); written out here, as this runs for nearly every frame
-                    p.window = ((p.window << (seq - p.last_seq)) | 1) & WINDOW_MASK
-                    p.last_seq = p.hb_seq = seq  # (Peer.advance, written out)
-                    detect = self.detect
-                    if p.last_heard + self.ack_window < now:
-                        self.view += 1  # heard again after a silence: acknowledged again
-                    p.last_heard = now
-                    if self.expiry_check > now + detect:
-                        self.expiry_check = now + detect
-                        self._deadline = min(self._deadline, self.expiry_check)
-                    p.beat = data[rep.beat_at]
-                    if rep.echo_at:
-                        self._echoed(p, data[rep.echo_at], now)
-                    if p.fence_epoch is not None:
-                        assert p.hb is not None
-                        self._fence_report(p, p.hb, now)
+                    self._repeated(p, rep, data, seq, now)
                     return None
                 if seq < 0:
                     return self._reject(Rejection.BAD_AUTH)
@@ -392,11 +379,34 @@ class Engine:
             p = self.peers[env.host_id]
             if self._on_heartbeat(frame, now):
                 p.hb_seq = env.seq
-                p.repeat = repeat_of(data, self.me) if frame.config_digest == self.digest else None
+                same = frame.config_digest == self.digest
+                p.repeat = repeat_of(data, frame, self.me) if same else None
         else:
             self._on_chunk(frame, now)
         self._step(now, timers=False)
         return None
+
+    def _repeated(self, p: Peer, rep: Repeat, data: bytes, seq: int, now: float) -> None:
+        """``p`` said again what its heartbeat parsed last said: it is alive, and its beat
+        and its echo of ours may have moved (whether it acknowledges us has not)."""
+        p.advance(seq)
+        p.hb_seq = seq
+        if p.last_heard + self.ack_window < now:
+            self.view += 1  # heard again after a silence: acknowledged again
+        p.last_heard = now
+        self._heard(now)
+        p.beat = data[rep.beat_at]
+        if rep.echo_at:
+            self._echoed(p, data[rep.echo_at], now)
+        if p.fence_epoch is not None:
+            assert p.hb is not None
+            self._fence_report(p, p.hb, now)
+
+    def _heard(self, now: float) -> None:
+        """A host was heard: the soonest silence deadline is now + detect at the latest."""
+        if self.expiry_check > now + self.detect:
+            self.expiry_check = now + self.detect
+            self._deadline = min(self._deadline, self.expiry_check)
 
     def _reject(self, why: Rejection) -> Rejection:
         self.rejected[why.value] += 1
@@ -433,9 +443,7 @@ class Engine:
         if new_digest != self.digest:
             cl = config.cluster
             self.digest = new_digest
-            self.timing = Timing(cl.period_ms / 1000.0, cl.tolerance)
-            self.detect = self.timing.detect
-            self.ack_window = self.timing.ack_window
+            self._use_timing(Timing(cl.period_ms / 1000.0, cl.tolerance))
             self.rules = cl.effective_rules
             self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
             if len(self.rules) != len(old_rules):
@@ -558,9 +566,7 @@ class Engine:
 
     def _admit(self, frame: Envelope, now: float) -> Rejection | None:
         h = frame.host_id
-        if self.expiry_check > now + self.detect:
-            self.expiry_check = now + self.detect  # a host heard again (or for the first time)
-            self._deadline = min(self._deadline, self.expiry_check)
+        self._heard(now)
         if h == self.me:
             if frame.incarnation == self.incarnation:
                 return Rejection.OWN
@@ -653,8 +659,7 @@ class Engine:
         count = self.lease_count
         if count is None or sent <= count.basis:
             return  # the lease already counts from this beat or a newer one (most echoes)
-        if count.built_for == (self.epoch, self.epoch_ready, self.peer_generation):
-            # (the lease regime, written out: this runs for half the echoes)
+        if count.built_for == self._lease_regime():
             basis = count.echoed(p.host_id, before, sent)
             lease = self.lease_until
             # a lease not yet given or already run out is left to the next step, which
@@ -899,8 +904,9 @@ class Engine:
 
     def _lead(self, now: float) -> None:
         cur = self.epoch
-        memo = (self.view, cur and cur.key, self.record, self.vote, self.rule_states, self.cfg)
-        if cur is not None and self._lead_memo == memo and self._fresh(self.view, now):
+        memo = (cur and cur.key, self.record, self.vote, self.rule_states, self.cfg)
+        kept = self._lead_memo
+        if cur is not None and kept is not None and kept[1] == memo and self._fresh(kept[0], now):
             # nothing the fingerprint is made of changed since it last matched
             self._declare_ready(now)
             return
@@ -946,7 +952,7 @@ class Engine:
             # keep the newest objects: the next comparison then finds the very same ones
             # (a heartbeat parsed again brings equal but new tuples of rule reports)
             self.fingerprint = fp
-            self._lead_memo = memo
+            self._lead_memo = (self.view, memo)
             self._declare_ready(now)
             return
         graceful = {
@@ -1028,7 +1034,7 @@ class Engine:
         # membership as a base of its own adds nothing it does not satisfy already
         if same_assignment(cand, cur) and set(cand.bases) <= {*cur.bases, cur.members}:
             self.fingerprint = fp
-            self._lead_memo = memo
+            self._lead_memo = (self.view, memo)
             self._declare_ready(now)
             return
         self._create(cur, target, fenced, bases, reports, now, cand)

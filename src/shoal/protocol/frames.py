@@ -178,8 +178,6 @@ Frame = Heartbeat | MapChunk
 
 # state flags cdigest enum eleader edigest acks record vote nrules
 _HB_FIXED = struct.Struct("!BB8sIHQ8s32s")  # ... epoch digest, record
-_FLAGS_AT = HEADER_LEN + 1
-_RECORD_AT = HEADER_LEN + 32  # where the record bitmap sits in a heartbeat frame
 
 
 class Repeat(NamedTuple):
@@ -193,21 +191,14 @@ class Repeat(NamedTuple):
     size: int  # the whole frame, tag included
 
 
-def repeat_of(frame: bytes, host: int) -> Repeat:
-    """The :class:`Repeat` of an authenticated heartbeat frame already parsed in full
-    (its payload is well formed), as received by ``host``."""
+def repeat_of(frame: bytes, hb: Heartbeat, host: int) -> Repeat:
+    """The :class:`Repeat` of an authenticated heartbeat frame and ``hb``, what it decoded
+    to, as received by ``host``: the beat and the echoes (one per acknowledged host, in id
+    order) end the payload."""
     (plen,) = struct.unpack_from("!H", frame, HEADER_LEN - 2)
     tag_at = HEADER_LEN + plen
-    if frame[_FLAGS_AT] & Flag.ACKS_ARE_RECORD:
-        bits = int.from_bytes(frame[_RECORD_AT : _RECORD_AT + 32], "little")
-        (sender,) = struct.unpack_from("!H", frame, 12)
-        bits &= ~(1 << (sender - 1))
-    else:
-        bits = int.from_bytes(frame[_RECORD_AT + 32 : _RECORD_AT + 64], "little")
-    beat_at = tag_at - 1 - bits.bit_count()
-    echo_at = 0
-    if bits >> (host - 1) & 1:
-        echo_at = beat_at + 1 + (bits & ((1 << (host - 1)) - 1)).bit_count()
+    beat_at = tag_at - 1 - len(hb.acks)
+    echo_at = beat_at + 1 + sum(1 for h in hb.acks if h < host) if host in hb.acks else 0
     return Repeat(frame[:_SAME], beat_at, echo_at, tag_at + TAG_LEN)
 
 
@@ -308,12 +299,7 @@ class Codec:
         if len(data) != rep.size or data[:_SAME] != rep.head:
             return None
         end = rep.size - TAG_LEN
-        # the tag as in :meth:`tag`, written out: this runs for nearly every frame
-        inner = self._inner.copy()
-        inner.update(data[:end])
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        if not hmac.compare_digest(outer.digest(), data[end:]):
+        if not hmac.compare_digest(self.tag(data[:end]), data[end:]):
             return -1
         return _SEQ.unpack_from(data, _SAME)[0]  # type: ignore[no-any-return]
 

@@ -46,6 +46,15 @@ class Tally:
         return _majority(self.count, self.size, self.has_lowest)
 
 
+def _count(tallies: list[Tally], host: int) -> bool:
+    """Count ``host`` in every tally; whether each holds a quorum now."""
+    whole = True
+    for t in tallies:
+        t.add(host)
+        whole = whole and t.quorate()
+    return whole
+
+
 def _tallies(bases: tuple[frozenset[int], ...], hosts: Iterable[int]) -> list[Tally]:
     out = [Tally(b) for b in bases]
     for h in hosts:
@@ -80,9 +89,7 @@ class LeaseCount:
         self.basis = NEVER
         acks = {h: at for h, at in acks.items() if at > NEVER and h in voters}
         for at, h in sorted(((at, h) for h, at in acks.items()), reverse=True):
-            for t in tallies:
-                t.add(h)
-            if all(t.quorate() for t in tallies):
+            if _count(tallies, h):
                 self.basis = at
                 break
         self.pending: list[tuple[float, list[Tally]]] = []
@@ -105,18 +112,8 @@ class LeaseCount:
         for i, (s, tallies) in enumerate(self.pending):  # in the order they were sent
             if s > after:
                 break
-            if s > before:
-                whole = True
-                for t in tallies:  # Tally.add and Tally.quorate, written out (every echo)
-                    if host in t.members:
-                        t.count += 1
-                        if host == t.lowest:
-                            t.has_lowest = True
-                    if whole:
-                        twice = 2 * t.count
-                        whole = twice > t.size or (twice == t.size and t.has_lowest)
-                if whole:
-                    newest = i
+            if s > before and _count(tallies, host):
+                newest = i
         if newest < 0:
             return None
         self.basis = self.pending[newest][0]
