@@ -1154,6 +1154,11 @@ class Engine:
         if not self.acquiring or e is None:
             return
         self.acquiring = False
+        if self.me not in e.members:
+            # nothing to take, so nothing a lease guards: a leader outside the epoch it
+            # leads (it was fenced, then came back as the lowest id) must be able to keep
+            # it READY, or it could never replace it with one that counts it in
+            return
         lease = self.lease_until
         if lease is None or lease <= now or not self._eligible_self(now):
             self.epoch_ready = False

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -91,13 +91,16 @@ def run_scenario(
     duration_periods: int = 120,
     verbose: bool = False,
     max_hosts: int = 7,
+    observers: Iterable[Callable[[SimCluster], None]] = (),
 ) -> Scenario:
-    """Run one random scenario; raises InvariantViolation naming the seed on a breach."""
+    """Run one random scenario; raises InvariantViolation naming the seed on a breach.
+    ``observers`` are called after every input an engine handled."""
     rng = random.Random(seed)
     n = hosts or rng.randint(2, max_hosts)
     buckets = rng.choice([16, 60, 64, 256])
     configs = cluster_configs(n, buckets, weights={h: rng.randint(1, 100) for h in range(1, n + 1)})
     sim = SimCluster(configs, KEY, seed)
+    sim.observers.extend(observers)
     p = sim.period
     sc = Scenario(seed, n, buckets, duration_periods * p)
     sim.faults.loss = rng.choice([0.0, 0.0, 0.01, 0.05, 0.2])
