@@ -5,8 +5,11 @@ datagrams from random addresses to every VIP and port kind."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import random
+import subprocess
+import sys
 import time
 import tomllib
 from collections import defaultdict
@@ -16,7 +19,7 @@ from typing import Any
 import pytest
 
 from shoal.config import parse_config
-from shoal.lab.topology import run_module, veth
+from shoal.lab.topology import pyenv, run_module, veth
 from shoal.lab.verify import random_map
 from shoal.verdict import ClusterView, Outcome, Packet, decide
 from tests.conftest import example_doc, needs_root
@@ -183,3 +186,53 @@ def _load(path: Path) -> dict[str, Any]:
 
 def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=f"{HELPER.parent.parent / 'src'}:{HELPER.parent.parent}")
+
+
+_LEASE_PROBE = """
+import json
+from shoal.dataplane.backend import NftBackend
+from shoal.dataplane.kernel_lease import KernelLease
+from shoal.dataplane.nft import Nft, NftError
+from shoal.sim.scenario import cluster_configs
+
+def timeouts():
+    doc = Nft().json([{"list": {"set": {"family": "inet", "table": "shoal", "name": "lease"}}}])
+    st = [x["set"] for x in doc["nftables"] if "set" in x][0]
+    return sorted((e["elem"]["val"], e["elem"]["timeout"]) for e in st.get("elem", []))
+
+out = {}
+try:
+    KernelLease("shoal").renew(1000)
+except NftError as e:
+    out["no_table"] = str(e)
+backend = NftBackend(cluster_configs(2, 64)[0])
+backend.create()
+backend.renew(5_000)
+out["first"] = timeouts()
+backend.renew(120_000)
+out["renewed"] = timeouts()
+backend.renew(0)
+out["lapsed"] = timeouts()
+print(json.dumps(out))
+"""
+
+
+@needs_root()
+def test_lease_renewals_replace_the_timeout_and_name_what_failed() -> None:
+    """The daemon's most frequent kernel update, one prepared netlink batch: each renewal
+    replaces the timeout (the newest wins, longer or shorter), 0 ends the lease at once, and
+    a refusal names the kernel's reason."""
+    with namespaces("lease") as ns:
+        res = subprocess.run(
+            ["ip", "netns", "exec", ns["lease"], sys.executable, "-c", _LEASE_PROBE],
+            capture_output=True,
+            text=True,
+            env=pyenv(),
+            timeout=60,
+        )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert "No such file or directory" in got["no_table"]
+    assert got["first"] == [["ipv4", 5], ["ipv6", 5]]
+    assert got["renewed"] == [["ipv4", 120], ["ipv6", 120]]
+    assert got["lapsed"] == []

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shoal.config import FilteringMode, ShoalConfig
+from shoal.dataplane.kernel_lease import KernelLease
 from shoal.dataplane.nft import Nft, NftError
 from shoal.dataplane.ruleset import (
     PRE_TABLE,
@@ -21,7 +22,6 @@ from shoal.dataplane.ruleset import (
     base_ruleset,
     checks_owned,
     flags,
-    lease,
     prefilter,
 )
 from shoal.protocol.engine import Install
@@ -63,6 +63,7 @@ class NftBackend:
         self.flags: dict[str, list[dict[str, Any]]] = {}
         self.tokens: frozenset[int] = frozenset()
         self.installed = False
+        self.lease: KernelLease | None = None
 
     def create(self) -> None:
         """(Re)create both tables, owning nothing and serving nothing."""
@@ -133,7 +134,9 @@ class NftBackend:
 
     def renew(self, ms: int) -> None:
         """The kernel takes new connections for ``ms`` more milliseconds (0: stop now)."""
-        self.nft.run(lease(ms))
+        if self.lease is None:
+            self.lease = KernelLease(TABLE)
+        self.lease.renew(ms)
 
     def counters(self) -> list[RuleCounters]:
         doc = self.nft.json([{"list": {"counters": {"family": "inet", "table": TABLE}}}])

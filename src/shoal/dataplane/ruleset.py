@@ -223,15 +223,3 @@ def flags(cfg: ShoalConfig, inst: Install) -> dict[str, list[dict[str, Any]]]:
         out[f"drain_{i}"] = _flag(f"drain_{i}", state is RuleState.DRAINING)
         out[f"handle_{i}"] = _flag(f"handle_{i}", i in handled)
     return out
-
-
-def lease(ms: int) -> str:
-    """Renew the kernel lease for ``ms`` milliseconds (0: let it lapse now).
-
-    nft syntax, not JSON: libnftables 1.0's JSON carries timeouts in whole seconds only.
-    """
-    cmd = f"flush set inet {TABLE} lease\n"
-    if ms > 0:
-        elems = ", ".join(f"{f} timeout {ms}ms" for f in FAMILIES)
-        cmd += f"add element inet {TABLE} lease {{ {elems} }}\n"
-    return cmd
