@@ -29,9 +29,9 @@ from shoal.protocol.engine import Command, Engine, Install
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import ETHERTYPE, HostState
 
-PACKET_OUTGOING = 4
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
+PACKET_IGNORE_OUTGOING = 23
 PACKET_MR_MULTICAST = 0
 BROADCAST = b"\xff" * 6
 RECENT_EVENTS = 200
@@ -66,6 +66,10 @@ class Daemon:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0  # the engine deadline the timer is armed for
+        # frames closer together than this are taken in batches (at most this late)
+        self.hold = min(0.005, self.cfg.cluster.period_ms / 20_000)
+        self.last_wake = 0.0
+        self.held: asyncio.TimerHandle | None = None  # the next batch, reader off meanwhile
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
@@ -107,6 +111,11 @@ class Daemon:
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETHERTYPE))
         sock.bind((self.cfg.interface, ETHERTYPE))
         sock.setblocking(False)
+        try:
+            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)  # not our own frames
+        except OSError as e:
+            sock.close()
+            raise OSError(f"PACKET_IGNORE_OUTGOING refused ({e}): shoal needs Linux 4.20+") from e
         if cl.mode is ClusterMode.UNICAST:
             self.dest = BROADCAST
         else:
@@ -119,17 +128,38 @@ class Daemon:
     def on_readable(self) -> None:
         self.receive()
         self.after()
+        now = self.now()
+        if now - self.last_wake < self.hold:
+            # frames come faster than one per hold (a large cluster): stop waking for each
+            # and take them in batches, one every hold, while they keep coming
+            assert self.loop is not None
+            self.loop.remove_reader(self.sock.fileno())
+            self.held = self.loop.call_later(self.hold, self.drain)
+        self.last_wake = now
 
-    def receive(self) -> None:
-        """Hand the engine what the socket holds (at most a burst's worth)."""
+    def drain(self) -> None:
+        """A batch: what came during the hold. Listen for each frame again once the
+        frames have thinned out."""
+        assert self.loop is not None
+        busy = self.receive() > 1
+        self.after()
+        if busy:
+            self.held = self.loop.call_later(self.hold, self.drain)
+        else:
+            self.held = None
+            self.loop.add_reader(self.sock.fileno(), self.on_readable)
+
+    def receive(self) -> int:
+        """Hand the engine what the socket holds (at most a burst's worth); how many."""
+        n = 0
         for _ in range(256):
             try:
-                data, addr = self.sock.recvfrom(2048)
+                data = self.sock.recv(2048)
             except (BlockingIOError, InterruptedError):
                 break
-            if addr[2] == PACKET_OUTGOING:
-                continue
             self.engine.receive(data, self.now())
+            n += 1
+        return n
 
     def send(self, frames: list[bytes]) -> None:
         for frame in frames:
@@ -164,8 +194,14 @@ class Daemon:
         if lease is not None and lease > self.lease_sent and low:
             ms = int((lease - now) * 1000)
             if ms > 0:
-                self.backend.renew(ms)
-                self.lease_sent = lease
+                try:
+                    self.backend.renew(ms)
+                    self.lease_sent = lease
+                except NftError as err:
+                    # the kernel keeps the lease it had (it runs out on its own): try again
+                    # after the next input
+                    msg = {"name": "lease_renewal_failed", "error": str(err)}
+                    sys.stderr.write(json.dumps(msg) + "\n")
         assert self.loop is not None
         deadline = e.next_deadline()
         if self.timer is not None and self.timer_at == deadline:
@@ -312,6 +348,8 @@ class Daemon:
             await self.stop_event.wait()
         finally:
             server.close()
+            if self.held is not None:
+                self.held.cancel()
             self.loop.remove_reader(self.sock.fileno())
             if not self.handover:
                 self.engine.command(Command.STOP, self.now())
