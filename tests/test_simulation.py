@@ -12,24 +12,24 @@ from shoal.sim.cluster import SimCluster
 from shoal.sim.scenario import run_scenario
 
 
-@settings(
-    max_examples=500,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+def scenarios(count: int) -> settings:
+    """``count`` seeds, the same ones at every run (CI replays what it found)."""
+    return settings(
+        max_examples=count,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+
+
+@scenarios(500)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_scenarios_keep_the_contract(seed: int) -> None:
     sc = run_scenario(seed)
     assert sc.steps  # something happened, and the cluster converged again afterwards
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+@scenarios(25)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_scenarios_in_larger_clusters_keep_the_contract(seed: int) -> None:
     """8 to 16 hosts: more epochs in flight at once, longer chains of them before one is
