@@ -138,10 +138,10 @@ class Daemon:
         self.last_wake = now
 
     def drain(self) -> None:
-        """A batch: what came during the hold. Listen for each frame again once the
-        frames have thinned out."""
+        """A batch: what came during the hold. Listen for each frame again once a hold
+        went by without one."""
         assert self.loop is not None
-        busy = self.receive() > 1
+        busy = self.receive() > 0
         self.after()
         if busy:
             self.held = self.loop.call_later(self.hold, self.drain)

@@ -332,7 +332,9 @@ handling_priority = {h}
         if self.daemons:
             for h in range(1, self.hosts + 1):
                 self.start_daemon(h)
-            deadline = time.monotonic() + 10
+            # each daemon's start costs about a second of CPU (imports): many hosts on few
+            # cores take a while
+            deadline = time.monotonic() + 10 + self.hosts
             while time.monotonic() < deadline and not all(
                 self.control(h).exists() for h in range(1, self.hosts + 1)
             ):
