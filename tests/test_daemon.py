@@ -10,11 +10,13 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from shoal.lab.topology import Lab
-from tests.conftest import needs_root
+from tests.conftest import EXAMPLES, needs_root
+from tests.nethelp import namespaces, sh
 
 pytestmark = [needs_root(), pytest.mark.root]
 
@@ -296,3 +298,25 @@ def test_garbage_on_the_control_socket_is_answered_and_survived(lab: Lab) -> Non
             answer = json.loads(s.recv(65536))
         assert answer["ok"] is False and answer["error"]
     wait_for(lab, ALL)
+
+
+def test_a_daemon_that_cannot_start_says_why(tmp_path: Path) -> None:
+    """A failure at start (here the control socket's directory cannot be made) is one line
+    naming it and exit code 1, not a traceback."""
+    with namespaces("start") as ns:
+        sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1", ns=ns["start"])
+        sh("ip", "link", "set", "eth0", "up", ns=ns["start"])
+        res = subprocess.run(
+            [
+                "ip", "netns", "exec", ns["start"], sys.executable, "-m", "shoal.cli", "daemon",
+                "--config", str(EXAMPLES / "host1.toml"), "--no-adapter",
+                "--control", "/proc/shoal-nowhere/h1.sock", "--state-dir", str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+        )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    assert "error: daemon:" in res.stderr and "/proc/shoal-nowhere" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -185,6 +185,9 @@ def daemon(
         raise _fail(str(e)) from None
     try:
         asyncio.run(d.run())
+    except OSError as e:
+        # the socket or the kernel refused something at start (e.g. an old kernel)
+        raise _fail(f"daemon: {e}") from None
     finally:
         d.restore()
 
