@@ -70,3 +70,22 @@ def test_a_leader_outside_the_epoch_it_leads_makes_it_ready() -> None:
 
     assert run_scenario(125, hosts=16, observers=[watch]).steps
     assert seen, "the scenario no longer leads an epoch from outside it: pick another seed"
+
+
+@scenarios(100)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_random_scenarios_with_the_available_policy_keep_the_contract(seed: int) -> None:
+    """NLB's policy: every side of a split serves on; until a split, nothing is accepted
+    twice, and after repairs the cluster converges as with the quorum policy."""
+    assert run_scenario(seed, policy="available").steps
+
+
+@pytest.mark.parametrize("seed", [54, 396, 410, 438])
+def test_available_policy_leases_count_from_an_echoed_beat(seed: int) -> None:
+    """With the available policy a host granted itself a lease from its last step, which
+    may come a period after the last heartbeat anyone heard from it; when it went silent
+    (a daemon killed, a host left out), the others' fence (when they last heard it, plus a
+    lease) ended while its kernel still took new connections. These seeds found it before
+    any split; its lease now counts from the newest of its beats a member echoed, as with
+    the quorum policy."""
+    assert run_scenario(seed, policy="available").steps

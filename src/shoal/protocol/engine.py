@@ -1284,8 +1284,20 @@ class Engine:
         if e is None or self.me not in e.members or not self._eligible_self(now):
             self.lease_until = None
             return
-        if not self.quorum or e.members == {self.me}:
+        if e.members == {self.me}:
             self.lease_until = now + self.timing.lease
+            return
+        if not self.quorum:
+            # every side serves on, but a host that goes silent must still be fenced: its
+            # lease counts from the newest of its beats any member echoed (that member
+            # reports when it last heard it), not from now, which may be a period after
+            # the last heartbeat anyone heard
+            echoed = [
+                p.ack_at for h in e.members if h != self.me and (p := self.peers.get(h)) is not None
+            ]
+            newest = max(echoed, default=NEVER)
+            if newest > NEVER:
+                self._extend_lease(min(now, newest) + self.timing.lease)
             return
         # until the epoch is READY, hosts may still be at any epoch since the last READY
         # one: the lease needs a quorum of each of those memberships too
