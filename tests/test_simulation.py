@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shoal.protocol.engine import MAX_BASES
 from shoal.sim.cluster import SimCluster
 from shoal.sim.scenario import run_scenario
 
@@ -89,3 +90,21 @@ def test_available_policy_leases_count_from_an_echoed_beat(seed: int) -> None:
     any split; its lease now counts from the newest of its beats a member echoed, as with
     the quorum policy."""
     assert run_scenario(seed, policy="available").steps
+
+
+def test_an_epoch_that_can_never_be_ready_is_replaced_past_the_bases_limit() -> None:
+    """16 hosts, much churn across partitions: one side made epochs 7/1 to 22/15, none of
+    them READY, while the other side made 6/3 READY. Hosts 8 and 12, members of 22/15, hold
+    6/3 and will not adopt 22/15 (it does not outvote 6/3), so it can never be READY; and
+    22/15 carried the most bases an epoch should (16), past which its leader only waited
+    for READY. Every host stayed converging. A leader now replaces such an epoch anyway."""
+    bases: list[int] = []
+
+    def watch(sim: SimCluster) -> None:
+        for h in sim.hosts.values():
+            e = h.engine
+            if e and e.leading and e.epoch and len(e.epoch.bases) > MAX_BASES:
+                bases.append(len(e.epoch.bases))
+
+    assert run_scenario(1889, hosts=16, observers=[watch]).steps
+    assert bases, "the scenario no longer outgrows the bases limit: pick another seed"

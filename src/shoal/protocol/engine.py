@@ -70,7 +70,8 @@ from shoal.protocol.lease import LeaseCount, quorate
 ELIGIBLE = (HostState.CONVERGING, HostState.CONVERGED)
 SERVING = (*ELIGIBLE, HostState.DRAINING)  # established connections kept
 MAX_SILENCES = 128
-MAX_BASES = 16
+MAX_BASES = 16  # past this many, a leader changes nothing until its epoch is READY...
+MAX_BASES_ENCODED = 255  # ... unless it never can be; an epoch encodes at most this many
 NEVER = float("-inf")
 WINDOW = 30  # frames of a peer that may arrive out of order; 30 bits keep it one machine word
 WINDOW_MASK = (1 << WINDOW) - 1
@@ -1000,7 +1001,9 @@ class Engine:
                         self._emit(EventId.NO_QUORUM, now, live=sorted(target), members=sorted(eff))
                     self._declare_ready(now)
                     return
-            if len(bases) > MAX_BASES:
+            if len(bases) > MAX_BASES_ENCODED or (
+                len(bases) > MAX_BASES and not self._never_ready(cur)
+            ):
                 self._declare_ready(now)  # no further change until this epoch is READY
                 return
         fenced = (cur.members - target) | (frozenset() if self.epoch_ready else cur.fenced)
@@ -1039,6 +1042,23 @@ class Engine:
             return
         self._create(cur, target, fenced, bases, reports, now, cand)
         self.fingerprint = self._lead_memo = None
+
+    def _never_ready(self, cur: EpochState) -> bool:
+        """A member of ``cur`` holds an epoch it may have seen READY that ``cur`` neither
+        descends from nor outvotes (see :meth:`_may_adopt`): it will not adopt ``cur``, so
+        ``cur`` can never be READY and waiting for it would wait for ever. (Judged from the
+        member's heartbeat; wrong only towards a new epoch, which is as safe as any.)"""
+        for h in cur.members:
+            p = self.peers.get(h) if h != self.me else None
+            hb = p.hb if p is not None else None
+            if hb is None or hb.epoch is None or hb.epoch == cur.key or hb.epoch in cur.lineage:
+                continue
+            known = self.known.get(hb.epoch)
+            if known is not None and known.members in cur.bases:
+                continue
+            if hb.record and hb.record not in cur.bases and hb.vote not in cur.bases:
+                return True
+        return False
 
     def _create(
         self,
