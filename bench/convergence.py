@@ -3,7 +3,7 @@
 timing: periods from an event (crash, join, leave, drainstop) to every bucket owned by a
 live host and every host converged, at the default profile. scenarios/violations: random
 fault scenarios of the simulator (the contract of DESIGN.md §4 checked after every step),
-one in ten with 8 to 16 hosts.
+one in ten with 8 to 16 hosts and one in ten with the "available" partition policy.
 cpu_fraction_per_host: CPU seconds one engine spends per second of cluster time in a steady
 cluster (the leader or a follower, whichever costs more; both under cpu_fraction_by_role).
 heartbeat_bytes_per_s: bytes on the wire per second for the whole cluster (every frame
@@ -166,14 +166,22 @@ def scenario_hosts(seed: int) -> int | None:
     return 8 + seed // 10 % 9 if seed % 10 == 9 else None
 
 
+def scenario_policy(seed: int) -> str:
+    """One scenario in ten runs NLB's partition policy, every side serving on."""
+    return "available" if seed % 10 == 4 else "quorum"
+
+
 def _scenario(seed: int) -> str | None:
-    hosts = scenario_hosts(seed)
+    hosts, policy = scenario_hosts(seed), scenario_policy(seed)
     try:
-        run_scenario(seed, hosts=hosts)
+        run_scenario(seed, hosts=hosts, policy=policy)
     except InvariantViolation as e:
-        return (
-            f"{e} (replay: python -m shoal.sim --seed {seed} --hosts {hosts})" if hosts else str(e)
-        )
+        replay = f"python -m shoal.sim --seed {seed}"
+        if hosts is not None:
+            replay += f" --hosts {hosts}"
+        if policy != "quorum":
+            replay += f" --policy {policy}"
+        return f"{e} (replay: {replay})"
     return None
 
 

@@ -255,9 +255,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Replay one simulator scenario.")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--hosts", type=int)
+    ap.add_argument("--policy", choices=["quorum", "available"], default="quorum")
     args = ap.parse_args()
     try:
-        sc = run_scenario(args.seed, args.hosts, verbose=True)
+        sc = run_scenario(args.seed, args.hosts, verbose=True, policy=args.policy)
     except InvariantViolation as e:
         print(f"VIOLATION: {e}")
         raise SystemExit(1) from None
