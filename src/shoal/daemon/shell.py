@@ -66,8 +66,6 @@ class Daemon:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0  # the engine deadline the timer is armed for
-        # frames closer together than this are taken in batches (at most this late)
-        self.hold = min(0.005, self.cfg.cluster.period_ms / 20_000)
         self.last_wake = 0.0
         self.held: asyncio.TimerHandle | None = None  # the next batch, reader off meanwhile
         self.stop_event = asyncio.Event()
@@ -124,6 +122,12 @@ class Daemon:
             mreq = struct.pack("iHH8s", ifindex, PACKET_MR_MULTICAST, 6, self.dest)
             sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
         return sock
+
+    @property
+    def hold(self) -> float:
+        """Frames closer together than this are taken in batches, at most this late (a
+        twentieth of the period in force: a reload may change it)."""
+        return min(0.005, self.engine.timing.period / 20)
 
     def on_readable(self) -> None:
         self.receive()

@@ -185,6 +185,25 @@ def _after(t: float) -> float:
     return math.nextafter(t, math.inf)
 
 
+def _supersedes(
+    state: EpochState,
+    key: EpochKey,
+    members: frozenset[int] | None,
+    record: frozenset[int],
+    vote: frozenset[int],
+) -> bool:
+    """Whether a host holding epoch ``key`` (of ``members``, if known), having seen it
+    READY, may adopt ``state``: it descends from that epoch, or it outvoted its membership,
+    the host's record or its vote. (A host that left on purpose lends no vote: its record,
+    the members less itself, is what a leader outvotes for it.)"""
+    return (
+        key in state.lineage
+        or (members is not None and members in state.bases)
+        or (bool(record) and record in state.bases)
+        or (bool(vote) and vote in state.bases)
+    )
+
+
 def _votes(record: frozenset[int], vote: frozenset[int]) -> tuple[frozenset[int], ...]:
     return tuple(dict.fromkeys(x for x in (record, vote) if x))
 
@@ -1051,12 +1070,11 @@ class Engine:
         for h in cur.members:
             p = self.peers.get(h) if h != self.me else None
             hb = p.hb if p is not None else None
-            if hb is None or hb.epoch is None or hb.epoch == cur.key or hb.epoch in cur.lineage:
+            if hb is None or hb.epoch is None or hb.epoch == cur.key or not hb.record:
                 continue
             known = self.known.get(hb.epoch)
-            if known is not None and known.members in cur.bases:
-                continue
-            if hb.record and hb.record not in cur.bases and hb.vote not in cur.bases:
+            members = known.members if known is not None else None
+            if not _supersedes(cur, hb.epoch, members, hb.record, hb.vote):
                 return True
         return False
 
@@ -1118,14 +1136,7 @@ class Engine:
         here even after its lease lapsed (which makes it acquire again, not vote again)."""
         if not self.quorum or self.epoch is None or not self.ready_seen:
             return True
-        # a host that left on purpose lends no vote: its record (the members less itself)
-        # is what a leader outvotes for it
-        return (
-            self.epoch.key in state.lineage
-            or self.epoch.members in state.bases
-            or (bool(self.record) and self.record in state.bases)
-            or (bool(self.vote) and self.vote in state.bases)
-        )
+        return _supersedes(state, self.epoch.key, self.epoch.members, self.record, self.vote)
 
     def _adopt(self, state: EpochState, now: float) -> None:
         prev = self.epoch

@@ -123,6 +123,11 @@ def run_scenario(
 
         sim.at(t, run)
 
+    def cluster_split() -> None:
+        """Two clusters from here on: with the available policy both serve."""
+        if policy != "quorum":
+            sim.check_exclusive = False
+
     ids = list(range(1, n + 1))
     t = 12 * p  # let the cluster form first
     end = sc.duration
@@ -165,8 +170,7 @@ def run_scenario(
 
             def split(g: dict[int, int] = groups) -> None:
                 sim.faults.groups = g
-                if policy != "quorum":
-                    sim.check_exclusive = False
+                cluster_split()
 
             act(t, f"partition {groups}", split)
         elif kind == "heal":
@@ -211,8 +215,7 @@ def run_scenario(
 
             def mismatch(h: int = h) -> None:
                 sim.reload(h, mismatched(configs[h - 1]))
-                if policy != "quorum":
-                    sim.check_exclusive = False  # a cluster of its own: it serves too
+                cluster_split()  # a cluster of its own
 
             act(t, f"reload host {h} with a mismatched rule", mismatch)
         else:
