@@ -7,7 +7,10 @@ one in ten with 8 to 16 hosts and one in ten with the "available" partition poli
 cpu_fraction_per_host: CPU seconds one engine spends per second of cluster time in a steady
 cluster (the leader or a follower, whichever costs more; both under cpu_fraction_by_role).
 heartbeat_bytes_per_s: bytes on the wire per second for the whole cluster (every frame
-counted once, as the switch floods it).
+counted once, as the switch floods it). hmac_us_per_frame: HMAC-SHA256 of one of those
+frames on this machine during the run. engine_in_hmacs_by_role: each engine's time as a
+multiple of the HMACs of the frames it was fed, the two timed alternately (the median
+ratio, which the VM's changing speed leaves alone).
 """
 
 from __future__ import annotations
@@ -100,15 +103,20 @@ def _replay(snapshot: bytes, inputs: list[tuple[bytes | None, float]]) -> float:
     return time.perf_counter() - t0
 
 
-def cpu_and_bytes(n: int, seconds: float, buckets: int) -> tuple[dict[str, float], float, float]:
+def cpu_and_bytes(
+    n: int, seconds: float, buckets: int
+) -> tuple[dict[str, float], float, float, dict[str, float]]:
     """CPU fraction of the leader's engine and of a follower's in a steady cluster of n
-    hosts, the cluster's bytes/s, and the cost of one frame's HMAC meanwhile (µs).
+    hosts, the cluster's bytes/s, the cost of one frame's HMAC meanwhile (µs), and each
+    engine's time as a multiple of the HMACs of the frames it was fed.
 
     The engines run in the simulator, which records what the two were fed; each is then
     replayed alone from a copy taken before. Timed inside the simulator every engine would
     pay for the 255 others sharing its heap (cache misses, garbage-collector walks), which a
     host, running one engine per daemon, never does: that inflated the figure about 2.5 times
-    at 256 hosts.
+    at 256 hosts. Each replay alternates with the HMACs of the same frames, the baseline: the
+    VM runs the same code up to twice as slowly at times, and the ratio of the two, taken
+    round by round, does not move with it.
     """
     sim = SimCluster(cluster_configs(n, buckets), KEY, 99)
     sim.check_exclusive = False
@@ -140,25 +148,32 @@ def cpu_and_bytes(n: int, seconds: float, buckets: int) -> tuple[dict[str, float
         sim.run_until(sim.now + seconds)
     finally:
         Engine.receive, Engine.tick = receive, tick  # type: ignore[method-assign]
-    cost = {
-        role: min(_replay(snapshots[hid], inputs[hid]) for _ in range(5)) / seconds
-        for role, hid in roles.items()
-    }
-    return cost, (sim.bytes_sent - b0) / (sim.now - t_start), _hmac_us(inputs[n])
+    engine_s: dict[str, list[float]] = {role: [] for role in roles}
+    ratios: dict[str, list[float]] = {role: [] for role in roles}
+    hmac_s: list[float] = []
+    for _ in range(7):
+        for role, hid in roles.items():
+            t_engine = _replay(snapshots[hid], inputs[hid])
+            t_hmac = _hmacs(inputs[hid])
+            engine_s[role].append(t_engine)
+            ratios[role].append(t_engine / t_hmac)
+            if role == "follower":
+                hmac_s.append(t_hmac)
+    frames = sum(1 for f, _ in inputs[n] if f is not None)
+    cost = {role: min(v) / seconds for role, v in engine_s.items()}
+    in_hmacs = {role: statistics.median(v) for role, v in ratios.items()}
+    bw = (sim.bytes_sent - b0) / (sim.now - t_start)
+    return cost, bw, 1e6 * min(hmac_s) / max(1, frames), in_hmacs
 
 
-def _hmac_us(inputs: list[tuple[bytes | None, float]]) -> float:
-    """What HMAC-SHA256 of one of these frames costs on this machine now (µs): the CPU
-    figures scale with it when the VM runs slower or faster."""
+def _hmacs(inputs: list[tuple[bytes | None, float]]) -> float:
+    """Seconds HMAC-SHA256 of each of these frames takes on this machine now."""
     codec = Codec(b"\0" * 8, KEY)
     frames = [f[:-TAG_LEN] for f, _ in inputs if f is not None]
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for f in frames:
-            codec.tag(f)
-        best = min(best, time.perf_counter() - t0)
-    return 1e6 * best / max(1, len(frames))
+    t0 = time.perf_counter()
+    for f in frames:
+        codec.tag(f)
+    return time.perf_counter() - t0
 
 
 def scenario_hosts(seed: int) -> int | None:
@@ -229,12 +244,14 @@ def main() -> None:
     by_role: dict[str, dict[str, float]] = {}
     bw: dict[str, float] = {}
     hmac_us: dict[str, float] = {}
+    in_hmacs: dict[str, dict[str, float]] = {}
     for n in hosts:
-        c, b, h = cpu_and_bytes(n, 2.0 if n >= 128 else 10.0, 4096)
+        c, b, h, r = cpu_and_bytes(n, 2.0 if n >= 128 else 10.0, 4096)
         cpu[str(n)] = round(max(c.values()), 5)
         by_role[str(n)] = {role: round(x, 5) for role, x in c.items()}
         bw[str(n)] = round(b)
         hmac_us[str(n)] = round(h, 2)
+        in_hmacs[str(n)] = {role: round(x, 2) for role, x in r.items()}
     doc = {
         "period_ms": base.period_ms,
         "tolerance": base.tolerance,
@@ -246,6 +263,7 @@ def main() -> None:
         "cpu_fraction_by_role": by_role,
         "heartbeat_bytes_per_s": bw,
         "hmac_us_per_frame": hmac_us,
+        "engine_in_hmacs_by_role": in_hmacs,
     }
     print(json.dumps(doc, indent=1 if args.json else 2))
 
