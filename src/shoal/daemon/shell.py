@@ -125,9 +125,11 @@ class Daemon:
 
     @property
     def hold(self) -> float:
-        """Frames closer together than this are taken in batches, at most this late (a
-        twentieth of the period in force: a reload may change it)."""
-        return min(0.005, self.engine.timing.period / 20)
+        """Frames closer together than this are taken in batches, at most this late: a
+        tenth of the period in force (a reload may change it), 10 ms at most. Each drain
+        is a wake-up, and wake-ups are most of what a daemon costs; a frame read 10 ms late
+        costs the lease a tenth of a period of headroom, of two or more."""
+        return min(0.010, self.engine.timing.period / 10)
 
     def on_readable(self) -> None:
         self.receive()
