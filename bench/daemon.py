@@ -41,7 +41,7 @@ def generate(config: Path, hosts: int, seconds: float, interface: str) -> None:
     cl = cfg.cluster
     assert cl.mode is ClusterMode.UNICAST
     codec = Codec(cluster_id(cl.primary_vip), cl.secret(config.parent))
-    digest = bytes.fromhex(cl.digest())[:8]
+    digest = cl.heartbeat_digest()
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETHERTYPE))
     sock.bind((interface, ETHERTYPE))
     period = cl.period_ms / 1000

@@ -4,11 +4,13 @@ raises with the seed that replays it: ``python -m shoal.sim --seed N``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shoal.protocol.engine import MAX_BASES
+from shoal.protocol.engine import MAX_BASES, Engine
 from shoal.sim.cluster import SimCluster
 from shoal.sim.scenario import run_scenario
 
@@ -55,6 +57,11 @@ def test_a_host_that_formed_a_cluster_alone_and_stopped_is_outvoted(seed: int) -
     assert run_scenario(seed).steps
 
 
+def leaders(sim: SimCluster) -> Iterator[Engine]:
+    """The engines that lead now."""
+    return (h.engine for h in sim.hosts.values() if h.engine is not None and h.engine.leading)
+
+
 def test_a_leader_outside_the_epoch_it_leads_makes_it_ready() -> None:
     """16 hosts, much churn: host 1, fenced out of epoch 30/5 by a partition, comes back as
     the lowest id and leads that epoch without being a member of it. The epoch already has
@@ -64,9 +71,8 @@ def test_a_leader_outside_the_epoch_it_leads_makes_it_ready() -> None:
     seen: list[float] = []
 
     def watch(sim: SimCluster) -> None:
-        for h in sim.hosts.values():
-            e = h.engine
-            if e and e.leading and e.epoch and e.epoch_ready and e.me not in e.epoch.members:
+        for e in leaders(sim):
+            if e.epoch and e.epoch_ready and e.me not in e.epoch.members:
                 seen.append(sim.now)
 
     assert run_scenario(125, hosts=16, observers=[watch]).steps
@@ -101,9 +107,8 @@ def test_an_epoch_that_can_never_be_ready_is_replaced_past_the_bases_limit() -> 
     bases: list[int] = []
 
     def watch(sim: SimCluster) -> None:
-        for h in sim.hosts.values():
-            e = h.engine
-            if e and e.leading and e.epoch and len(e.epoch.bases) > MAX_BASES:
+        for e in leaders(sim):
+            if e.epoch and len(e.epoch.bases) > MAX_BASES:
                 bases.append(len(e.epoch.bases))
 
     assert run_scenario(1889, hosts=16, observers=[watch]).steps

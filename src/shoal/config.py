@@ -274,6 +274,10 @@ class ClusterConfig(BaseModel):
         doc = json.dumps(self.digest_document(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(doc.encode()).hexdigest()
 
+    def heartbeat_digest(self) -> bytes:
+        """The digest as heartbeats carry it: its first 8 bytes."""
+        return bytes.fromhex(self.digest())[:8]
+
 
 class HostRule(BaseModel):
     """This host's share of one port rule."""

@@ -160,6 +160,9 @@ class NftBackend:
         return out
 
     def remove(self) -> None:
+        if self.lease is not None:
+            self.lease.close()
+            self.lease = None
         for table, family in ((TABLE, "inet"), (PRE_TABLE, "netdev")):
             with contextlib.suppress(NftError):
                 self.nft.run(f"delete table {family} {table}")

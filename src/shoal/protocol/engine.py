@@ -232,7 +232,7 @@ class Engine:
         self._use_timing(Timing(cl.period_ms / 1000.0, cl.tolerance))
         self.rules = cl.effective_rules
         self.codec = Codec(cluster_id(cl.primary_vip), key)
-        self.digest = bytes.fromhex(cl.digest())[:8]
+        self.digest = cl.heartbeat_digest()
         self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
         dips = config.host.dedicated_ips
         self.dedicated_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = (
@@ -456,7 +456,7 @@ class Engine:
         """Apply a new configuration of this host; returns what changed."""
         if config.host.host_id != self.me:
             raise ValueError("host.host_id cannot change on reload; restart the daemon")
-        new_digest = bytes.fromhex(config.cluster.digest())[:8]
+        new_digest = config.cluster.heartbeat_digest()
         old_rules = self.rules
         self.cfg = config
         self._planned = None  # rules or bucket counts may differ now
