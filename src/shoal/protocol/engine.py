@@ -942,6 +942,12 @@ class Engine:
             if now - self.started_at < self.timing.detect:
                 return  # listen for an existing cluster first
             live = self._live_peers(now)
+            # a peer last heard stopped may have been started at the same moment: hear each
+            # once more, from a heartbeat sent after this host's start (a frame is less than
+            # half a period on the way), or two hosts could each form a cluster alone
+            since = self.eligible_since + self.timing.period / 2
+            if any(p.last_heard <= since for p in live):
+                return
             if any(p.hb is not None and p.hb.epoch is not None for p in live):
                 return  # an incumbent cluster with another configuration exists
             started = target | {

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.bucket_map import counts, ideal_bounds, minimum_moves
-from shoal.config import FilteringMode, ShoalConfig
+from shoal.config import FilteringMode, PartitionPolicy, ShoalConfig
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.epoch import EpochState, bucket_token
 from shoal.protocol.frames import EpochKey, HostState, RuleState
@@ -54,6 +54,7 @@ class SimHost:
     record: frozenset[int] = frozenset()  # on disk: survives crashes
     vote: frozenset[int] = frozenset()  # on disk too
     outputs_seen: int = -1  # the engine's outputs counter when the "daemon" last read them
+    booted_at: float = 0.0  # when its daemon last started
 
 
 @dataclass
@@ -82,6 +83,8 @@ class SimCluster:
         self.frames_sent = 0
         self.engine_calls = 0
         self.check_exclusive = True
+        # "available" (NLB's policy): a host cut off from others serves on without them
+        self.sides_serve = configs[0].cluster.partition_policy is PartitionPolicy.AVAILABLE
         self.observers: list[Callable[[SimCluster], None]] = []
         for h in self.hosts.values():
             self._boot(h)
@@ -93,6 +96,7 @@ class SimCluster:
         h.tick_at = float("inf")
         h.engine = Engine(h.config, self.key, h.incarnation, self.now, record=h.record, vote=h.vote)
         h.outputs_seen = -1
+        h.booted_at = self.now
         self._after(h)
 
     def crash_host(self, hid: int) -> None:
@@ -182,6 +186,8 @@ class SimCluster:
         if e.outputs != h.outputs_seen:  # as the daemon reads them
             h.outputs_seen = e.outputs
             h.kernel.tokens = e.install.tokens
+            if self.sides_serve and self.check_exclusive and self._cut_off(e):
+                self.check_exclusive = False  # two clusters from here, both serving
             h.record, h.vote = e.record, e.vote
             for frame in e.take_frames():
                 self._broadcast(h, frame)
@@ -198,6 +204,23 @@ class SimCluster:
             self._push(d, "tick", h.host_id, None)
         for obs in self.observers:
             obs(self)
+
+    def _cut_off(self, e: Engine) -> bool:
+        """Whether ``e`` is in an epoch without a host whose daemon has run for the
+        detection time and which it has not heard for as long: cut off from it (a
+        partition, a burst of loss), it serves on without it. (A host whose daemon died is
+        still one with the others: its kernel must be fenced.)"""
+        if e.epoch is None:
+            return False
+        for x, g in self.hosts.items():
+            if x == e.me or x in e.epoch.members or g.engine is None:
+                continue
+            if g.booted_at + e.detect > self.now:
+                continue  # not yet heard, perhaps: it just started
+            p = e.peers.get(x)
+            if p is None or p.last_heard + e.detect <= self.now:
+                return True
+        return False
 
     def _broadcast(self, src: SimHost, frame: bytes) -> None:
         self.frames_sent += 1

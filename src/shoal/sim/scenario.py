@@ -97,8 +97,9 @@ def run_scenario(
     """Run one random scenario; raises InvariantViolation naming the seed on a breach.
     ``observers`` are called after every input an engine handled. With ``policy``
     "available" (NLB's: every side of a partition serves on) no token is accepted twice
-    until a partition or a mismatched configuration splits the cluster; from then on both
-    sides may, by design, and only the rest of the contract is checked."""
+    until a partition, a mismatched configuration or a burst of loss splits the cluster
+    (see :meth:`SimCluster._cut_off`); from then on both sides may, by design, and only the
+    rest of the contract is checked."""
     rng = random.Random(seed)
     n = hosts or rng.randint(2, max_hosts)
     buckets = rng.choice([16, 60, 64, 256])
