@@ -115,6 +115,28 @@ def test_drainstop_waits_for_connections_then_stops() -> None:
     assert EventId.DRAIN_STARTED in rec.ids(2) and EventId.DRAIN_FINISHED in rec.ids(2)
 
 
+def test_drainstop_of_every_host_stops_each_once_its_connections_end() -> None:
+    """With every host draining nobody is left to make an epoch without them, and a host
+    drained only once one was made: each stayed "draining" for good, however few its
+    connections. Each now stops once its own connections end, its buckets with it."""
+    with Recorder() as rec:
+        sim = SimCluster(cluster_configs(3, buckets=64), KEY, 8)
+        settle(sim, {1, 2, 3})
+        for h, conns in ((1, 0), (2, 0), (3, 5)):
+            sim.set_connections(h, conns)
+            sim.command(h, Command.DRAINSTOP)
+        sim.run_until(sim.now + 10 * P)
+        engines = {h: sim.hosts[h].engine for h in (1, 2, 3)}
+        assert all(e is not None for e in engines.values())
+        states = {h: state_of(e) for h, e in engines.items() if e is not None}
+        assert states == {1: HostState.STOPPED, 2: HostState.STOPPED, 3: HostState.DRAINING}
+        sim.set_connections(3, 0)
+        sim.run_until(sim.now + 2 * P)
+        e3 = engines[3]
+        assert e3 is not None and state_of(e3) is HostState.STOPPED
+    assert all(EventId.DRAIN_FINISHED in rec.ids(h) for h in (1, 2, 3))
+
+
 def test_drainstop_timeout_closes_what_remains() -> None:
     with Recorder() as rec:
         sim = SimCluster(cluster_configs(3, buckets=64), KEY, 6)

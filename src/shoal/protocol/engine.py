@@ -829,10 +829,11 @@ class Engine:
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self._stop(now, announce=False)
             self._emit(EventId.DRAIN_TIMEOUT, now)
-        elif (
-            not self.installed
-            and self.connections == 0
-            and (self.epoch is None or self.me not in self.epoch.members)
+        elif self.connections == 0 and (
+            (not self.installed and (self.epoch is None or self.me not in self.epoch.members))
+            # no started host is left to take its buckets (every host drained): it stops
+            # with them, as it would on a stop
+            or self._leader(now) is None
         ):
             self._stop(now, announce=False)
             self._emit(EventId.DRAIN_FINISHED, now)
