@@ -137,6 +137,26 @@ def test_drainstop_of_every_host_stops_each_once_its_connections_end() -> None:
     assert all(EventId.DRAIN_FINISHED in rec.ids(h) for h in (1, 2, 3))
 
 
+def test_one_host_started_after_all_stopped_serves_alone_with_the_available_policy() -> None:
+    """Every host stopped, then one started: the others, stopped, still carry the epoch
+    they last followed in their heartbeats, and the started host took that for a cluster
+    of another configuration already serving and waited for good. With the quorum policy
+    it rightly waits for a majority of its record (it reports no quorum)."""
+    for policy, serves in (("available", True), ("quorum", False)):
+        with Recorder() as rec:
+            sim = SimCluster(cluster_configs(3, buckets=64, policy=policy), KEY, 11)
+            settle(sim, {1, 2, 3})
+            for h in (1, 2, 3):
+                sim.command(h, Command.STOP)
+            sim.run_until(sim.now + 10 * P)
+            sim.command(3, Command.START)
+            sim.run_until(sim.now + 30 * P)
+        assert sim.converged({3}) is serves
+        assert (EventId.NO_QUORUM in rec.ids(3)) is not serves
+        if serves:
+            assert sim.covered()
+
+
 def test_drainstop_timeout_closes_what_remains() -> None:
     with Recorder() as rec:
         sim = SimCluster(cluster_configs(3, buckets=64), KEY, 6)

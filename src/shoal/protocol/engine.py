@@ -949,8 +949,12 @@ class Engine:
             since = self.eligible_since + self.timing.period / 2
             if any(p.last_heard <= since for p in live):
                 return
-            if any(p.hb is not None and p.hb.epoch is not None for p in live):
-                return  # an incumbent cluster with another configuration exists
+            if any(
+                p.hb is not None and p.hb.epoch is not None and p.hb.state in ELIGIBLE for p in live
+            ):
+                # an incumbent cluster with another configuration exists (a stopped host
+                # keeps the epoch it last followed: not a cluster)
+                return
             started = target | {
                 p.host_id for p in live if p.hb is not None and p.hb.state in ELIGIBLE
             }
