@@ -157,6 +157,44 @@ def test_one_host_started_after_all_stopped_serves_alone_with_the_available_poli
             assert sim.covered()
 
 
+def test_drainstop_in_a_two_host_cluster_hands_over_to_the_other() -> None:
+    """Host 1 of two drains: host 2 could not make an epoch without it (alone it is half
+    of the membership, without the lowest id), because a draining host still holds its
+    buckets and was not counted as gone; host 1 waited for that epoch. Neither moved: no
+    host took new connections. A draining host has left on purpose and lends no vote."""
+    sim = SimCluster(cluster_configs(2, buckets=64), KEY, 9)
+    settle(sim, {1, 2})
+    sim.set_connections(1, 4)
+    sim.command(1, Command.DRAINSTOP)
+    assert settle(sim, {2}) < 5
+    e1 = sim.hosts[1].engine
+    assert e1 is not None and state_of(e1) is HostState.DRAINING and e1.install.serving
+    sim.set_connections(1, 0)
+    sim.run_until(sim.now + P)
+    assert state_of(e1) is HostState.STOPPED
+
+
+def test_a_drained_host_nobody_can_take_over_from_stops() -> None:
+    """Host 2, the only member left, drains its connections; host 1, started meanwhile,
+    cannot outvote a membership of host 2 alone without it (the quorum policy's rule for
+    a last member). Host 2 waited for an epoch without it that nobody could make: it now
+    stops once its connections end and the detection time has passed, as a stop would."""
+    with Recorder() as rec:
+        sim = SimCluster(cluster_configs(2, buckets=64), KEY, 10)
+        settle(sim, {1, 2})
+        sim.command(1, Command.STOP)
+        settle(sim, {2})
+        sim.set_connections(2, 3)
+        sim.command(2, Command.DRAINSTOP)
+        sim.command(1, Command.START)
+        sim.run_until(sim.now + 2 * P)
+        sim.set_connections(2, 0)
+        sim.run_until(sim.now + 6 * P)
+    e2 = sim.hosts[2].engine
+    assert e2 is not None and state_of(e2) is HostState.STOPPED
+    assert EventId.DRAIN_FINISHED in rec.ids(2) and EventId.NO_QUORUM in rec.ids(1)
+
+
 def test_drainstop_timeout_closes_what_remains() -> None:
     with Recorder() as rec:
         sim = SimCluster(cluster_configs(3, buckets=64), KEY, 6)

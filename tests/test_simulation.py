@@ -4,6 +4,7 @@ raises with the seed that replays it: ``python -m shoal.sim --seed N``."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import pytest
@@ -147,6 +148,41 @@ def test_hosts_started_at_once_form_one_cluster() -> None:
             sim.command(h, Command.START)
         sim.run_until(sim.now + 20 * sim.period)  # raises if two accept the same token
         assert sim.converged({1, 2, 3}) and sim.check_exclusive
+
+
+@scenarios(60)
+@given(seed=st.integers(0, 2**31 - 1), policy=st.sampled_from(["quorum", "available"]))
+def test_operator_commands_leave_no_host_stuck(seed: int, policy: str) -> None:
+    """Commands alone (no loss, crash or partition), each given time to take effect: no
+    host drains for good once its connections ended, and with the available policy every
+    started host is converged with every token owned (with the quorum policy a started
+    minority may rightly wait for the others). Found stuck so: a two-host drainstop, every
+    host drained, one host started after all stopped."""
+    rng = random.Random(seed)
+    n = rng.randint(1, 5)
+    sim = SimCluster(cluster_configs(n, policy=policy), KEY, seed)
+    sim.run_until(20 * sim.period)
+    commands = [Command.STOP, Command.START, Command.DRAINSTOP, Command.SUSPEND]
+    for _ in range(10):
+        h = rng.randint(1, n)
+        sim.set_connections(h, rng.choice([0, 0, 3]))
+        sim.command(h, rng.choice([*commands, Command.RESUME, Command.START]))
+        sim.run_until(sim.now + rng.uniform(0.05, 1.5))
+        if rng.random() < 0.5:
+            sim.set_connections(h, 0)
+        sim.run_until(sim.now + 15 * sim.period)
+        states = {x: g.engine.state for x, g in sim.hosts.items() if g.engine is not None}
+        drained = [
+            x
+            for x, st_ in states.items()
+            if st_ is HostState.DRAINING and not sim.hosts[x].connections
+        ]
+        assert not drained, f"seed {seed}: {drained} still draining without connections"
+        started = {
+            x for x, st_ in states.items() if st_ in (HostState.CONVERGING, HostState.CONVERGED)
+        }
+        if policy == "available" and started:
+            assert sim.converged(started) and sim.covered(), f"seed {seed}: {states}"
 
 
 @pytest.mark.parametrize("seed", [54, 396, 410, 438])

@@ -290,6 +290,7 @@ class Engine:
         self.next_sweep = NEVER
         self.connections: int | None = None  # unknown until the shell reports them
         self.drain_deadline: float | None = None
+        self.drain_started = NEVER
         self.fingerprint: object = None
         self.no_quorum_reported: object = None
         self.heal_reported: set[EpochKey] = set()
@@ -519,6 +520,7 @@ class Engine:
             # the others carry on without this host
             self.record, self.vote = self._left(self.record), self._left(self.vote)
             self.drain_deadline = now + timeout if timeout is not None else None
+            self.drain_started = now
             self._emit(EventId.DRAIN_STARTED, now)
             return CommandResult(True, "connection draining started")
         if cmd is Command.SUSPEND:
@@ -831,9 +833,11 @@ class Engine:
             self._emit(EventId.DRAIN_TIMEOUT, now)
         elif self.connections == 0 and (
             (not self.installed and (self.epoch is None or self.me not in self.epoch.members))
-            # no started host is left to take its buckets (every host drained): it stops
-            # with them, as it would on a stop
+            # nobody took its buckets over: no started host is left (every host drained),
+            # or none could make an epoch without it in the detection time (no quorum). It
+            # takes no new connections either way: it stops with them, as on a stop
             or self._leader(now) is None
+            or now >= self.drain_started + self.detect
         ):
             self._stop(now, announce=False)
             self._emit(EventId.DRAIN_FINISHED, now)
@@ -909,8 +913,12 @@ class Engine:
         self._reports_memo = (cfg, states, tuple(out))
         return self._reports_memo[2]
 
-    def _owns_nothing(self, p: Peer) -> bool:
-        return p.hb is not None and p.hb.has(Flag.OWNS_NOTHING)
+    def _stepped_out(self, p: Peer) -> bool:
+        """``p`` takes no new connections for good: it owns nothing, or it is draining (it
+        releases what it holds once an epoch leaves it out; until then the fence covers
+        it). Heard and not eligible, it left on purpose and its vote is not needed."""
+        hb = p.hb
+        return hb is not None and (hb.has(Flag.OWNS_NOTHING) or hb.state is HostState.DRAINING)
 
     def _released_for(self, p: Peer, e: EpochState) -> bool:
         """A non-member surely takes nothing in ``e``: it owns nothing and either cannot
@@ -992,7 +1000,7 @@ class Engine:
             if h != self.me
             and h in self.peers
             and self._alive(self.peers[h], now)
-            and self._owns_nothing(self.peers[h])
+            and self._stepped_out(self.peers[h])
             and not self._eligible_peer(self.peers[h], now)
         }
         bases = (cur.members,) if self.epoch_ready else (*cur.bases, cur.members)
@@ -1004,7 +1012,7 @@ class Engine:
             gone = frozenset(
                 p.host_id
                 for p in self._live_peers(now)
-                if p.hb is not None and p.hb.state not in ELIGIBLE and self._owns_nothing(p)
+                if p.hb is not None and p.hb.state not in ELIGIBLE and self._stepped_out(p)
             )
             changed = True
             while changed:
