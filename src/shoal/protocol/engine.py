@@ -957,16 +957,12 @@ class Engine:
             since = self.eligible_since + self.timing.period / 2
             if any(p.last_heard <= since for p in live):
                 return
-            if any(
-                p.hb is not None and p.hb.epoch is not None and p.hb.state in ELIGIBLE for p in live
-            ):
+            started = {p.host_id: p.hb for p in live if p.hb is not None and p.hb.state in ELIGIBLE}
+            if any(hb.epoch is not None for hb in started.values()):
                 # an incumbent cluster with another configuration exists (a stopped host
                 # keeps the epoch it last followed: not a cluster)
                 return
-            started = target | {
-                p.host_id for p in live if p.hb is not None and p.hb.state in ELIGIBLE
-            }
-            if not quorate(target, frozenset(started)):
+            if not quorate(target, target | started.keys()):
                 return  # hosts with another configuration outnumber this one
             if self.quorum:
                 records = [rec for h in sorted(target) for rec in self._votes_of(h)]

@@ -54,7 +54,6 @@ class SimHost:
     record: frozenset[int] = frozenset()  # on disk: survives crashes
     vote: frozenset[int] = frozenset()  # on disk too
     outputs_seen: int = -1  # the engine's outputs counter when the "daemon" last read them
-    booted_at: float = 0.0  # when its daemon last started
 
 
 @dataclass
@@ -96,7 +95,6 @@ class SimCluster:
         h.tick_at = float("inf")
         h.engine = Engine(h.config, self.key, h.incarnation, self.now, record=h.record, vote=h.vote)
         h.outputs_seen = -1
-        h.booted_at = self.now
         self._after(h)
 
     def crash_host(self, hid: int) -> None:
@@ -215,7 +213,7 @@ class SimCluster:
         for x, g in self.hosts.items():
             if x == e.me or x in e.epoch.members or g.engine is None:
                 continue
-            if g.booted_at + e.detect > self.now:
+            if g.engine.started_at + e.detect > self.now:
                 continue  # not yet heard, perhaps: it just started
             p = e.peers.get(x)
             if p is None or p.last_heard + e.detect <= self.now:
