@@ -205,8 +205,7 @@ import json, random, statistics, sys, time
 from pathlib import Path
 from shoal.config import load_config
 from shoal.dataplane.backend import NftBackend
-from shoal.protocol.engine import Install
-from shoal.protocol.frames import RuleState
+from shoal.dataplane.contract import Install, RuleState
 cfg = load_config(Path(sys.argv[1]))
 B = cfg.cluster.buckets
 st = tuple(RuleState.ENABLED for _ in cfg.cluster.effective_rules)
@@ -217,13 +216,13 @@ for pct in (1, 25, 100):
     for run in range(7):
         b = NftBackend(cfg); b.create()
         mine = set(rng.sample(range(B), B // 3))
-        b.apply(Install(frozenset(mine), True, st, None))
+        b.apply(Install(frozenset(mine), True, st))
         moving = rng.sample(range(B), max(1, B * pct // 100))
         nxt = set(mine)
         for bucket in moving:  # each moving bucket leaves or joins this host
             nxt ^= {bucket}
         t0 = time.perf_counter()
-        b.apply(Install(frozenset(nxt), True, st, None))
+        b.apply(Install(frozenset(nxt), True, st))
         times.append((time.perf_counter() - t0) * 1000)
     out[str(pct)] = round(statistics.median(times), 3)
 print(json.dumps(out))

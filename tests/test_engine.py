@@ -264,7 +264,8 @@ def test_duplicate_host_id_is_named() -> None:
         sim = SimCluster(configs, KEY, 11)
         # the machine in slot 3 is misconfigured as a second host 2
         sim.hosts[3].config = configs[1]
-        sim.hosts[3].engine = Engine(configs[1], KEY, 99, sim.now)
+        sim.crash_host(3)
+        sim.restart_host(3)
         sim.run_until(3.0)
     assert EventId.DUPLICATE_HOST_ID in rec.ids()
 

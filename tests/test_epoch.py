@@ -9,14 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.protocol.epoch import (
-    EpochDecodeError,
-    bucket_token,
-    decode_epoch,
-    next_epoch,
-    split_token,
-)
-from shoal.protocol.frames import EpochKey, RuleReport, RuleState
+from shoal.dataplane.contract import RuleState, bucket_token, split_token
+from shoal.protocol.epoch import EpochDecodeError, decode_epoch, next_epoch
+from shoal.protocol.frames import EpochKey, RuleReport
 from shoal.sim.scenario import cluster_configs
 
 CFG = cluster_configs(4, buckets=64, extra_rule=True)[0]

@@ -8,6 +8,7 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shoal.dataplane.contract import RuleState
 from shoal.protocol.frames import (
     MTU_PAYLOAD,
     Codec,
@@ -18,7 +19,6 @@ from shoal.protocol.frames import (
     MapChunk,
     Rejection,
     RuleReport,
-    RuleState,
     cluster_id,
     repeat_of,
 )

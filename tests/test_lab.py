@@ -163,8 +163,9 @@ def _hold(lab: Lab, sources: list[str]) -> subprocess.Popen[str]:
 
 def test_established_connections_survive_their_bucket_moving(lab_factory: list[Lab]) -> None:
     from shoal.bucket_map import rebalance
+    from shoal.dataplane.contract import RuleState
     from shoal.protocol.epoch import next_epoch
-    from shoal.protocol.frames import EpochKey, RuleReport, RuleState
+    from shoal.protocol.frames import EpochKey, RuleReport
 
     lab = _up(lab_factory, hosts=3)
     cfg = lab.config(1)

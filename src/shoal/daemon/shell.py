@@ -1,9 +1,11 @@
 """``shoal daemon``: the thin asyncio shell around the convergence engine.
 
 It owns the I/O the engine must not do: an AF_PACKET socket for EtherType 0x886F on the
-cluster interface, the clock, the nftables backend (installs and the kernel lease), the
-cluster adapter (set up at start, restored at stop), the local control socket, and the
-event log (one JSON object per line on stderr, journald-friendly).
+cluster interface, the clock, the cluster adapter (set up at start, restored at stop), the
+local control socket, the file that keeps the record and the vote, and the event log (one
+JSON object per line on stderr, journald-friendly). What goes to the kernel and when is the
+host runtime's (:mod:`shoal.runtime`), against a backend made by the injected factory
+(nftables unless told otherwise).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +27,11 @@ from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
 from shoal.config import ConfigError, ShoalConfig, load_config
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
-from shoal.dataplane.nft import NftError
-from shoal.protocol.engine import Command, Engine, Install
-from shoal.protocol.events import Event, EventId
+from shoal.dataplane.contract import Backend
+from shoal.protocol.engine import Command, Engine
+from shoal.protocol.events import Event
 from shoal.protocol.frames import ETHERTYPE, HostState
+from shoal.runtime import HostRuntime, Output
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP = 1
@@ -35,7 +39,7 @@ PACKET_IGNORE_OUTGOING = 23
 PACKET_MR_MULTICAST = 0
 BROADCAST = b"\xff" * 6
 RECENT_EVENTS = 200
-CLOSES_CONNECTIONS = frozenset({EventId.CLUSTER_STOPPED, EventId.DRAIN_TIMEOUT, EventId.SUSPENDED})
+BackendFactory = Callable[[ShoalConfig], Backend]
 
 
 def default_control(cfg: ShoalConfig) -> Path:
@@ -50,6 +54,7 @@ class Daemon:
         state_dir: Path,
         setup_adapter: bool = True,
         rt_priority: int = 0,
+        backend_factory: BackendFactory = NftBackend,
     ) -> None:
         self.config_path = config_path
         self.rt_priority = rt_priority
@@ -58,11 +63,8 @@ class Daemon:
         self.state_file = state_dir / f"{self.cfg.cluster.name}-h{self.cfg.host.host_id}.json"
         self.setup_adapter = setup_adapter
         self.saved: adapter.Saved | None = None
-        self.backend = NftBackend(self.cfg)
+        self.backend_factory = backend_factory
         self.events: list[dict[str, Any]] = []
-        self.installed: Install | None = None
-        self.outputs_seen = -1  # the engine's outputs counter when they were last read
-        self.lease_sent = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0  # the engine deadline the timer is armed for
@@ -86,7 +88,7 @@ class Daemon:
             record=record,
             vote=vote,
         )
-        self.record, self.vote = self.engine.record, self.engine.vote  # as on disk
+        self.runtime = HostRuntime(self.engine, backend_factory(self.cfg), self.save_record)
 
     # -------------------------------------------------------------- helpers
 
@@ -185,29 +187,15 @@ class Daemon:
         self.engine.tick(self.now())
         self.after()
 
+    @property
+    def backend(self) -> Backend:
+        return self.runtime.backend
+
     def after(self) -> None:
-        """Carry out what the engine asked for; arm the next timer."""
+        """Carry out what the engine asked for (through the runtime); arm the next timer."""
         e = self.engine
-        if e.outputs != self.outputs_seen:
-            self.outputs_seen = e.outputs
-            self.carry_out()
         now = self.now()
-        # the kernel's lease never outruns the engine's; it is renewed once less than half
-        # of it and a period are left (each renewal is a kernel transaction, and echoes
-        # extend the engine's lease many times a period)
-        lease = e.lease_until
-        low = self.lease_sent - now < e.timing.lease / 2 + e.timing.period
-        if lease is not None and lease > self.lease_sent and low:
-            ms = int((lease - now) * 1000)
-            if ms > 0:
-                try:
-                    self.backend.renew(ms)
-                    self.lease_sent = lease
-                except NftError as err:
-                    # the kernel keeps the lease it had (it runs out on its own): try again
-                    # after the next input
-                    msg = {"name": "lease_renewal_failed", "error": str(err)}
-                    sys.stderr.write(json.dumps(msg) + "\n")
+        self.carry_out(self.runtime.after(now))
         assert self.loop is not None
         deadline = e.next_deadline()
         if self.timer is not None and self.timer_at == deadline:
@@ -217,37 +205,21 @@ class Daemon:
         self.timer = self.loop.call_later(max(0.0, deadline - now), self.on_timer)
         self.timer_at = deadline
 
-    def carry_out(self) -> None:
-        """Install, send and log what the engine's last steps produced."""
-        e = self.engine
-        inst = e.install
-        frames = e.take_frames()
-        if inst != self.installed and not self.install(inst):
-            frames = []  # a host that cannot enforce what its heartbeats say stays silent
-        self.send(frames)
-        close = False
-        for ev in e.take_events():
+    def carry_out(self, out: Output) -> None:
+        """Send and log what the runtime handed over."""
+        for problem in out.problems:
+            sys.stderr.write(json.dumps(problem) + "\n")
+        self.send(out.frames)
+        for ev in out.events:
             self.log(ev)
-            close |= ev.id in CLOSES_CONNECTIONS
-        if close:  # stop, or a drain whose timeout ran out: what is left gets a reset
+        if out.close_connections:
             sockets.destroy(sockets.vip_connections(self.cfg.cluster.all_vips, sockets.OPEN))
-        if (e.record, e.vote) != (self.record, self.vote):
-            self.record, self.vote = e.record, e.vote
-            self.state_file.parent.mkdir(parents=True, exist_ok=True)
-            doc = {"record": sorted(self.record), "vote": sorted(self.vote)}
-            self.state_file.write_text(json.dumps(doc))
 
-    def install(self, inst: Install) -> bool:
-        """Make the kernel enforce ``inst`` before any heartbeat reports it (a release
-        must be in the kernel before the leader can hear of it); False if refused."""
-        try:
-            self.backend.apply(inst)
-        except NftError as err:
-            # nothing of it applied; the next step tries again
-            sys.stderr.write(json.dumps({"name": "install_failed", "error": str(err)}) + "\n")
-            return False
-        self.installed = inst
-        return True
+    def save_record(self, record: frozenset[int], vote: frozenset[int]) -> None:
+        """Keep the record and the vote on disk: the next run must not lend its vote twice."""
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        doc = {"record": sorted(record), "vote": sorted(vote)}
+        self.state_file.write_text(json.dumps(doc))
 
     # ---------------------------------------------------------------- control
 
@@ -286,8 +258,7 @@ class Daemon:
         what = self.engine.reload(cfg, self.now())
         if cfg.cluster.digest() != self.cfg.cluster.digest():
             self.backend.remove()
-            self.backend = NftBackend(cfg)
-            self.installed = None
+            self.runtime.replace_backend(self.backend_factory(cfg))
         self.cfg = cfg
         return {"ok": True, "message": what}
 

@@ -9,31 +9,29 @@ buckets into the pre-filter's ``keep`` sets.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
 from shoal.config import FilteringMode, ShoalConfig
+from shoal.dataplane.contract import (
+    DEFAULT_TOKEN,
+    Install,
+    RuleCounters,
+    bucket_token,
+    split_token,
+)
 from shoal.dataplane.kernel_lease import KernelLease
 from shoal.dataplane.nft import Nft, NftError
 from shoal.dataplane.ruleset import (
     PRE_TABLE,
     TABLE,
-    _set,
     base_ruleset,
     checks_owned,
     flags,
+    keep_set,
+    owned_set,
     prefilter,
+    set_ref,
 )
-from shoal.protocol.engine import Install
-from shoal.protocol.epoch import DEFAULT_TOKEN, bucket_token, split_token
-
-
-@dataclass(frozen=True)
-class RuleCounters:
-    rule: str
-    accepted: int  # new connections accepted
-    dropped: int  # packets dropped by the rule's chain
-    dropped_bytes: int
 
 
 def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int]]:
@@ -92,15 +90,17 @@ class NftBackend:
         self.owned = owned_by_rule(self.cfg, frozenset())
         self.keep = {i: set() for i in self.owned}
         for i in self.owned:
-            self.owned[i] = sets.get(f"owned_{i}", set())
-            self.keep[i] = sets.get(f"keep_{i}", set()) | self.owned[i]
+            self.owned[i] = sets.get(owned_set(i), set())
+            self.keep[i] = sets.get(keep_set(i), set()) | self.owned[i]
         self.tokens = frozenset(bucket_token(i, b) for i, bs in self.owned.items() for b in bs)
         self.flags = {}
         self.installed = True
 
     def apply(self, inst: Install) -> None:
         """Make the kernel enforce ``inst`` (one atomic transaction). Only the tokens that
-        changed since the last call are looked at: an epoch moves a few buckets of many."""
+        changed since the last call are looked at: an epoch moves a few buckets of many.
+        What the backend knows of the kernel changes only once the kernel accepted the
+        transaction: after a refusal, the same call computes the same transaction again."""
         if not self.installed:
             self.create()
         wanted = flags(self.cfg, inst)
@@ -108,29 +108,30 @@ class NftBackend:
         for set_name, group in wanted.items():
             if self.flags.get(set_name) != group:
                 cmds += group
-        self.flags = wanted
         gone = owned_by_rule(self.cfg, self.tokens - inst.tokens)
         came = owned_by_rule(self.cfg, inst.tokens - self.tokens)
         rules = self.cfg.cluster.effective_rules
+        owned: dict[int, set[int]] = {}
+        keep: dict[int, set[int]] = {}
         for i in self.owned:
             out = sorted(gone[i] & self.owned[i])
             new = sorted(came[i] - self.owned[i])
             fresh = [b for b in new if b not in self.keep[i]]
             tables = [(TABLE, "inet")] if checks_owned(rules[i]) else []
             for table, family in [*tables, (PRE_TABLE, "netdev")]:
-                name = _set(f"owned_{i}", table, family)
+                name = set_ref(owned_set(i), table, family)
                 if out:
                     cmds.append({"delete": {"element": {**name, "elem": out}}})
                 if new:
                     cmds.append({"add": {"element": {**name, "elem": new}}})
             if fresh:
-                keep = _set(f"keep_{i}", PRE_TABLE, "netdev")
-                cmds.append({"add": {"element": {**keep, "elem": fresh}}})
-            self.owned[i] = (self.owned[i] - gone[i]) | came[i]
-            self.keep[i].update(new)
+                ref = set_ref(keep_set(i), PRE_TABLE, "netdev")
+                cmds.append({"add": {"element": {**ref, "elem": fresh}}})
+            owned[i] = (self.owned[i] - gone[i]) | came[i]
+            keep[i] = self.keep[i] | set(new)
         if cmds:
-            self.nft.json(cmds)
-        self.tokens = inst.tokens
+            self.nft.json(cmds)  # raises NftError having changed nothing
+        self.flags, self.owned, self.keep, self.tokens = wanted, owned, keep, inst.tokens
 
     def renew(self, ms: int) -> None:
         """The kernel takes new connections for ``ms`` more milliseconds (0: stop now)."""

@@ -11,10 +11,12 @@ import ctypes.util
 import json
 from typing import Any
 
+from shoal.dataplane.contract import DataplaneError
+
 _JSON_OUTPUT = 1 << 4
 
 
-class NftError(RuntimeError):
+class NftError(DataplaneError):
     """A transaction was refused; nothing of it was applied."""
 
 

@@ -22,11 +22,23 @@ import ipaddress
 from typing import Any
 
 from shoal.config import Affinity, FilteringMode, PortRule, Protocol, ShoalConfig
-from shoal.protocol.engine import Install
-from shoal.protocol.epoch import DEFAULT_TOKEN, single_token
-from shoal.protocol.frames import RuleState
+from shoal.dataplane.contract import DEFAULT_TOKEN, Install, RuleState, single_token
 
 TABLE = "shoal"
+PRE_TABLE = "shoal_pre"
+
+
+def owned_set(rule: int) -> str:
+    """The set of buckets of ``multiple`` rule ``rule`` this host takes new connections for
+    (in the pre-filter, and in the inet table when the rule carries UDP)."""
+    return f"owned_{rule}"
+
+
+def keep_set(rule: int) -> str:
+    """The pre-filter's set of every bucket of rule ``rule`` owned since the table was made."""
+    return f"keep_{rule}"
+
+
 FAMILIES = ("ipv4", "ipv6")
 
 
@@ -89,7 +101,7 @@ def base_ruleset(cfg: ShoalConfig) -> str:
         lines.append(f"  set drain_{i} {{ type nf_proto; }}")
         lines.append(f"  set handle_{i} {{ type nf_proto; }}")
         if checks_owned(rule):
-            lines.append(f"  set owned_{i} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
+            lines.append(f"  set {owned_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
     lines.append("  chain pre {")
     lines.append("    type filter hook prerouting priority -150; policy accept;")
     if v4:
@@ -126,11 +138,11 @@ def base_ruleset(cfg: ShoalConfig) -> str:
                 e4, e6 = _hash_exprs(rule)
                 lines.append(
                     f"    meta nfproto ipv4 jhash {e4} mod {cl.buckets} seed {seed} "
-                    f"!= @owned_{i} {dropped}"
+                    f"!= @{owned_set(i)} {dropped}"
                 )
                 lines.append(
                     f"    meta nfproto ipv6 jhash {e6} mod {cl.buckets} seed {seed} "
-                    f"!= @owned_{i} {dropped}"
+                    f"!= @{owned_set(i)} {dropped}"
                 )
             lines.append(f'    counter name "accepted_{i}" accept')
         lines.append("  }")
@@ -147,9 +159,6 @@ def base_ruleset(cfg: ShoalConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-PRE_TABLE = "shoal_pre"
-
-
 def prefilter(cfg: ShoalConfig) -> str:
     """A netdev ingress table that drops, before conntrack sees them, any packet whose
     bucket was never owned here (no connection of this host can live in it) and a pure SYN
@@ -160,8 +169,8 @@ def prefilter(cfg: ShoalConfig) -> str:
     lines = [f"table netdev {PRE_TABLE} {{"]
     multiple = [i for i, r in enumerate(rules) if r.mode is FilteringMode.MULTIPLE]
     for i in multiple:
-        lines.append(f"  set owned_{i} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
-        lines.append(f"  set keep_{i} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
+        lines.append(f"  set {owned_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
+        lines.append(f"  set {keep_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
     lines.append("  chain ingress {")
     lines.append(
         f'    type filter hook ingress device "{cfg.interface}" priority 0; policy accept;'
@@ -185,26 +194,25 @@ def prefilter(cfg: ShoalConfig) -> str:
                 h = f"jhash {e4 if fam == 'ip' else e6} mod {cl.buckets} seed {seed}"
                 # never owned first: most buckets of a large cluster never were, and a
                 # packet in one, SYN or not, then meets one rule only
-                lines.append(f"    {match} {h} != @keep_{i} drop")
+                lines.append(f"    {match} {h} != @{keep_set(i)} drop")
                 if rule.protocol is not Protocol.UDP:
                     tcp = f"{fam} daddr {targets} {_l4(rule, Protocol.TCP)}"
-                    lines.append(
-                        f"    {tcp} tcp flags & (fin|syn|rst|ack) == syn {h} != @owned_{i} drop"
-                    )
+                    syn = "tcp flags & (fin|syn|rst|ack) == syn"
+                    lines.append(f"    {tcp} {syn} {h} != @{owned_set(i)} drop")
             lines.append(f"    {match} accept")
     lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def _set(name: str, table: str = TABLE, family: str = "inet") -> dict[str, Any]:
+def set_ref(name: str, table: str = TABLE, family: str = "inet") -> dict[str, Any]:
     return {"family": family, "table": table, "name": name}
 
 
 def _flag(name: str, on: bool) -> list[dict[str, Any]]:
-    cmds: list[dict[str, Any]] = [{"flush": {"set": _set(name)}}]
+    cmds: list[dict[str, Any]] = [{"flush": {"set": set_ref(name)}}]
     if on:
-        cmds.append({"add": {"element": {**_set(name), "elem": list(FAMILIES)}}})
+        cmds.append({"add": {"element": {**set_ref(name), "elem": list(FAMILIES)}}})
     return cmds
 
 

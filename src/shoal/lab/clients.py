@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.daemon.control import call
+from shoal.dataplane.ruleset import PRE_TABLE, owned_set
 from shoal.lab.topology import Lab, LabError, _alive, pyenv, sh
 from shoal.verdict import rule_bucket
 
@@ -202,7 +203,7 @@ def wait_states(lab: Lab, want: dict[int, str], host: int, seconds: float = 15) 
 def owned_buckets(lab: Lab, host: int, rule: int = WEB_RULE) -> set[int]:
     """The buckets of a rule the host's kernel accepts new connections for."""
     out = sh(
-        "nft", "-j", "list", "set", "netdev", "shoal_pre", f"owned_{rule}", ns=lab.ns(f"h{host}")
+        "nft", "-j", "list", "set", "netdev", PRE_TABLE, owned_set(rule), ns=lab.ns(f"h{host}")
     )
     for item in json.loads(out)["nftables"]:
         if "set" in item:

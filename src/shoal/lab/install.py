@@ -11,8 +11,7 @@ from pathlib import Path
 
 from shoal.config import load_config
 from shoal.dataplane.backend import NftBackend
-from shoal.protocol.engine import Install
-from shoal.protocol.frames import RuleState
+from shoal.dataplane.contract import Install, RuleState
 
 
 def main() -> None:
@@ -32,8 +31,8 @@ def main() -> None:
         backend.attach()
     states = tuple(RuleState.ENABLED for _ in cfg.cluster.effective_rules)
     if args.keep_all:
-        backend.apply(Install(frozenset(range(cfg.cluster.buckets)), True, states, None))
-    backend.apply(Install(tokens, True, states, None))
+        backend.apply(Install(frozenset(range(cfg.cluster.buckets)), True, states))
+    backend.apply(Install(tokens, True, states))
     backend.renew(args.lease_ms)
 
 

@@ -17,9 +17,10 @@ from collections import defaultdict
 from typing import Any
 
 from shoal.config import ShoalConfig
+from shoal.dataplane.contract import RuleState
 from shoal.lab.topology import CLIENTS, Lab, LabError, pyenv, run_module
 from shoal.protocol.epoch import EpochState, next_epoch
-from shoal.protocol.frames import EpochKey, RuleReport, RuleState
+from shoal.protocol.frames import EpochKey, RuleReport
 from shoal.verdict import ClusterView, Outcome, Packet, decide
 
 KINDS = [

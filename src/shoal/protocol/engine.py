@@ -36,9 +36,9 @@ import operator
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from functools import cached_property
-from typing import NamedTuple
 
 from shoal.config import FilteringMode, InitialState, PartitionPolicy, ShoalConfig
+from shoal.dataplane.contract import Install, RuleState
 from shoal.protocol.epoch import (
     EpochDecodeError,
     EpochState,
@@ -60,7 +60,6 @@ from shoal.protocol.frames import (
     Rejection,
     Repeat,
     RuleReport,
-    RuleState,
     cluster_id,
     parse,
     repeat_of,
@@ -116,15 +115,6 @@ class Timing:
         taking new connections: as long as it can be while a crashed host's lease still
         runs out before the others detect it (then the fence never delays a failover)."""
         return max(1.5 * self.period, self.detect - self.margin)
-
-
-class Install(NamedTuple):
-    """What this host's data plane enforces (built at the end of each step)."""
-
-    tokens: frozenset[int]  # new connections accepted for these (see epoch tokens)
-    serving: bool  # established connections to VIPs kept (False when stopped or suspended)
-    rule_states: tuple[RuleState, ...]
-    epoch: EpochKey | None
 
 
 class Command(StrEnum):
@@ -349,7 +339,6 @@ class Engine:
             self.installed,
             self.state in SERVING,
             self.rule_states,
-            self.epoch.key if self.epoch else None,
         )
         t = min(self.next_hb, self.wake, self.expiry_check)
         if self.installed and self.lease_until is not None:

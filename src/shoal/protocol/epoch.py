@@ -22,35 +22,16 @@ from itertools import compress
 
 from shoal.bucket_map import rebalance
 from shoal.config import FilteringMode, PortRule
+from shoal.dataplane.contract import DEFAULT_TOKEN, STRIDE, RuleState, single_token
 from shoal.protocol.frames import (
     EPOCH_KEY,
     MAX_HOST,
     NO_KEY,
     EpochKey,
     RuleReport,
-    RuleState,
     host_bitmap,
     hosts_from_bitmap,
 )
-
-DEFAULT_TOKEN = -1
-_STRIDE = 65537
-
-
-def bucket_token(rule: int, bucket: int) -> int:
-    return rule * _STRIDE + bucket
-
-
-def single_token(rule: int) -> int:
-    return rule * _STRIDE + 65536
-
-
-def split_token(token: int) -> tuple[int, int | None]:
-    """(rule index, bucket) for a bucket; (rule index, None) for a single rule; (-1, None)."""
-    if token == DEFAULT_TOKEN:
-        return -1, None
-    rule, rest = divmod(token, _STRIDE)
-    return rule, (None if rest == 65536 else rest)
 
 
 @dataclass(frozen=True)
@@ -71,7 +52,7 @@ class EpochState:
         out: set[int] = set()
         for i, owners in enumerate(self.maps):
             if owners is not None:
-                base = i * _STRIDE
+                base = i * STRIDE
                 out.update(compress(range(base, base + len(owners)), map(host.__eq__, owners)))
         for i, h in enumerate(self.handlers):
             if h == host:
@@ -85,7 +66,7 @@ class EpochState:
         out: set[int] = set()
         for i, owners in enumerate(self.maps):
             if owners is not None:
-                base = i * _STRIDE
+                base = i * STRIDE
                 out.update(compress(range(base, base + len(owners)), owners))
         out.update(single_token(i) for i, h in enumerate(self.handlers) if h)
         if self.default_host:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import NamedTuple
 
+from shoal.dataplane.contract import RuleState
+
 ETHERTYPE = 0x886F
 MAGIC = b"SH"
 VERSION = 4
@@ -63,14 +65,6 @@ class HostState(IntEnum):
     CONVERGED = 2
     DRAINING = 3
     SUSPENDED = 4
-
-
-class RuleState(IntEnum):
-    """A port rule's state on one host (``enable``, ``drain``, ``disable``)."""
-
-    ENABLED = 0
-    DRAINING = 1
-    DISABLED = 2
 
 
 class Flag(IntEnum):

@@ -1,10 +1,12 @@
 """A deterministic cluster of engines on a virtual clock and a faulty virtual network.
 
-Each simulated host has an engine (its daemon) and a kernel model (the tokens installed and
-the lease expiry, which outlive a daemon crash). The network loses, delays (below the
-engine's assumed bound), duplicates and reorders frames, and can be partitioned. After
-every step the contract of DESIGN.md §4 is checked; a breach raises
-:class:`InvariantViolation` with the seed that replays it.
+Each simulated host runs what the daemon runs, the engine inside a
+:class:`~shoal.runtime.HostRuntime`, against a kernel model that implements the data-plane
+contract (the tokens installed and the lease expiry, which outlive a daemon crash; it can be
+told to refuse installs). The network loses, delays (below the engine's assumed bound),
+duplicates and reorders frames, and can be partitioned. After every step the contract
+(docs/convergence.md, "The contract") is checked; a breach raises :class:`InvariantViolation`
+with the seed that replays it.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from dataclasses import dataclass, field
 
 from shoal.bucket_map import counts, ideal_bounds, minimum_moves
 from shoal.config import FilteringMode, PartitionPolicy, ShoalConfig
+from shoal.dataplane.contract import DataplaneError, Install, RuleCounters, RuleState, bucket_token
 from shoal.protocol.engine import Command, Engine
-from shoal.protocol.epoch import EpochState, bucket_token
-from shoal.protocol.frames import EpochKey, HostState, RuleState
+from shoal.protocol.epoch import EpochState
+from shoal.protocol.frames import EpochKey, HostState
+from shoal.runtime import HostRuntime
 
 
 class InvariantViolation(AssertionError):
@@ -30,16 +34,38 @@ class InvariantViolation(AssertionError):
 
 @dataclass
 class Kernel:
-    """What survives a daemon crash: installed tokens and the lease."""
+    """What survives a daemon crash: installed tokens and the lease. A data-plane
+    :class:`~shoal.dataplane.contract.Backend` on the simulator's clock."""
 
+    clock: Callable[[], float] = lambda: 0.0
     alive: bool = True
     tokens: frozenset[int] = frozenset()
     lease_until: float = float("-inf")
+    refuse_until: float = float("-inf")  # installs are refused until then
+    refused: int = 0  # installs refused so far
 
     def accepting(self, now: float) -> frozenset[int]:
         if not self.alive or now >= self.lease_until:
             return frozenset()
         return self.tokens
+
+    def attach(self) -> None:
+        """Tables left by an earlier daemon stay as they are."""
+
+    def apply(self, inst: Install) -> None:
+        if self.clock() < self.refuse_until:
+            self.refused += 1
+            raise DataplaneError("refused by the simulated kernel")
+        self.tokens = inst.tokens
+
+    def renew(self, ms: int) -> None:
+        self.lease_until = self.clock() + ms / 1000
+
+    def counters(self) -> list[RuleCounters]:
+        return []
+
+    def remove(self) -> None:
+        self.tokens = frozenset()
 
 
 @dataclass
@@ -48,12 +74,16 @@ class SimHost:
     config: ShoalConfig
     kernel: Kernel = field(default_factory=Kernel)
     engine: Engine | None = None
+    runtime: HostRuntime | None = None
     incarnation: int = 0
     tick_at: float = float("inf")
     connections: int = 0
     record: frozenset[int] = frozenset()  # on disk: survives crashes
     vote: frozenset[int] = frozenset()  # on disk too
-    outputs_seen: int = -1  # the engine's outputs counter when the "daemon" last read them
+    frames_withheld: int = 0  # frames an install refusal kept from the wire
+
+    def save(self, record: frozenset[int], vote: frozenset[int]) -> None:
+        self.record, self.vote = record, vote
 
 
 @dataclass
@@ -67,13 +97,22 @@ class NetFaults:
 class SimCluster:
     """N hosts, one switch, one clock."""
 
-    def __init__(self, configs: list[ShoalConfig], key: bytes, seed: int) -> None:
+    def __init__(
+        self,
+        configs: list[ShoalConfig],
+        key: bytes,
+        seed: int,
+        runtime: type[HostRuntime] = HostRuntime,
+    ) -> None:
+        """``runtime``: what drives each engine against its kernel (the daemon's; a broken
+        variant shows that the checkers catch what it breaks)."""
         self.seed = seed
+        self.runtime = runtime
         self.rng = random.Random(seed)
         self.key = key
         self.now = 0.0
         self.period = configs[0].cluster.period_ms / 1000.0
-        self.hosts = {c.host.host_id: SimHost(c.host.host_id, c) for c in configs}
+        self.hosts = {c.host.host_id: SimHost(c.host.host_id, c, self._kernel()) for c in configs}
         self.faults = NetFaults()
         self._queue: list[tuple[float, int, str, int, object]] = []
         self._n = 0
@@ -90,29 +129,34 @@ class SimCluster:
 
     # ------------------------------------------------------------- lifecycle
 
+    def _kernel(self, alive: bool = True) -> Kernel:
+        return Kernel(lambda: self.now, alive)
+
     def _boot(self, h: SimHost) -> None:
         h.incarnation += 1
         h.tick_at = float("inf")
         h.engine = Engine(h.config, self.key, h.incarnation, self.now, record=h.record, vote=h.vote)
-        h.outputs_seen = -1
+        h.kernel.attach()
+        h.runtime = self.runtime(h.engine, h.kernel, h.save)
         self._after(h)
 
     def crash_host(self, hid: int) -> None:
         """Power off: daemon and kernel both gone."""
         h = self.hosts[hid]
-        h.engine = None
-        h.kernel = Kernel(alive=False)
+        h.engine = h.runtime = None
+        h.kernel = self._kernel(alive=False)
 
     def restart_host(self, hid: int) -> None:
         h = self.hosts[hid]
         if h.engine is not None:
             return
-        h.kernel = Kernel()
+        h.kernel = self._kernel()
         self._boot(h)
 
     def crash_daemon(self, hid: int) -> None:
         """kill -9 of the daemon: the kernel keeps its tokens and lease."""
-        self.hosts[hid].engine = None
+        h = self.hosts[hid]
+        h.engine = h.runtime = None
 
     def restart_daemon(self, hid: int) -> None:
         h = self.hosts[hid]
@@ -178,23 +222,19 @@ class SimCluster:
         self.now = max(self.now, t_end)
 
     def _after(self, h: SimHost) -> None:
-        e = h.engine
-        assert e is not None
-        before = (h.kernel.tokens, h.kernel.accepting(self.now))
-        if e.outputs != h.outputs_seen:  # as the daemon reads them
-            h.outputs_seen = e.outputs
-            h.kernel.tokens = e.install.tokens
-            if self.sides_serve and self.check_exclusive and self._cut_off(e):
-                self.check_exclusive = False  # two clusters from here, both serving
-            h.record, h.vote = e.record, e.vote
-            for frame in e.take_frames():
-                self._broadcast(h, frame)
-            e.take_events()
-        if e.lease_until is not None:
-            h.kernel.lease_until = max(h.kernel.lease_until, e.lease_until)
+        e, rt = h.engine, h.runtime
+        assert e is not None and rt is not None
+        before = h.kernel.accepting(self.now)
+        stepped = e.outputs != rt.outputs_seen
+        out = rt.after(self.now)
+        if stepped and self.sides_serve and self.check_exclusive and self._cut_off(e):
+            self.check_exclusive = False  # two clusters from here, both serving
+        h.frames_withheld += out.withheld
+        for frame in out.frames:
+            self._broadcast(h, frame)
         self._note_epoch(e)
         after = h.kernel.accepting(self.now)
-        if self.check_exclusive and after and (after - before[1]):
+        if self.check_exclusive and after and (after - before):
             self._check_exclusive(h, after)
         d = max(e.next_deadline(), self.now + 1e-6)
         if d < h.tick_at:

@@ -1,0 +1,111 @@
+"""One host's runtime: the convergence engine driven against a data-plane backend.
+
+It owns the rules between the engine's outputs and the kernel, which the daemon and the
+simulator both run (so what the simulator proves is what the daemon does):
+
+* **install before sending**: the kernel enforces an install before any heartbeat that
+  reports it leaves (a release must be in the kernel before the leader can hear of it);
+* **silence on refusal**: when the backend refuses an install, the frames of that step are
+  withheld and the same install is tried again at the next step, until the kernel takes it;
+* **the lease renewal rule**: the kernel's lease never outruns the engine's, and is renewed
+  once less than half of it and a period are left;
+* **the record and the vote** are saved (through ``save``) whenever they change.
+
+It does no I/O of its own: time is passed in, the backend and ``save`` are injected, and
+frames, events and problems are returned for the caller to send and log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from shoal.dataplane.contract import Backend, DataplaneError, Install
+from shoal.protocol.engine import Engine
+from shoal.protocol.events import Event, EventId
+
+# after these, established connections to the VIPs are closed (stop, suspend, a drain that
+# ran out of time): the kernel stops serving them, and the client gets a reset
+CLOSES_CONNECTIONS = frozenset({EventId.CLUSTER_STOPPED, EventId.DRAIN_TIMEOUT, EventId.SUSPENDED})
+
+Save = Callable[[frozenset[int], frozenset[int]], None]
+
+
+@dataclass
+class Output:
+    """What one :meth:`HostRuntime.after` leaves to the caller."""
+
+    frames: list[bytes] = field(default_factory=list)  # to broadcast, in order
+    events: list[Event] = field(default_factory=list)  # to log
+    problems: list[dict[str, str]] = field(default_factory=list)  # refusals, to log
+    close_connections: bool = False  # established VIP connections must be reset
+    withheld: int = 0  # frames kept from the wire: the kernel refused what they report
+
+
+class HostRuntime:
+    """Carries out what one engine asks of one backend."""
+
+    def __init__(self, engine: Engine, backend: Backend, save: Save) -> None:
+        self.engine = engine
+        self.backend = backend
+        self.save = save
+        self.installed: Install | None = None  # what the kernel enforces, as far as known
+        self.outputs_seen = -1  # the engine's outputs counter when they were last read
+        self.lease_sent = float("-inf")  # the engine lease the kernel's was last set from
+        self.record, self.vote = engine.record, engine.vote  # as saved
+
+    def replace_backend(self, backend: Backend) -> None:
+        """A new backend (a reload changed the cluster's rules): it enforces nothing yet."""
+        self.backend = backend
+        self.installed = None
+        self.lease_sent = float("-inf")
+
+    def after(self, now: float) -> Output:
+        """Call after every input the engine took: install, collect frames and events,
+        save the record, renew the kernel lease."""
+        e = self.engine
+        out = Output()
+        if e.outputs != self.outputs_seen:
+            self.outputs_seen = e.outputs
+            inst = e.install
+            frames = e.take_frames()
+            if inst != self.installed and not self._install(inst, out):
+                # a host that cannot enforce what its heartbeats say stays silent
+                frames, out.withheld = [], len(frames)
+            out.frames = frames
+            out.events = e.take_events()
+            out.close_connections = any(ev.id in CLOSES_CONNECTIONS for ev in out.events)
+            if (e.record, e.vote) != (self.record, self.vote):
+                self.record, self.vote = e.record, e.vote
+                self.save(self.record, self.vote)
+        self._renew(now, out)
+        return out
+
+    def _install(self, inst: Install, out: Output) -> bool:
+        try:
+            self.backend.apply(inst)
+        except DataplaneError as err:
+            out.problems.append({"name": "install_failed", "error": str(err)})
+            return False
+        self.installed = inst
+        return True
+
+    def _renew(self, now: float, out: Output) -> None:
+        """Each renewal is a kernel transaction, and echoes extend the engine's lease many
+        times a period: renew only once less than half of it and a period are left. A
+        refused renewal leaves the kernel's lease to run out on its own; the next input
+        tries again."""
+        e = self.engine
+        lease = e.lease_until
+        low = self.lease_sent - now < e.timing.lease / 2 + e.timing.period
+        if lease is None or lease <= self.lease_sent or not low:
+            return
+        ms = int((lease - now) * 1000)
+        if ms <= 0:
+            return
+        try:
+            self.backend.renew(ms)
+        except DataplaneError as err:
+            out.problems.append({"name": "lease_renewal_failed", "error": str(err)})
+            return
+        self.lease_sent = lease
