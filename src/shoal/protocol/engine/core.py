@@ -34,11 +34,21 @@ import ipaddress
 import math
 import operator
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
-from functools import cached_property
 
 from shoal.config import FilteringMode, InitialState, PartitionPolicy, ShoalConfig
 from shoal.dataplane.contract import Install, RuleState
+from shoal.protocol.engine.host_state import (
+    ELIGIBLE,
+    RULE_COMMANDS,
+    SERVING,
+    Act,
+    Command,
+    HostStateMachine,
+    Observed,
+)
+from shoal.protocol.engine.peers import NEVER, Peer, Roster
+from shoal.protocol.engine.phase import Phase, Step, moved
+from shoal.protocol.engine.timing import Timing
 from shoal.protocol.epoch import (
     EpochDecodeError,
     EpochState,
@@ -66,66 +76,9 @@ from shoal.protocol.frames import (
 )
 from shoal.protocol.lease import LeaseCount, quorate
 
-ELIGIBLE = (HostState.CONVERGING, HostState.CONVERGED)
-SERVING = (*ELIGIBLE, HostState.DRAINING)  # established connections kept
 MAX_SILENCES = 128
 MAX_BASES = 16  # past this many, a leader changes nothing until its epoch is READY...
 MAX_BASES_ENCODED = 255  # ... unless it never can be; an epoch encodes at most this many
-NEVER = float("-inf")
-WINDOW = 30  # frames of a peer that may arrive out of order; 30 bits keep it one machine word
-WINDOW_MASK = (1 << WINDOW) - 1
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Every protocol delay, derived from the heartbeat period P and the loss tolerance
-    (each computed once: the receive path reads them for every frame)."""
-
-    period: float
-    tolerance: int
-
-    @cached_property
-    def detect(self) -> float:
-        """A host unheard for this long is gone: ``tolerance`` heartbeats in a row missed,
-        with a quarter period for the next one's jitter (without it, one loss fewer plus a
-        late frame would evict a host)."""
-        return (self.tolerance + 0.25) * self.period
-
-    @cached_property
-    def ack_window(self) -> float:
-        """A host heard within this window is acknowledged in heartbeats (an older echo
-        could not keep a lease alive anyway)."""
-        return self.lease
-
-    @cached_property
-    def echo_horizon(self) -> float:
-        """How far back one of our beats may have been sent for its echo to count: beats
-        are at most ten a period, so an echo older than this could be an alias."""
-        return self.ack_window + self.period
-
-    @cached_property
-    def margin(self) -> float:
-        """How much later than the engine's lease the kernel's may run out: the renewal's
-        own latency and the kernel timer's granularity."""
-        return max(0.1 * self.period, 0.005)
-
-    @cached_property
-    def lease(self) -> float:
-        """How long after sending a heartbeat that a quorum acknowledged the kernel keeps
-        taking new connections: as long as it can be while a crashed host's lease still
-        runs out before the others detect it (then the fence never delays a failover)."""
-        return max(1.5 * self.period, self.detect - self.margin)
-
-
-class Command(StrEnum):
-    START = "start"
-    STOP = "stop"
-    DRAINSTOP = "drainstop"
-    SUSPEND = "suspend"
-    RESUME = "resume"
-    ENABLE = "enable"
-    DISABLE = "disable"
-    DRAIN = "drain"
 
 
 @dataclass(frozen=True)
@@ -134,45 +87,10 @@ class CommandResult:
     message: str
 
 
-@dataclass(slots=True)
-class Peer:
-    host_id: int
-    incarnation: int
-    last_seq: int
-    window: int  # replay window: bit i set = last_seq - i seen
-    first_heard: float
-    last_heard: float
-    hb: Heartbeat | None = None
-    votes: tuple[frozenset[int], ...] = ()  # of hb (see Engine._votes_of), kept with it
-    repeat: Repeat | None = None  # of hb, when it has this host's digest (receive fast path)
-    hb_seq: int = -1  # the newest heartbeat whose content hb holds
-    acks_me: bool = False
-    eligible: bool = False  # same digest, started, same rule count (from its heartbeat)
-    ack_at: float = NEVER  # when we sent the newest of our heartbeats it acknowledged
-    beat: int = -1  # the beat of its newest heartbeat
-    fence_epoch: EpochKey | None = None
-    fence_bounds: dict[int, float] = field(default_factory=dict)
-    stale: int = 0
-    duplicate_until: float = NEVER
-    mismatch_reported: bool = False
-    joined_reported: bool = False
-
-    def advance(self, seq: int) -> None:
-        """A frame numbered past the newest one seen: slide the replay window to it."""
-        self.window = ((self.window << (seq - self.last_seq)) | 1) & WINDOW_MASK
-        self.last_seq = seq
-
-
 @dataclass
 class _Assembly:
     count: int
     chunks: dict[int, bytes] = field(default_factory=dict)
-
-
-def _after(t: float) -> float:
-    """The first time later than ``t`` (a duplicate id blocks a host until ``t``
-    included)."""
-    return math.nextafter(t, math.inf)
 
 
 def _supersedes(
@@ -228,16 +146,18 @@ class Engine:
         self.dedicated_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = (
             dips[0].ip if dips else None
         )
-        self.state = {
-            InitialState.STARTED: HostState.CONVERGING,
-            InitialState.STOPPED: HostState.STOPPED,
-            InitialState.SUSPENDED: HostState.SUSPENDED,
-        }[config.host.initial_state]
+        self.host = HostStateMachine(
+            {
+                InitialState.STARTED: HostState.CONVERGING,
+                InitialState.STOPPED: HostState.STOPPED,
+                InitialState.SUSPENDED: HostState.SUSPENDED,
+            }[config.host.initial_state]
+        )
         self.rule_states = (RuleState.ENABLED,) * len(self.rules)
-        self.peers: dict[int, Peer] = {}
+        self.roster = Roster(self.detect, now)
+        self.peers = self.roster.peers  # the roster's, read here for speed
         self.epoch: EpochState | None = None
-        self.epoch_ready = False
-        self.ready_seen = False  # this epoch was READY here (epoch_ready drops on a lapse)
+        self.phase = Phase.NONE
         self.acquiring = False  # READY in this step: tokens taken at its end if leased
         self.own_bounds: dict[int, float] = {}
         self.known: dict[EpochKey, EpochState] = {}
@@ -246,13 +166,6 @@ class Engine:
         self.installed: frozenset[int] = frozenset()
         self.lease_until: float | None = None
         self.lease_count: LeaseCount | None = None
-        self.peer_generation = 0  # peers replaced or forgotten: a lease count rebuilds
-        # what is known of the peers changed (a heartbeat parsed, a peer added, forgotten,
-        # gone silent or heard again, a duplicate id seen or past): what the steps derive
-        # from all the peers is derived again, and kept until then
-        self.view = 0
-        self._swept_at = now
-        self._candidates: tuple[int, tuple[int, EpochKey | None, int]] | None = None
         self._lead_memo: tuple[int, tuple[object, ...]] | None = None
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
         self._acks_memo: tuple[int, frozenset[int], float, frozenset[int], list[Peer]] | None = None
@@ -276,8 +189,6 @@ class Engine:
         self.duplicate_until = NEVER
         self.own_id_seen: list[float] = []
         self.wake = float("inf")
-        self.expiry_check = float("inf")  # the soonest a heard host's silence is detected
-        self.next_sweep = NEVER
         self.connections: int | None = None  # unknown until the shell reports them
         self.drain_deadline: float | None = None
         self.drain_started = NEVER
@@ -299,6 +210,14 @@ class Engine:
         self.install: Install
         self._deadline = now
         self._publish()
+
+    @property
+    def state(self) -> HostState:
+        return self.host.state
+
+    @property
+    def epoch_ready(self) -> bool:
+        return self.phase is Phase.READY
 
     def _use_timing(self, timing: Timing) -> None:
         """The protocol's delays, and the two the receive path reads for every frame."""
@@ -340,7 +259,7 @@ class Engine:
             self.state in SERVING,
             self.rule_states,
         )
-        t = min(self.next_hb, self.wake, self.expiry_check)
+        t = min(self.next_hb, self.wake, self.roster.expiry_check)
         if self.installed and self.lease_until is not None:
             # the tokens go when the lease runs out; read afresh, not kept as a timer: a
             # lease is extended long before it ends, and a timer would fire for nothing
@@ -402,7 +321,7 @@ class Engine:
         p.advance(seq)
         p.hb_seq = seq
         if p.last_heard + self.ack_window < now:
-            self.view += 1  # heard again after a silence: acknowledged again
+            self.roster.view += 1  # heard again after a silence: acknowledged again
         p.last_heard = now
         self._heard(now)
         p.beat = data[rep.beat_at]
@@ -414,9 +333,8 @@ class Engine:
 
     def _heard(self, now: float) -> None:
         """A host was heard: the soonest silence deadline is now + detect at the latest."""
-        if self.expiry_check > now + self.detect:
-            self.expiry_check = now + self.detect
-            self._deadline = min(self._deadline, self.expiry_check)
+        if self.roster.heard(now):
+            self._deadline = min(self._deadline, self.roster.expiry_check)
 
     def _reject(self, why: Rejection) -> Rejection:
         self.rejected[why.value] += 1
@@ -434,12 +352,15 @@ class Engine:
         self, cmd: Command, now: float, rule: int | None = None, timeout: float | None = None
     ) -> CommandResult:
         """An operator verb; ``rule`` is a rule index for enable/disable/drain (None: all)."""
-        if self.state is HostState.SUSPENDED and cmd is not Command.RESUME:
-            return CommandResult(False, "host is suspended: only resume and query are accepted")
-        result = self._command(cmd, now, rule, timeout)
+        if cmd in RULE_COMMANDS and rule is not None and not 0 <= rule < len(self.rules):
+            result = CommandResult(False, f"no rule with index {rule}")
+        else:
+            result = self._command(cmd, now, rule, timeout)
         if result.ok:
             self.dirty = True
             self._step(now)
+        elif cmd in RULE_COMMANDS:
+            self._emit(EventId.RULE_COMMAND_REFUSED, now, command=cmd.value, reason=result.message)
         return result
 
     def reload(self, config: ShoalConfig, now: float) -> str:
@@ -454,6 +375,7 @@ class Engine:
             cl = config.cluster
             self.digest = new_digest
             self._use_timing(Timing(cl.period_ms / 1000.0, cl.tolerance))
+            self.roster.detect = self.detect
             self.rules = cl.effective_rules
             self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
             if len(self.rules) != len(old_rules):
@@ -463,7 +385,7 @@ class Engine:
                 if p.hb is not None:
                     p.eligible = self._could_join(p.hb)
                     p.repeat = None
-            self.view += 1
+            self.roster.view += 1
             self.started_at = now
             self.eligible_since = now
             self.why_converging = "cluster parameters changed"
@@ -480,56 +402,42 @@ class Engine:
     def _command(
         self, cmd: Command, now: float, rule: int | None, timeout: float | None
     ) -> CommandResult:
-        s = self.state
-        if cmd is Command.START:
-            if s in ELIGIBLE:
-                return CommandResult(True, "cluster operations already started")
-            if s is HostState.DRAINING:
-                self._emit(EventId.DRAIN_INTERRUPTED, now, command="start")
-                self.drain_deadline = None
-            else:
-                self._drop_epoch()
-            self.state = HostState.CONVERGING
+        """Move the host state by the table, then do what the move asks."""
+        m = self.host.move(cmd)
+        act = m.act
+        if act is Act.START:
+            self._drop_epoch()
+        elif act is Act.RESTART:
+            self._emit(EventId.DRAIN_INTERRUPTED, now, command="start")
+            self.drain_deadline = None
+        elif act is Act.INTERRUPT_AND_STOP:
+            self._emit(EventId.DRAIN_INTERRUPTED, now, command="stop")
+        if act in (Act.START, Act.RESTART):
             self.eligible_since = now
             self._emit(EventId.CLUSTER_STARTED, now)
-            return CommandResult(True, "cluster operations started")
-        if cmd is Command.STOP:
-            if s is HostState.STOPPED:
-                return CommandResult(True, "cluster operations already stopped")
-            if s is HostState.DRAINING:
-                self._emit(EventId.DRAIN_INTERRUPTED, now, command="stop")
+        elif act in (Act.STOP, Act.INTERRUPT_AND_STOP):
             self._stop(now)
-            return CommandResult(True, "cluster operations stopped")
-        if cmd is Command.DRAINSTOP:
-            if s is HostState.STOPPED:
-                return CommandResult(False, "cluster operations are stopped: nothing to drain")
-            if s is HostState.DRAINING:
-                return CommandResult(True, "already draining")
-            self.state = HostState.DRAINING
+        elif act is Act.DRAIN:
             # the others carry on without this host
             self.record, self.vote = self._left(self.record), self._left(self.vote)
             self.drain_deadline = now + timeout if timeout is not None else None
             self.drain_started = now
             self._emit(EventId.DRAIN_STARTED, now)
-            return CommandResult(True, "connection draining started")
-        if cmd is Command.SUSPEND:
+        elif act is Act.SUSPEND:
             self._stop(now, announce=False)
-            self.state = HostState.SUSPENDED
             self._emit(EventId.SUSPENDED, now)
-            return CommandResult(True, "cluster operations suspended")
-        if cmd is Command.RESUME:
-            if s is not HostState.SUSPENDED:
-                return CommandResult(False, "host is not suspended")
-            self.state = HostState.STOPPED
+        elif act is Act.RESUME:
             self._emit(EventId.RESUMED, now)
-            return CommandResult(True, "cluster control resumed; host is stopped (use start)")
+        elif act is Act.RULES:
+            return self._rule_command(cmd, now, rule)
+        return CommandResult(m.ok, m.message)
+
+    def _rule_command(self, cmd: Command, now: float, rule: int | None) -> CommandResult:
         target = {
             Command.ENABLE: RuleState.ENABLED,
             Command.DISABLE: RuleState.DISABLED,
             Command.DRAIN: RuleState.DRAINING,
         }[cmd]
-        if rule is not None and not 0 <= rule < len(self.rules):
-            return CommandResult(False, f"no rule with index {rule}")
         indexes = range(len(self.rules)) if rule is None else [rule]
         for i in indexes:
             self.rule_states = (*self.rule_states[:i], target, *self.rule_states[i + 1 :])
@@ -545,7 +453,7 @@ class Engine:
         return CommandResult(True, f"{which}: {target.name.lower()}")
 
     def _stop(self, now: float, announce: bool = True) -> None:
-        self.state = HostState.STOPPED
+        """Let go of everything and leave (the host state moved already)."""
         self.drain_deadline = None
         self.installed = frozenset()
         self._leave()
@@ -568,7 +476,7 @@ class Engine:
 
     def _drop_epoch(self) -> None:
         self.epoch = None
-        self.epoch_ready = self.ready_seen = False
+        self.phase = moved(self.phase, Step.DROP)
         self.installed = frozenset()
         self.own_bounds = {}
         self.fingerprint = self._lead_memo = None
@@ -591,33 +499,15 @@ class Engine:
                 self.duplicate_until = now + self.timing.detect
                 self._release_all()
             return Rejection.OWN
-        p = self.peers.get(h)
-        if p is None or frame.incarnation > p.incarnation:
-            self.peers[h] = Peer(h, frame.incarnation, frame.seq, 1, now, now)
-            self.peer_generation += 1
-            self.view += 1
-            return None
-        if frame.incarnation < p.incarnation:
-            p.stale += 1
-            if p.stale >= 3 and p.duplicate_until < now:
-                self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
-                p.duplicate_until = now + self.timing.detect
-                self.view += 1
-                self.expiry_check = min(self.expiry_check, _after(p.duplicate_until))
-            return Rejection.REPLAY
-        diff = frame.seq - p.last_seq
-        if diff > 0:
-            p.advance(frame.seq)
-        elif -diff >= WINDOW or p.window >> -diff & 1:
-            return Rejection.REPLAY
-        else:
-            p.window |= 1 << -diff
-        return None
+        why, duplicate = self.roster.admit(frame, now, self.timing.detect)
+        if duplicate:
+            self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
+        return why
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
         """Record a heartbeat; False when it is older than the one already held."""
         p = self.peers[hb.host_id]
-        self.view += 1
+        self.roster.view += 1
         p.last_heard = max(p.last_heard, now)
         if p.hb is not None and hb.seq < p.hb_seq:
             return False
@@ -732,17 +622,6 @@ class Engine:
 
     # -------------------------------------------------------------- the step
 
-    def _alive(self, p: Peer, now: float) -> bool:
-        """Heard within the detection time. Every liveness test is written exactly so, as
-        the sweep computes deadlines (``last_heard + detect``): with ``now - detect`` a
-        rounding could keep a host alive an instant past the deadline that reported it
-        silent, and what steps keep from the peers would then outlive its cause."""
-        return p.last_heard + self.detect > now and p.hb is not None
-
-    def _live_peers(self, now: float) -> list[Peer]:
-        detect = self.detect
-        return [p for p in self.peers.values() if p.last_heard + detect > now and p.hb is not None]
-
     def _eligible_self(self, now: float) -> bool:
         return self.state in ELIGIBLE and self.duplicate_until < now
 
@@ -753,9 +632,6 @@ class Engine:
             and hb.state in ELIGIBLE
             and len(hb.rules) == len(self.rules)
         )
-
-    def _eligible_peer(self, p: Peer, now: float) -> bool:
-        return p.eligible and p.duplicate_until < now
 
     def _step(self, now: float, timers: bool = True) -> None:
         if timers:
@@ -777,47 +653,22 @@ class Engine:
     def _expire(self, now: float) -> None:
         if now >= self.wake:
             self.wake = float("inf")
-        if now < self.expiry_check and now < self.next_sweep:
+        if not self.roster.due(now):
             return  # no deadline has passed: hearing a host only ever moves its own later
-        self.next_sweep = now + 60  # and forget hosts unheard for ten minutes, now and then
-        detect = self.detect
-        soonest = float("inf")
-        swept, self._swept_at = self._swept_at, now
-        for p in list(self.peers.values()):
-            if p.duplicate_until > NEVER:
-                flip = _after(p.duplicate_until)  # eligible again from then
-                if flip > now:
-                    soonest = min(soonest, flip)
-                elif flip > swept:
-                    self.view += 1
-            if p.hb is None:
-                continue
-            deadline = p.last_heard + detect
-            if deadline > now:
-                if deadline < soonest:
-                    soonest = deadline
-                continue
-            if deadline > swept:
-                self.view += 1  # gone silent since the last sweep
-            if p.joined_reported:
-                p.joined_reported = False
-                if self.epoch and p.host_id in self.epoch.members:
-                    self._emit(
-                        EventId.HOST_LEFT,
-                        now,
-                        peer=p.host_id,
-                        reason=f"not heard for {detect:.3g} s",
-                    )
-            if now - p.last_heard > 600:
-                del self.peers[p.host_id]
-                self.peer_generation += 1
-                self.view += 1
-        self.expiry_check = soonest
+        for p in self.roster.sweep(now):
+            if self.epoch and p.host_id in self.epoch.members:
+                self._emit(
+                    EventId.HOST_LEFT,
+                    now,
+                    peer=p.host_id,
+                    reason=f"not heard for {self.detect:.3g} s",
+                )
 
     def _check_drain(self, now: float) -> None:
         if self.state is not HostState.DRAINING:
             return
         if self.drain_deadline is not None and now >= self.drain_deadline:
+            self.host.move(Observed.DRAIN_ENDED)
             self._stop(now, announce=False)
             self._emit(EventId.DRAIN_TIMEOUT, now)
         elif self.connections == 0 and (
@@ -828,12 +679,13 @@ class Engine:
             or self._leader(now) is None
             or now >= self.drain_started + self.detect
         ):
+            self.host.move(Observed.DRAIN_ENDED)
             self._stop(now, announce=False)
             self._emit(EventId.DRAIN_FINISHED, now)
 
     def _leader(self, now: float) -> int | None:
         """Lowest id among eligible live hosts holding the best epoch (or any, if none has)."""
-        lowest, best, best_host = self._peer_candidates(now)
+        lowest, best, best_host = self.roster.candidates(now)
         if self._eligible_self(now):
             if not lowest or self.me < lowest:
                 lowest = self.me
@@ -846,40 +698,6 @@ class Engine:
         if best is not None:
             return best_host
         return lowest or None
-
-    def _fresh(self, view: int, now: float) -> bool:
-        """A result derived from the peers at ``view`` still holds: nothing known of them
-        changed since, and no silence or duplicate id has run out (each is a deadline)."""
-        return view == self.view and now < self.expiry_check
-
-    def _peer_candidates(self, now: float) -> tuple[int, EpochKey | None, int]:
-        """Over eligible live peers: the lowest id, the best epoch and the lowest id
-        holding it (0 and None when there are none)."""
-        memo = self._candidates
-        if memo is not None and self._fresh(memo[0], now):
-            return memo[1]
-        best: EpochKey | None = None
-        best_host = lowest = 0
-        detect = self.detect
-        for p in self.peers.values():
-            if not p.eligible or p.last_heard + detect <= now or p.duplicate_until >= now:
-                continue
-            h = p.host_id
-            if not lowest or h < lowest:
-                lowest = h
-            hb = p.hb
-            assert hb is not None
-            k = hb.epoch
-            if k is None:
-                continue
-            if k == best:
-                if h < best_host:
-                    best_host = h
-            elif best is None or k.rank() > best.rank():
-                best, best_host = k, h
-        out = (lowest, best, best_host)
-        self._candidates = (self.view, out)
-        return out
 
     def _votes_of(self, host: int) -> tuple[frozenset[int], ...]:
         """What a leader must outvote for ``host``: the newest READY membership it knew and
@@ -924,14 +742,19 @@ class Engine:
         cur = self.epoch
         memo = (cur and cur.key, self.record, self.vote, self.rule_states, self.cfg)
         kept = self._lead_memo
-        if cur is not None and kept is not None and kept[1] == memo and self._fresh(kept[0], now):
+        if (
+            cur is not None
+            and kept is not None
+            and kept[1] == memo
+            and self.roster.fresh(kept[0], now)
+        ):
             # nothing the fingerprint is made of changed since it last matched
             self._declare_ready(now)
             return
         members = {self.me}
         reports = {self.me: self._reports()}
-        for p in self._live_peers(now):
-            if self._eligible_peer(p, now):
+        for p in self.roster.live(now):
+            if self.roster.usable(p, now):
                 assert p.hb is not None
                 members.add(p.host_id)
                 reports[p.host_id] = p.hb.rules
@@ -939,7 +762,7 @@ class Engine:
         if cur is None:
             if now - self.started_at < self.timing.detect:
                 return  # listen for an existing cluster first
-            live = self._live_peers(now)
+            live = self.roster.live(now)
             # a peer last heard stopped may have been started at the same moment: hear each
             # once more, from a heartbeat sent after this host's start (a frame is less than
             # half a period on the way), or two hosts could each form a cluster alone
@@ -976,7 +799,7 @@ class Engine:
             # keep the newest objects: the next comparison then finds the very same ones
             # (a heartbeat parsed again brings equal but new tuples of rule reports)
             self.fingerprint = fp
-            self._lead_memo = (self.view, memo)
+            self._lead_memo = (self.roster.view, memo)
             self._declare_ready(now)
             return
         graceful = {
@@ -984,9 +807,9 @@ class Engine:
             for h in cur.members
             if h != self.me
             and h in self.peers
-            and self._alive(self.peers[h], now)
+            and self.roster.alive(self.peers[h], now)
             and self._stepped_out(self.peers[h])
-            and not self._eligible_peer(self.peers[h], now)
+            and not self.roster.usable(self.peers[h], now)
         }
         bases = (cur.members,) if self.epoch_ready else (*cur.bases, cur.members)
         if self.quorum:
@@ -996,7 +819,7 @@ class Engine:
             recs = {h: self._votes_of(h) for h in target}
             gone = frozenset(
                 p.host_id
-                for p in self._live_peers(now)
+                for p in self.roster.live(now)
                 if p.hb is not None and p.hb.state not in ELIGIBLE and self._stepped_out(p)
             )
             changed = True
@@ -1060,7 +883,7 @@ class Engine:
         # membership as a base of its own adds nothing it does not satisfy already
         if same_assignment(cand, cur) and set(cand.bases) <= {*cur.bases, cur.members}:
             self.fingerprint = fp
-            self._lead_memo = (self.view, memo)
+            self._lead_memo = (self.roster.view, memo)
             self._declare_ready(now)
             return
         self._create(cur, target, fenced, bases, reports, now, cand)
@@ -1138,14 +961,14 @@ class Engine:
         leader outvoted its membership too: a host never lends its vote to a competing
         branch behind its own branch's back. An epoch this host saw READY counts as READY
         here even after its lease lapsed (which makes it acquire again, not vote again)."""
-        if not self.quorum or self.epoch is None or not self.ready_seen:
+        if not self.quorum or self.epoch is None or not self.phase.seen_ready:
             return True
         return _supersedes(state, self.epoch.key, self.epoch.members, self.record, self.vote)
 
     def _adopt(self, state: EpochState, now: float) -> None:
         prev = self.epoch
         self.epoch = state
-        self.epoch_ready = self.ready_seen = False
+        self.phase = moved(self.phase, Step.ADOPT)
         if self.me in state.members and self.state in ELIGIBLE:
             # adopting is voting: a leader that later counts on this host must outvote
             # this membership too, even if this host never hears that it became READY
@@ -1165,7 +988,7 @@ class Engine:
             self._emit(EventId.HOST_JOINED, now, peer=h)
         for h in sorted(old - state.members - {self.me}):
             p = self.peers.get(h)
-            if p is None or p.joined_reported or self._alive(p, now):
+            if p is None or p.joined_reported or self.roster.alive(p, now):
                 self._emit(EventId.HOST_LEFT, now, peer=h, reason=f"not in epoch {state.key}")
             if p is not None:
                 p.joined_reported = False
@@ -1196,7 +1019,7 @@ class Engine:
             return
         lease = self.lease_until
         if lease is None or lease <= now or not self._eligible_self(now):
-            self.epoch_ready = False
+            self.phase = moved(self.phase, Step.LAPSE)
             self.why_converging = "lease expired"
             # the count was built for the READY regime just left: echoes arriving before
             # the next step would not be tallied, and that READY regime would find the
@@ -1215,13 +1038,13 @@ class Engine:
             if q == self.me:
                 continue
             p = self.peers.get(q)
-            if p is None or p.hb is None or not self._alive(p, now):
+            if p is None or p.hb is None or not self.roster.alive(p, now):
                 return
             if p.hb.epoch != e.key or not p.hb.has(Flag.RELEASED):
                 return
             if p.ack_at < self.eligible_since:
                 return  # sent before it heard this host since its last start: maybe stale
-        for p in self._live_peers(now):
+        for p in self.roster.live(now):
             if (
                 p.host_id not in e.members
                 and p.host_id not in e.fenced
@@ -1230,7 +1053,7 @@ class Engine:
                 return
         for c in e.fenced:
             pc = self.peers.get(c)
-            if pc is not None and self._alive(pc, now) and self._released_for(pc, e):
+            if pc is not None and self.roster.alive(pc, now) and self._released_for(pc, e):
                 continue
             bound = self.own_bounds.get(c, now)
             for q in e.members:
@@ -1247,7 +1070,7 @@ class Engine:
 
     def _ready(self, now: float) -> None:
         """The epoch is READY: acquire, and remember its members (the record)."""
-        self.epoch_ready = self.ready_seen = True
+        self.phase = moved(self.phase, Step.READY)
         if self.epoch is not None and self.epoch.members:
             self.record = self.epoch.members
             if self.state not in ELIGIBLE:
@@ -1297,12 +1120,12 @@ class Engine:
         )
         if done and self.state is HostState.CONVERGING:
             assert e is not None
-            self.state = HostState.CONVERGED
+            self.host.move(Observed.CONVERGED)
             ev = EventId.CONVERGED_DEFAULT if e.default_host == self.me else EventId.CONVERGED
             self._emit(ev, now, members=sorted(e.members), epoch=str(e.key))
             self.dirty = True
         elif not done and self.state is HostState.CONVERGED:
-            self.state = HostState.CONVERGING
+            self.host.move(Observed.UNCONVERGED)
             self._emit(EventId.CONVERGING, now, reason=self.why_converging)
             self.dirty = True
 
@@ -1312,7 +1135,7 @@ class Engine:
             # tokens are only ever held under an unbroken lease: once it lapsed, others may
             # have been given them (fenced), so they must be acquired again on READY
             self.installed = frozenset()
-            self.epoch_ready = False
+            self.phase = moved(self.phase, Step.LAPSE)
             self.why_converging = "lease expired"
             self._emit(EventId.LEASE_LOST, now)
             self.dirty = True
@@ -1356,7 +1179,7 @@ class Engine:
     def _lease_regime(self) -> tuple[object, ...]:
         """What a lease count is only good for (the epoch by identity: this is compared
         for every echo)."""
-        return (self.epoch, self.epoch_ready, self.peer_generation)
+        return (self.epoch, self.epoch_ready, self.roster.generation)
 
     def _extend_lease(self, until: float) -> None:
         if self.lease_until is None or until > self.lease_until:
@@ -1375,11 +1198,11 @@ class Engine:
             return
         memo = self._send_memo
         key = (e.key, leader == self.me, self.state)
-        if memo is not None and memo[1] == key and self._fresh(memo[0], now):
+        if memo is not None and memo[1] == key and self.roster.fresh(memo[0], now):
             behind = memo[2]  # and no partition to report that was not reported already
         else:
             behind = self._behind_and_heal(e, leader, now)
-            self._send_memo = (self.view, key, behind)
+            self._send_memo = (self.roster.view, key, behind)
         last = self.last_map_sent.get(e.key, NEVER)
         if behind and now - last >= self.timing.period:
             self._send_map(e, now)
@@ -1388,7 +1211,7 @@ class Engine:
         """Whether, as the leader, a live host of this configuration holds another epoch
         (it needs the map); and, converged, report every other cluster of this
         configuration heard (a partition healed)."""
-        live = self._live_peers(now)
+        live = self.roster.live(now)
         behind = leader == self.me and any(
             p.hb is not None
             and p.hb.config_digest == self.digest
@@ -1485,7 +1308,12 @@ class Engine:
         """Those of ``acked`` heard within the ack window, and their peers in id order
         (kept until something known of the peers changes or one of them may drop out)."""
         memo = self._acks_memo
-        if memo is not None and memo[1] is acked and now <= memo[2] and self._fresh(memo[0], now):
+        if (
+            memo is not None
+            and memo[1] is acked
+            and now <= memo[2]
+            and self.roster.fresh(memo[0], now)
+        ):
             return memo[3], memo[4]
         window, peers, me = self.ack_window, self.peers, self.me
         out = [
@@ -1498,7 +1326,7 @@ class Engine:
         ]
         until = min([p.last_heard + window for p in out], default=math.inf)
         ids = frozenset([p.host_id for p in out])
-        self._acks_memo = (self.view, acked, until, ids, out)
+        self._acks_memo = (self.roster.view, acked, until, ids, out)
         return ids, out
 
     def _send_map(self, state: EpochState, now: float) -> None:

@@ -1,0 +1,202 @@
+"""What this host knows of its peers: who was heard when, their replay windows, their last
+heartbeats, and the results derived from all of them, behind one version counter.
+
+Every change to what is known of the peers (a heartbeat parsed, a peer added or forgotten,
+one gone silent or heard again, a duplicate id seen or past) moves :attr:`Roster.view`. A
+result derived from the peers is kept with the view it was derived at and reused while
+:meth:`Roster.fresh` says nothing moved: at hundreds of hosts, deriving them at every frame
+would cost more than the frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from shoal.protocol.frames import Envelope, EpochKey, Heartbeat, Rejection, Repeat
+
+NEVER = float("-inf")
+WINDOW = 30  # frames of a peer that may arrive out of order; 30 bits keep it one machine word
+WINDOW_MASK = (1 << WINDOW) - 1
+FORGET_AFTER = 600.0  # seconds unheard before a peer is forgotten
+SWEEP_EVERY = 60.0  # seconds between sweeps for peers to forget
+
+
+def after(t: float) -> float:
+    """The first time later than ``t`` (a duplicate id blocks a host until ``t``
+    included)."""
+    return math.nextafter(t, math.inf)
+
+
+@dataclass(slots=True)
+class Peer:
+    host_id: int
+    incarnation: int
+    last_seq: int
+    window: int  # replay window: bit i set = last_seq - i seen
+    first_heard: float
+    last_heard: float
+    hb: Heartbeat | None = None
+    votes: tuple[frozenset[int], ...] = ()  # of hb (see leader.votes), kept with it
+    repeat: Repeat | None = None  # of hb, when it has this host's digest (receive fast path)
+    hb_seq: int = -1  # the newest heartbeat whose content hb holds
+    acks_me: bool = False
+    eligible: bool = False  # same digest, started, same rule count (from its heartbeat)
+    ack_at: float = NEVER  # when we sent the newest of our heartbeats it acknowledged
+    beat: int = -1  # the beat of its newest heartbeat
+    fence_epoch: EpochKey | None = None
+    fence_bounds: dict[int, float] = field(default_factory=dict)
+    stale: int = 0
+    duplicate_until: float = NEVER
+    mismatch_reported: bool = False
+    joined_reported: bool = False
+
+    def advance(self, seq: int) -> None:
+        """A frame numbered past the newest one seen: slide the replay window to it."""
+        self.window = ((self.window << (seq - self.last_seq)) | 1) & WINDOW_MASK
+        self.last_seq = seq
+
+
+class Roster:
+    """The peers of one host, their liveness and the replay check."""
+
+    def __init__(self, detect: float, now: float) -> None:
+        self.peers: dict[int, Peer] = {}
+        self.detect = detect
+        self.view = 0  # what is known of the peers changed: derived results are stale
+        self.generation = 0  # peers replaced or forgotten: a lease count rebuilds
+        self.expiry_check = float("inf")  # the soonest a heard host's silence is detected
+        self._next_sweep = NEVER
+        self._swept_at = now
+        self._candidates: tuple[int, tuple[int, EpochKey | None, int]] | None = None
+
+    # ------------------------------------------------------------ liveness
+
+    def heard(self, now: float) -> bool:
+        """A host was heard: the soonest silence deadline is now + detect at the latest.
+        True when that moved the deadline closer."""
+        if self.expiry_check > now + self.detect:
+            self.expiry_check = now + self.detect
+            return True
+        return False
+
+    def alive(self, p: Peer, now: float) -> bool:
+        """Heard within the detection time. Every liveness test is written exactly so, as
+        the sweep computes deadlines (``last_heard + detect``): with ``now - detect`` a
+        rounding could keep a host alive an instant past the deadline that reported it
+        silent, and what steps keep from the peers would then outlive its cause."""
+        return p.last_heard + self.detect > now and p.hb is not None
+
+    def live(self, now: float) -> list[Peer]:
+        detect = self.detect
+        return [p for p in self.peers.values() if p.last_heard + detect > now and p.hb is not None]
+
+    def fresh(self, view: int, now: float) -> bool:
+        """A result derived from the peers at ``view`` still holds: nothing known of them
+        changed since, and no silence or duplicate id has run out (each is a deadline)."""
+        return view == self.view and now < self.expiry_check
+
+    def usable(self, p: Peer, now: float) -> bool:
+        """A peer that may be a member: eligible by its heartbeat, and no duplicate id."""
+        return p.eligible and p.duplicate_until < now
+
+    # -------------------------------------------------------------- replay
+
+    def admit(self, frame: Envelope, now: float, hold: float) -> tuple[Rejection | None, bool]:
+        """The replay check of a frame of another host: (why it is dropped, if it is;
+        whether a second host is now seen using this id, blocked for ``hold``)."""
+        h = frame.host_id
+        p = self.peers.get(h)
+        if p is None or frame.incarnation > p.incarnation:
+            self.peers[h] = Peer(h, frame.incarnation, frame.seq, 1, now, now)
+            self.generation += 1
+            self.view += 1
+            return None, False
+        if frame.incarnation < p.incarnation:
+            p.stale += 1
+            if p.stale >= 3 and p.duplicate_until < now:
+                p.duplicate_until = now + hold
+                self.view += 1
+                self.expiry_check = min(self.expiry_check, after(p.duplicate_until))
+                return Rejection.REPLAY, True
+            return Rejection.REPLAY, False
+        diff = frame.seq - p.last_seq
+        if diff > 0:
+            p.advance(frame.seq)
+        elif -diff >= WINDOW or p.window >> -diff & 1:
+            return Rejection.REPLAY, False
+        else:
+            p.window |= 1 << -diff
+        return None, False
+
+    # --------------------------------------------------------------- sweep
+
+    def due(self, now: float) -> bool:
+        """Whether a silence or duplicate deadline has passed, or a sweep is due."""
+        return now >= self.expiry_check or now >= self._next_sweep
+
+    def sweep(self, now: float) -> list[Peer]:
+        """Note silences and duplicates that ran out, forget peers unheard for ten minutes;
+        returns the peers gone silent that had been reported as joined (in the order they
+        were first heard), no longer reported so."""
+        self._next_sweep = now + SWEEP_EVERY
+        detect = self.detect
+        soonest = float("inf")
+        swept, self._swept_at = self._swept_at, now
+        left: list[Peer] = []
+        for p in list(self.peers.values()):
+            if p.duplicate_until > NEVER:
+                flip = after(p.duplicate_until)  # eligible again from then
+                if flip > now:
+                    soonest = min(soonest, flip)
+                elif flip > swept:
+                    self.view += 1
+            if p.hb is None:
+                continue
+            deadline = p.last_heard + detect
+            if deadline > now:
+                if deadline < soonest:
+                    soonest = deadline
+                continue
+            if deadline > swept:
+                self.view += 1  # gone silent since the last sweep
+            if p.joined_reported:
+                p.joined_reported = False
+                left.append(p)
+            if now - p.last_heard > FORGET_AFTER:
+                del self.peers[p.host_id]
+                self.generation += 1
+                self.view += 1
+        self.expiry_check = soonest
+        return left
+
+    # ---------------------------------------------------------- candidates
+
+    def candidates(self, now: float) -> tuple[int, EpochKey | None, int]:
+        """Over eligible live peers: the lowest id, the best epoch and the lowest id
+        holding it (0 and None when there are none)."""
+        memo = self._candidates
+        if memo is not None and self.fresh(memo[0], now):
+            return memo[1]
+        best: EpochKey | None = None
+        best_host = lowest = 0
+        detect = self.detect
+        for p in self.peers.values():
+            if not p.eligible or p.last_heard + detect <= now or p.duplicate_until >= now:
+                continue
+            h = p.host_id
+            if not lowest or h < lowest:
+                lowest = h
+            hb = p.hb
+            assert hb is not None
+            k = hb.epoch
+            if k is None:
+                continue
+            if k == best:
+                if h < best_host:
+                    best_host = h
+            elif best is None or k.rank() > best.rank():
+                best, best_host = k, h
+        out = (lowest, best, best_host)
+        self._candidates = (self.view, out)
+        return out
