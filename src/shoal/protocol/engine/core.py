@@ -31,12 +31,13 @@ How hosts agree (docs/convergence.md has the full story):
 from __future__ import annotations
 
 import ipaddress
-import math
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from shoal.config import FilteringMode, InitialState, PartitionPolicy, ShoalConfig
 from shoal.dataplane.contract import Install, RuleState
+from shoal.protocol.engine.beacon import Beacon, silences
+from shoal.protocol.engine.epochs import EpochStore
 from shoal.protocol.engine.host_state import (
     ELIGIBLE,
     RULE_COMMANDS,
@@ -48,17 +49,15 @@ from shoal.protocol.engine.host_state import (
 )
 from shoal.protocol.engine.peers import NEVER, Peer, Roster
 from shoal.protocol.engine.phase import Phase, Step, moved
+from shoal.protocol.engine.tenure import Tenure
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.epoch import (
-    EpochDecodeError,
     EpochState,
-    decode_epoch,
     next_epoch,
     same_assignment,
 )
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import (
-    CHUNK_DATA,
     HEADER_LEN,
     Codec,
     Envelope,
@@ -74,9 +73,8 @@ from shoal.protocol.frames import (
     parse,
     repeat_of,
 )
-from shoal.protocol.lease import LeaseCount, quorate
+from shoal.protocol.lease import quorate
 
-MAX_SILENCES = 128
 MAX_BASES = 16  # past this many, a leader changes nothing until its epoch is READY...
 MAX_BASES_ENCODED = 255  # ... unless it never can be; an epoch encodes at most this many
 
@@ -85,12 +83,6 @@ MAX_BASES_ENCODED = 255  # ... unless it never can be; an epoch encodes at most 
 class CommandResult:
     ok: bool
     message: str
-
-
-@dataclass
-class _Assembly:
-    count: int
-    chunks: dict[int, bytes] = field(default_factory=dict)
 
 
 def _supersedes(
@@ -160,29 +152,17 @@ class Engine:
         self.phase = Phase.NONE
         self.acquiring = False  # READY in this step: tokens taken at its end if leased
         self.own_bounds: dict[int, float] = {}
-        self.known: dict[EpochKey, EpochState] = {}
-        self.assemblies: dict[tuple[EpochKey, bytes], _Assembly] = {}
-        self.max_epoch_seen = 0
+        self.epochs = EpochStore()
         self.installed: frozenset[int] = frozenset()
-        self.lease_until: float | None = None
-        self.lease_count: LeaseCount | None = None
+        self.tenure = Tenure(self.me)
         self._lead_memo: tuple[int, tuple[object, ...]] | None = None
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
-        self._acks_memo: tuple[int, frozenset[int], float, frozenset[int], list[Peer]] | None = None
-        self._said: Heartbeat | None = None  # the last heartbeat sent, less what every beat changes
-        self._said_number = 0
         self._reports_memo: (
             tuple[ShoalConfig, tuple[RuleState, ...], tuple[RuleReport, ...]] | None
         ) = None
-        self.seq = 0
-        self.beats = 0  # heartbeats sent; the low byte numbers each one
-        self.beat_sent = [NEVER] * 256  # when each beat number was last sent
+        self.beacon = Beacon(self.codec, self.me, incarnation, now)
         self.started_at = now
         self.eligible_since = now  # the last start: a READY must be fresher than this
-        self.last_sent = NEVER
-        self.next_hb = now
-        self.dirty = True
-        self.last_map_sent: dict[EpochKey, float] = {}
         self.why_converging = "starting"
         self.leading = False
         self.leader_id: int | None = None
@@ -198,8 +178,7 @@ class Engine:
         self._planned: tuple[object, EpochState] | None = None  # the last next_epoch computed
         self._mine_cache: tuple[EpochKey | None, frozenset[int]] = (None, frozenset())
         self.rejected: dict[str, int] = {r.value: 0 for r in Rejection}
-        self.frames_received = self.frames_sent = self.epochs_created = 0
-        self._frames: list[bytes] = []
+        self.frames_received = self.epochs_created = 0
         self._events: list[Event] = []
         # moves whenever install, frames, events or the deadline may have: after an input
         # that left it alone (most received frames) only lease_until needs reading
@@ -228,7 +207,7 @@ class Engine:
     # ---------------------------------------------------------------- outputs
 
     def take_frames(self) -> list[bytes]:
-        out, self._frames = self._frames, []
+        out, self.beacon.frames = self.beacon.frames, []
         return out
 
     def take_events(self) -> list[Event]:
@@ -244,7 +223,7 @@ class Engine:
         """Frames sent and received, epochs created, and frames dropped by reason."""
         return {
             **self.rejected,
-            "frames_sent": self.frames_sent,
+            "frames_sent": self.beacon.frames_sent,
             "frames_received": self.frames_received,
             "epochs_created": self.epochs_created,
         }
@@ -259,13 +238,11 @@ class Engine:
             self.state in SERVING,
             self.rule_states,
         )
-        t = min(self.next_hb, self.wake, self.roster.expiry_check)
+        t = min(self.beacon.deadline(self.timing.period), self.wake, self.roster.expiry_check)
         if self.installed and self.lease_until is not None:
             # the tokens go when the lease runs out; read afresh, not kept as a timer: a
             # lease is extended long before it ends, and a timer would fire for nothing
             t = min(t, self.lease_until)
-        if self.dirty:
-            t = min(t, self.last_sent + self.timing.period / 10)
         if self.drain_deadline is not None:
             t = min(t, self.drain_deadline)
         self._deadline = t
@@ -311,7 +288,7 @@ class Engine:
                 same = frame.config_digest == self.digest
                 p.repeat = repeat_of(data, frame, self.me) if same else None
         else:
-            self._on_chunk(frame, now)
+            self._on_chunk(frame)
         self._step(now, timers=False)
         return None
 
@@ -357,7 +334,7 @@ class Engine:
         else:
             result = self._command(cmd, now, rule, timeout)
         if result.ok:
-            self.dirty = True
+            self.beacon.dirty = True
             self._step(now)
         elif cmd in RULE_COMMANDS:
             self._emit(EventId.RULE_COMMAND_REFUSED, now, command=cmd.value, reason=result.message)
@@ -393,7 +370,7 @@ class Engine:
         else:
             what = "host parameters applied"
         self._emit(EventId.RELOADED, now, what=what)
-        self.dirty = True
+        self.beacon.dirty = True
         self._step(now)
         return what
 
@@ -512,13 +489,13 @@ class Engine:
         if p.hb is not None and hb.seq < p.hb_seq:
             return False
         if p.beat < 0 and self.epoch is not None and hb.host_id in self.epoch.members:
-            self.dirty = True  # a member heard for the first time: acknowledge it now
+            self.beacon.dirty = True  # a member heard for the first time: acknowledge it now
         p.hb = hb
         p.votes = _votes(hb.record, hb.vote)
         p.beat = hb.beat
         p.eligible = self._could_join(hb)
         if hb.epoch is not None:
-            self.max_epoch_seen = max(self.max_epoch_seen, hb.epoch.number)
+            self.epochs.saw(hb.epoch)
         if hb.config_digest != self.digest:
             if not p.mismatch_reported:
                 p.mismatch_reported = True
@@ -552,21 +529,12 @@ class Engine:
     def _echoed(self, p: Peer, echo: int, now: float) -> None:
         """:meth:`_acked` once it is known that ``p`` acknowledges us (the receive fast
         path knows it from the heartbeat it repeats)."""
-        sent = self.beat_sent[echo]
+        sent = self.beacon.beat_sent[echo]
         before = p.ack_at
         if sent <= before or not now - self.timing.echo_horizon <= sent <= now:
             return
         p.ack_at = sent
-        count = self.lease_count
-        if count is None or sent <= count.basis:
-            return  # the lease already counts from this beat or a newer one (most echoes)
-        if count.built_for == self._lease_regime():
-            basis = count.echoed(p.host_id, before, sent)
-            lease = self.lease_until
-            # a lease not yet given or already run out is left to the next step, which
-            # must see the lapse first
-            if basis is not None and lease is not None and lease > now:
-                self._extend_lease(basis + self.timing.lease)
+        self.tenure.echoed(p.host_id, before, sent, now, self._lease_regime(), self.timing)
 
     def _fence_report(self, p: Peer, hb: Heartbeat, now: float) -> None:
         """Bound, from a member's post-adoption heartbeat, the send time of the newest
@@ -588,37 +556,9 @@ class Engine:
                 bound = now - x / 1000
             p.fence_bounds[c] = min(p.fence_bounds.get(c, bound), bound)
 
-    def _on_chunk(self, ch: MapChunk, now: float) -> None:
-        have = self.known.get(ch.epoch)
-        if have is not None and have.digest() == ch.epoch_digest:
-            return
-        key = (ch.epoch, ch.epoch_digest)
-        asm = self.assemblies.get(key)
-        if asm is None or asm.count != ch.count:
-            asm = _Assembly(ch.count)
-            self.assemblies[key] = asm
-            while len(self.assemblies) > 4:
-                del self.assemblies[next(iter(self.assemblies))]
-        asm.chunks[ch.index] = ch.data
-        if len(asm.chunks) < asm.count:
-            return
-        del self.assemblies[key]
-        blob = b"".join(asm.chunks[i] for i in range(asm.count))
-        try:
-            state = decode_epoch(blob, self.rules, self.cfg.cluster.buckets)
-        except EpochDecodeError:
+    def _on_chunk(self, ch: MapChunk) -> None:
+        if self.epochs.add_chunk(ch, self.rules, self.cfg.cluster.buckets) is False:
             self.rejected[Rejection.MALFORMED.value] += 1
-            return
-        if state.key != ch.epoch or state.digest() != ch.epoch_digest:
-            self.rejected[Rejection.MALFORMED.value] += 1
-            return
-        self._remember(state)
-
-    def _remember(self, state: EpochState) -> None:
-        self.known[state.key] = state
-        self.max_epoch_seen = max(self.max_epoch_seen, state.key.number)
-        while len(self.known) > 6:
-            del self.known[next(iter(self.known))]
 
     # -------------------------------------------------------------- the step
 
@@ -853,7 +793,7 @@ class Engine:
                 self._declare_ready(now)  # no further change until this epoch is READY
                 return
         fenced = (cur.members - target) | (frozenset() if self.epoch_ready else cur.fenced)
-        key = EpochKey(max(self.max_epoch_seen, cur.key.number) + 1, self.me, self.incarnation)
+        key = EpochKey(max(self.epochs.max_seen, cur.key.number) + 1, self.me, self.incarnation)
         lineage = (cur.key,) if self.epoch_ready else (*cur.lineage, cur.key)
         plan = (cur.key, target, reported)
         if self._planned is not None and self._planned[0] == plan:
@@ -899,7 +839,7 @@ class Engine:
             hb = p.hb if p is not None else None
             if hb is None or hb.epoch is None or hb.epoch == cur.key or not hb.record:
                 continue
-            known = self.known.get(hb.epoch)
+            known = self.epochs.get(hb.epoch)
             members = known.members if known is not None else None
             if not _supersedes(cur, hb.epoch, members, hb.record, hb.vote):
                 return True
@@ -916,7 +856,7 @@ class Engine:
         cand: EpochState | None = None,
     ) -> None:
         if cand is None:
-            key = EpochKey(self.max_epoch_seen + 1, self.me, self.incarnation)
+            key = EpochKey(self.epochs.max_seen + 1, self.me, self.incarnation)
             cand = next_epoch(
                 cur, key, target, fenced, bases, (), reports, self.rules, self.cfg.cluster.buckets
             )
@@ -929,9 +869,9 @@ class Engine:
         self._emit(
             EventId.EPOCH_CREATED, now, epoch=str(cand.key), members=sorted(target), moved=moved
         )
-        self._remember(cand)
+        self.epochs.remember(cand)
         self._adopt(cand, now)
-        self._send_map(cand, now)
+        self.beacon.send_map(cand, now)
         self._declare_ready(now)
 
     def _follow(self, leader: Peer, now: float) -> None:
@@ -940,7 +880,7 @@ class Engine:
         if hb.epoch is None:
             return
         if self.epoch is None or hb.epoch != self.epoch.key:
-            state = self.known.get(hb.epoch)
+            state = self.epochs.get(hb.epoch)
             if state is None or state.digest() != hb.epoch_digest:
                 return  # wait for the chunks; the leader resends when it sees us behind
             if not self._may_adopt(state):
@@ -992,7 +932,7 @@ class Engine:
                 self._emit(EventId.HOST_LEFT, now, peer=h, reason=f"not in epoch {state.key}")
             if p is not None:
                 p.joined_reported = False
-        self.dirty = True
+        self.beacon.dirty = True
 
     def _acquire(self, now: float) -> None:
         """Take this host's tokens at the end of this step (:meth:`_take_tokens`), if the
@@ -1002,7 +942,7 @@ class Engine:
             return
         self.acquiring = True
         if self.lease_until is not None and self.lease_until <= now:
-            self.lease_until = None  # a lapse before this acquisition says nothing about it
+            self.tenure.until = None  # a lapse before this acquisition says nothing about it
 
     def _take_tokens(self, now: float) -> None:
         """Acquire only under a lease that runs now. Without one the READY is not acted on
@@ -1024,10 +964,10 @@ class Engine:
             # the count was built for the READY regime just left: echoes arriving before
             # the next step would not be tallied, and that READY regime would find the
             # same stale count again
-            self.lease_count = None
+            self.tenure.count = None
             return
         self.installed = self._mine(e)
-        self.dirty = True
+        self.beacon.dirty = True
 
     def _declare_ready(self, now: float) -> None:
         """Leader: READY once releases are reported and fences have passed."""
@@ -1102,7 +1042,7 @@ class Engine:
     def _release_all(self) -> None:
         if self.installed:
             self.installed = frozenset()
-            self.dirty = True
+            self.beacon.dirty = True
         self.why_converging = "host id used twice"
         self._publish()  # heard between steps: the kernel must let go at once
 
@@ -1123,11 +1063,11 @@ class Engine:
             self.host.move(Observed.CONVERGED)
             ev = EventId.CONVERGED_DEFAULT if e.default_host == self.me else EventId.CONVERGED
             self._emit(ev, now, members=sorted(e.members), epoch=str(e.key))
-            self.dirty = True
+            self.beacon.dirty = True
         elif not done and self.state is HostState.CONVERGED:
             self.host.move(Observed.UNCONVERGED)
             self._emit(EventId.CONVERGING, now, reason=self.why_converging)
-            self.dirty = True
+            self.beacon.dirty = True
 
     def _update_lease(self, now: float) -> None:
         e = self.epoch
@@ -1138,59 +1078,33 @@ class Engine:
             self.phase = moved(self.phase, Step.LAPSE)
             self.why_converging = "lease expired"
             self._emit(EventId.LEASE_LOST, now)
-            self.dirty = True
+            self.beacon.dirty = True
         if e is None or self.me not in e.members or not self._eligible_self(now):
-            self.lease_until = None
+            self.tenure.until = None
             return
-        if e.members == {self.me}:
-            self.lease_until = now + self.timing.lease
-            return
-        if not self.quorum:
-            # every side serves on, but a host that goes silent must still be fenced: its
-            # lease counts from the newest of its beats any member echoed (that member
-            # reports when it last heard it), not from now, which may be a period after
-            # the last heartbeat anyone heard
-            echoed = [
-                p.ack_at for h in e.members if h != self.me and (p := self.peers.get(h)) is not None
-            ]
-            newest = max(echoed, default=NEVER)
-            if newest > NEVER:
-                self._extend_lease(min(now, newest) + self.timing.lease)
-            return
-        # until the epoch is READY, hosts may still be at any epoch since the last READY
-        # one: the lease needs a quorum of each of those memberships too
-        regime = self._lease_regime()
-        count = self.lease_count
-        if count is None or regime != count.built_for:
-            bases = (e.members,) if self.epoch_ready else (e.members, *e.bases)
-            acks = {
-                h: p.ack_at
-                for h in e.members
-                if h != self.me and (p := self.peers.get(h)) is not None
-            }
-            oldest = now - self.timing.echo_horizon
-            sends = [t for t in self.beat_sent if oldest <= t <= now]
-            count = self.lease_count = LeaseCount(bases, self.me, acks, sends, e.members, regime)
-        if count.alone:
-            self._extend_lease(now + self.timing.lease)
-        elif count.basis > NEVER:
-            self._extend_lease(min(now, count.basis) + self.timing.lease)
+        self.tenure.update(
+            now,
+            e,
+            self.epoch_ready,
+            self.quorum,
+            self.peers,
+            self.beacon.beat_sent,
+            self._lease_regime(),
+            self.timing,
+        )
 
     def _lease_regime(self) -> tuple[object, ...]:
-        """What a lease count is only good for (the epoch by identity: this is compared
-        for every echo)."""
-        return (self.epoch, self.epoch_ready, self.roster.generation)
+        return Tenure.regime(self.epoch, self.epoch_ready, self.roster.generation)
 
-    def _extend_lease(self, until: float) -> None:
-        if self.lease_until is None or until > self.lease_until:
-            self.lease_until = until
+    @property
+    def lease_until(self) -> float | None:
+        """Until when this host may take new connections (None: it may not)."""
+        return self.tenure.until
 
     # -------------------------------------------------------------- sending
 
     def _maybe_send(self, now: float, leader: int | None) -> None:
-        due = now >= self.next_hb
-        soon = self.dirty and now >= self.last_sent + self.timing.period / 10
-        if not (due or soon):
+        if not self.beacon.due(now, self.timing.period):
             return
         self._send_heartbeat(now)
         e = self.epoch
@@ -1203,9 +1117,9 @@ class Engine:
         else:
             behind = self._behind_and_heal(e, leader, now)
             self._send_memo = (self.roster.view, key, behind)
-        last = self.last_map_sent.get(e.key, NEVER)
+        last = self.beacon.last_map_sent.get(e.key, NEVER)
         if behind and now - last >= self.timing.period:
-            self._send_map(e, now)
+            self.beacon.send_map(e, now)
 
     def _behind_and_heal(self, e: EpochState, leader: int | None, now: float) -> bool:
         """Whether, as the leader, a live host of this configuration holds another epoch
@@ -1243,7 +1157,7 @@ class Engine:
             flags |= Flag.OWNS_NOTHING
         acks: frozenset[int] = frozenset()
         acked_peers: list[Peer] = []
-        silences: list[tuple[int, int]] = []
+        fenced: tuple[tuple[int, int], ...] = ()
         edigest = b"\x00" * 8
         if e is not None:
             flags |= Flag.HAS_EPOCH
@@ -1264,15 +1178,14 @@ class Engine:
                     hb = self.peers[lead].hb if lead in self.peers else None
                     if hb is not None and hb.epoch == e.key:
                         acked = acked | {lead}
-                acks, acked_peers = self._to_acknowledge(acked, now)
-            for c in sorted(e.fenced)[:MAX_SILENCES]:
-                p = self.peers.get(c)
-                ms = 0xFFFFFFFF if p is None else int((now - p.last_heard) * 1000)
-                silences.append((c, min(ms, 0xFFFFFFFE)))
-        hb = Heartbeat(
+                acks, acked_peers = self.beacon.to_acknowledge(
+                    acked, self.roster, self.ack_window, now
+                )
+            fenced = silences(e.fenced, self.peers, now)
+        said = Heartbeat(
             host_id=self.me,
             incarnation=self.incarnation,
-            seq=self._next_seq(),
+            seq=0,
             state=self.state,
             flags=flags,
             config_digest=self.digest,
@@ -1280,77 +1193,14 @@ class Engine:
             epoch_digest=edigest,
             acks=acks,
             rules=self._reports(),
-            silences=tuple(silences),
+            silences=fenced,
             dedicated_ip=self.dedicated_ip,
             record=self.record,
             vote=self.vote,
-            beat=self.beats % 256,
-            echoes=tuple([p.beat for p in acked_peers]),
         )
-        said = replace(hb, seq=0, beat=0, echoes=())
-        if said != self._said:
-            # the content number tells receivers that this heartbeat says something new
-            self._said, self._said_number = said, (self._said_number + 1) & 0xFFFFFFFF
-        hb = replace(hb, said=self._said_number)
-        self.beat_sent[self.beats % 256] = now
-        if self.lease_count is not None:
-            self.lease_count.sent(now, now - self.timing.echo_horizon)
-        self.beats += 1
-        self._frames.append(self.codec.encode(hb))
-        self.frames_sent += 1
-        self.last_sent = now
-        self.next_hb = now + self.timing.period
-        self.dirty = False
-
-    def _to_acknowledge(
-        self, acked: frozenset[int], now: float
-    ) -> tuple[frozenset[int], list[Peer]]:
-        """Those of ``acked`` heard within the ack window, and their peers in id order
-        (kept until something known of the peers changes or one of them may drop out)."""
-        memo = self._acks_memo
-        if (
-            memo is not None
-            and memo[1] is acked
-            and now <= memo[2]
-            and self.roster.fresh(memo[0], now)
-        ):
-            return memo[3], memo[4]
-        window, peers, me = self.ack_window, self.peers, self.me
-        out = [
-            p
-            for h in sorted(acked)
-            if h != me
-            and (p := peers.get(h)) is not None
-            and p.beat >= 0
-            and p.last_heard + window >= now
-        ]
-        until = min([p.last_heard + window for p in out], default=math.inf)
-        ids = frozenset([p.host_id for p in out])
-        self._acks_memo = (self.roster.view, acked, until, ids, out)
-        return ids, out
-
-    def _send_map(self, state: EpochState, now: float) -> None:
-        blob = state.compressed()
-        pieces = [blob[i : i + CHUNK_DATA] for i in range(0, len(blob), CHUNK_DATA)]
-        digest = state.digest()
-        for i, piece in enumerate(pieces):
-            ch = MapChunk(
-                self.me,
-                self.incarnation,
-                self._next_seq(),
-                state.key,
-                digest,
-                i,
-                len(pieces),
-                piece,
-            )
-            self._frames.append(self.codec.encode(ch))
-            self.frames_sent += 1
-        self.last_map_sent[state.key] = now
-
-    def _next_seq(self) -> int:
-        self.seq = (self.seq + 1) & 0xFFFFFFFF
-        return self.seq
+        self.beacon.send_heartbeat(said, acked_peers, now, self.timing.period)
+        if self.tenure.count is not None:
+            self.tenure.count.sent(now, now - self.timing.echo_horizon)
 
     def _emit(self, eid: EventId, now: float, **fields: object) -> None:
         self._events.append(Event(eid, now, {"host": self.me, **fields}))

@@ -1,0 +1,100 @@
+"""This host's lease: until when it may take new connections.
+
+A host takes new connections only while a quorum of its epoch's members acknowledges
+hearing it: the lease runs for :attr:`Timing.lease` from the send time of its newest
+heartbeat such a quorum echoed (before the epoch is READY, a quorum of each of its bases
+too). The kernel enforces the expiry even when the daemon is gone. A host alone in its
+epoch holds it from now; with the available policy it holds it from the newest beat any
+member echoed (a silent host must still be fenced).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from shoal.protocol.engine.peers import NEVER, Peer
+from shoal.protocol.engine.timing import Timing
+from shoal.protocol.epoch import EpochState
+from shoal.protocol.lease import LeaseCount
+
+
+class Tenure:
+    def __init__(self, me: int) -> None:
+        self.me = me
+        self.until: float | None = None  # None: no lease (takes nothing new)
+        self.count: LeaseCount | None = None
+
+    @staticmethod
+    def regime(epoch: EpochState | None, ready: bool, generation: int) -> tuple[object, ...]:
+        """What a lease count is only good for (the epoch by identity: this is compared
+        for every echo)."""
+        return (epoch, ready, generation)
+
+    def extend(self, until: float) -> None:
+        if self.until is None or until > self.until:
+            self.until = until
+
+    def echoed(
+        self,
+        host: int,
+        before: float,
+        sent: float,
+        now: float,
+        regime: tuple[object, ...],
+        t: Timing,
+    ) -> None:
+        """``host`` echoed our beat sent at ``sent`` (its previous echo was of ``before``)."""
+        count = self.count
+        if count is None or sent <= count.basis:
+            return  # the lease already counts from this beat or a newer one (most echoes)
+        if count.built_for == regime:
+            basis = count.echoed(host, before, sent)
+            lease = self.until
+            # a lease not yet given or already run out is left to the next step, which
+            # must see the lapse first
+            if basis is not None and lease is not None and lease > now:
+                self.extend(basis + t.lease)
+
+    def update(
+        self,
+        now: float,
+        epoch: EpochState,
+        ready: bool,
+        quorum: bool,
+        peers: Mapping[int, Peer],
+        beat_sent: Sequence[float],
+        regime: tuple[object, ...],
+        t: Timing,
+    ) -> None:
+        """The lease of a started member of ``epoch``, from what its members echoed."""
+        me = self.me
+        if epoch.members == {me}:
+            self.until = now + t.lease
+            return
+        if not quorum:
+            # every side serves on, but a host that goes silent must still be fenced: its
+            # lease counts from the newest of its beats any member echoed (that member
+            # reports when it last heard it), not from now, which may be a period after
+            # the last heartbeat anyone heard
+            echoed = [
+                p.ack_at for h in epoch.members if h != me and (p := peers.get(h)) is not None
+            ]
+            newest = max(echoed, default=NEVER)
+            if newest > NEVER:
+                self.extend(min(now, newest) + t.lease)
+            return
+        # until the epoch is READY, hosts may still be at any epoch since the last READY
+        # one: the lease needs a quorum of each of those memberships too
+        count = self.count
+        if count is None or regime != count.built_for:
+            bases = (epoch.members,) if ready else (epoch.members, *epoch.bases)
+            acks = {
+                h: p.ack_at for h in epoch.members if h != me and (p := peers.get(h)) is not None
+            }
+            oldest = now - t.echo_horizon
+            sends = [s for s in beat_sent if oldest <= s <= now]
+            count = self.count = LeaseCount(bases, me, acks, sends, epoch.members, regime)
+        if count.alone:
+            self.extend(now + t.lease)
+        elif count.basis > NEVER:
+            self.extend(min(now, count.basis) + t.lease)
