@@ -5,8 +5,9 @@ state: :mod:`.host_state` (the host state and the operator verbs, as a table),
 :mod:`.phase` (where the host stands with its epoch), :mod:`.timing` (every delay).
 """
 
-from shoal.protocol.engine.core import MAX_BASES, CommandResult, Engine
+from shoal.protocol.engine.core import CommandResult, Engine
 from shoal.protocol.engine.host_state import Command
+from shoal.protocol.engine.leader import MAX_BASES
 from shoal.protocol.engine.phase import Phase
 from shoal.protocol.engine.timing import Timing
 

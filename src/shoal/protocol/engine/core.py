@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import ipaddress
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from shoal.config import FilteringMode, InitialState, PartitionPolicy, ShoalConfig
 from shoal.dataplane.contract import Install, RuleState
@@ -47,6 +47,15 @@ from shoal.protocol.engine.host_state import (
     HostStateMachine,
     Observed,
 )
+from shoal.protocol.engine.leader import (
+    Create,
+    Leader,
+    Seat,
+    elect,
+    released_for,
+    supersedes,
+    votes,
+)
 from shoal.protocol.engine.peers import NEVER, Peer, Roster
 from shoal.protocol.engine.phase import Phase, Step, moved
 from shoal.protocol.engine.tenure import Tenure
@@ -54,7 +63,6 @@ from shoal.protocol.engine.timing import Timing
 from shoal.protocol.epoch import (
     EpochState,
     next_epoch,
-    same_assignment,
 )
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import (
@@ -73,39 +81,12 @@ from shoal.protocol.frames import (
     parse,
     repeat_of,
 )
-from shoal.protocol.lease import quorate
-
-MAX_BASES = 16  # past this many, a leader changes nothing until its epoch is READY...
-MAX_BASES_ENCODED = 255  # ... unless it never can be; an epoch encodes at most this many
 
 
 @dataclass(frozen=True)
 class CommandResult:
     ok: bool
     message: str
-
-
-def _supersedes(
-    state: EpochState,
-    key: EpochKey,
-    members: frozenset[int] | None,
-    record: frozenset[int],
-    vote: frozenset[int],
-) -> bool:
-    """Whether a host holding epoch ``key`` (of ``members``, if known), having seen it
-    READY, may adopt ``state``: it descends from that epoch, or it outvoted its membership,
-    the host's record or its vote. (A host that left on purpose lends no vote: its record,
-    the members less itself, is what a leader outvotes for it.)"""
-    return (
-        key in state.lineage
-        or (members is not None and members in state.bases)
-        or (bool(record) and record in state.bases)
-        or (bool(vote) and vote in state.bases)
-    )
-
-
-def _votes(record: frozenset[int], vote: frozenset[int]) -> tuple[frozenset[int], ...]:
-    return tuple(dict.fromkeys(x for x in (record, vote) if x))
 
 
 class Engine:
@@ -147,6 +128,7 @@ class Engine:
         )
         self.rule_states = (RuleState.ENABLED,) * len(self.rules)
         self.roster = Roster(self.detect, now)
+        self.leader = Leader()
         self.peers = self.roster.peers  # the roster's, read here for speed
         self.epoch: EpochState | None = None
         self.phase = Phase.NONE
@@ -155,7 +137,6 @@ class Engine:
         self.epochs = EpochStore()
         self.installed: frozenset[int] = frozenset()
         self.tenure = Tenure(self.me)
-        self._lead_memo: tuple[int, tuple[object, ...]] | None = None
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
         self._reports_memo: (
             tuple[ShoalConfig, tuple[RuleState, ...], tuple[RuleReport, ...]] | None
@@ -172,10 +153,7 @@ class Engine:
         self.connections: int | None = None  # unknown until the shell reports them
         self.drain_deadline: float | None = None
         self.drain_started = NEVER
-        self.fingerprint: object = None
-        self.no_quorum_reported: object = None
         self.heal_reported: set[EpochKey] = set()
-        self._planned: tuple[object, EpochState] | None = None  # the last next_epoch computed
         self._mine_cache: tuple[EpochKey | None, frozenset[int]] = (None, frozenset())
         self.rejected: dict[str, int] = {r.value: 0 for r in Rejection}
         self.frames_received = self.epochs_created = 0
@@ -347,7 +325,7 @@ class Engine:
         new_digest = config.cluster.heartbeat_digest()
         old_rules = self.rules
         self.cfg = config
-        self._planned = None  # rules or bucket counts may differ now
+        self.leader.forget_plan()
         if new_digest != self.digest:
             cl = config.cluster
             self.digest = new_digest
@@ -456,7 +434,7 @@ class Engine:
         self.phase = moved(self.phase, Step.DROP)
         self.installed = frozenset()
         self.own_bounds = {}
-        self.fingerprint = self._lead_memo = None
+        self.leader.forget()
 
     # --------------------------------------------------------------- frames
 
@@ -491,7 +469,7 @@ class Engine:
         if p.beat < 0 and self.epoch is not None and hb.host_id in self.epoch.members:
             self.beacon.dirty = True  # a member heard for the first time: acknowledge it now
         p.hb = hb
-        p.votes = _votes(hb.record, hb.vote)
+        p.votes = votes(hb.record, hb.vote)
         p.beat = hb.beat
         p.eligible = self._could_join(hb)
         if hb.epoch is not None:
@@ -624,27 +602,8 @@ class Engine:
             self._emit(EventId.DRAIN_FINISHED, now)
 
     def _leader(self, now: float) -> int | None:
-        """Lowest id among eligible live hosts holding the best epoch (or any, if none has)."""
-        lowest, best, best_host = self.roster.candidates(now)
-        if self._eligible_self(now):
-            if not lowest or self.me < lowest:
-                lowest = self.me
-            if self.epoch is not None:
-                k = self.epoch.key
-                if best is None or k.rank() > best.rank():
-                    best, best_host = k, self.me
-                elif k == best and self.me < best_host:
-                    best_host = self.me
-        if best is not None:
-            return best_host
-        return lowest or None
-
-    def _votes_of(self, host: int) -> tuple[frozenset[int], ...]:
-        """What a leader must outvote for ``host``: the newest READY membership it knew and
-        the membership of the epoch it adopted last (either may be empty)."""
-        if host == self.me:
-            return _votes(self.record, self.vote)
-        return self.peers[host].votes
+        mine = self.epoch.key if self.epoch is not None else None
+        return elect(self.roster.candidates(now), self.me, self._eligible_self(now), mine)
 
     def _reports(self) -> tuple[RuleReport, ...]:
         """This host's parameters per rule (the same tuple until they change: every step
@@ -660,214 +619,59 @@ class Engine:
         self._reports_memo = (cfg, states, tuple(out))
         return self._reports_memo[2]
 
-    def _stepped_out(self, p: Peer) -> bool:
-        """``p`` takes no new connections for good: it owns nothing, or it is draining (it
-        releases what it holds once an epoch leaves it out; until then the fence covers
-        it). Heard and not eligible, it left on purpose and its vote is not needed."""
-        hb = p.hb
-        return hb is not None and (hb.has(Flag.OWNS_NOTHING) or hb.state is HostState.DRAINING)
-
-    def _released_for(self, p: Peer, e: EpochState) -> bool:
-        """A non-member surely takes nothing in ``e``: it owns nothing and either cannot
-        acquire at all (stopped, draining, suspended) or already follows ``e``."""
-        hb = p.hb
-        if hb is None or not hb.has(Flag.OWNS_NOTHING):
-            return False
-        if hb.config_digest != self.digest:
-            # another configuration: it never forms a cluster while ours holds an epoch
-            return hb.epoch is None
-        return hb.state not in ELIGIBLE or hb.epoch == e.key
-
     def _lead(self, now: float) -> None:
         cur = self.epoch
-        memo = (cur and cur.key, self.record, self.vote, self.rule_states, self.cfg)
-        kept = self._lead_memo
-        if (
-            cur is not None
-            and kept is not None
-            and kept[1] == memo
-            and self.roster.fresh(kept[0], now)
-        ):
+        key = (cur and cur.key, self.record, self.vote, self.rule_states, self.cfg)
+        if cur is not None and self.leader.unchanged(key, self.roster, now):
             # nothing the fingerprint is made of changed since it last matched
             self._declare_ready(now)
             return
-        members = {self.me}
-        reports = {self.me: self._reports()}
-        for p in self.roster.live(now):
-            if self.roster.usable(p, now):
-                assert p.hb is not None
-                members.add(p.host_id)
-                reports[p.host_id] = p.hb.rules
-        target = frozenset(members)
-        if cur is None:
-            if now - self.started_at < self.timing.detect:
-                return  # listen for an existing cluster first
-            live = self.roster.live(now)
-            # a peer last heard stopped may have been started at the same moment: hear each
-            # once more, from a heartbeat sent after this host's start (a frame is less than
-            # half a period on the way), or two hosts could each form a cluster alone
-            since = self.eligible_since + self.timing.period / 2
-            if any(p.last_heard <= since for p in live):
-                return
-            started = {p.host_id: p.hb for p in live if p.hb is not None and p.hb.state in ELIGIBLE}
-            if any(hb.epoch is not None for hb in started.values()):
-                # an incumbent cluster with another configuration exists (a stopped host
-                # keeps the epoch it last followed: not a cluster)
-                return
-            if not quorate(target, target | started.keys()):
-                return  # hosts with another configuration outnumber this one
-            if self.quorum:
-                records = [rec for h in sorted(target) for rec in self._votes_of(h)]
-                for rec in records:
-                    if not quorate(target & rec, rec):
-                        if self.no_quorum_reported != (target, rec):
-                            self.no_quorum_reported = (target, rec)
-                            self._emit(
-                                EventId.NO_QUORUM, now, live=sorted(target), members=sorted(rec)
-                            )
-                        return
-            self._create(None, target, frozenset(), (), reports, now)
-            return
-        reported = tuple(sorted(reports.items()))
-        fp = (
-            target,
-            reported,
-            cur.key,
-            tuple(self._votes_of(h) for h in sorted(target)),
+        seat = Seat(
+            self.me,
+            self.incarnation,
+            self.record,
+            self.vote,
+            self._reports(),
+            self.epoch_ready,
+            self.quorum,
+            self.started_at,
+            self.eligible_since,
+            self.timing,
+            self.rules,
+            self.cfg.cluster.buckets,
         )
-        if fp == self.fingerprint:
-            # keep the newest objects: the next comparison then finds the very same ones
-            # (a heartbeat parsed again brings equal but new tuples of rule reports)
-            self.fingerprint = fp
-            self._lead_memo = (self.roster.view, memo)
+        d = self.leader.decide(seat, cur, key, self.roster, self.epochs, now)
+        if d.no_quorum is not None:
+            live, members = d.no_quorum
+            self._emit(EventId.NO_QUORUM, now, live=live, members=members)
+        if d.create is not None:
+            self._create(d.create, now)
+        elif d.ready:
             self._declare_ready(now)
-            return
-        graceful = {
-            h
-            for h in cur.members
-            if h != self.me
-            and h in self.peers
-            and self.roster.alive(self.peers[h], now)
-            and self._stepped_out(self.peers[h])
-            and not self.roster.usable(self.peers[h], now)
-        }
-        bases = (cur.members,) if self.epoch_ready else (*cur.bases, cur.members)
-        if self.quorum:
-            # every member's record (the last READY membership it knew) and vote (the
-            # epoch it adopted last) must be outvoted too, or a host coming from another
-            # branch could lend its vote twice
-            recs = {h: self._votes_of(h) for h in target}
-            gone = frozenset(
-                p.host_id
-                for p in self.roster.live(now)
-                if p.hb is not None and p.hb.state not in ELIGIBLE and self._stepped_out(p)
-            )
-            changed = True
-            while changed:
-                changed = False
-                for h, votes in recs.items():
-                    if h in target and any(
-                        not quorate(target & (rec - gone or rec), rec - gone or rec)
-                        for rec in votes
-                    ):
-                        target = target - {h}
-                        changed = True
-            bases = (*bases, *(rec for h in sorted(target) for rec in recs[h]))
-            # a host that left on purpose may have lent its vote to another side before it
-            # left: its record says where, and that side must be outvoted as well
-            left = [rec for h in sorted(graceful) for rec in self._votes_of(h)]
-            bases = (*bases, *(rec - gone or rec for rec in left))
-        bases = tuple(dict.fromkeys(bases))
-        if self.quorum:
-            for base in bases:
-                eff = base - graceful or base  # a base of leavers only is outvoted as it is
-                if eff and not quorate(target & eff, eff):
-                    if self.no_quorum_reported != fp:
-                        self.no_quorum_reported = fp
-                        self._emit(EventId.NO_QUORUM, now, live=sorted(target), members=sorted(eff))
-                    self._declare_ready(now)
-                    return
-            if len(bases) > MAX_BASES_ENCODED or (
-                len(bases) > MAX_BASES and not self._never_ready(cur)
-            ):
-                self._declare_ready(now)  # no further change until this epoch is READY
-                return
-        fenced = (cur.members - target) | (frozenset() if self.epoch_ready else cur.fenced)
-        key = EpochKey(max(self.epochs.max_seen, cur.key.number) + 1, self.me, self.incarnation)
-        lineage = (cur.key,) if self.epoch_ready else (*cur.lineage, cur.key)
-        plan = (cur.key, target, reported)
-        if self._planned is not None and self._planned[0] == plan:
-            # the same members and parameters as last time (only records or votes moved):
-            # the maps are the same, only what guards the epoch changes
-            cand = replace(
-                self._planned[1],
-                key=key,
-                fenced=fenced - target,
-                bases=bases,
-                lineage=lineage[-MAX_BASES - 1 :],
-            )
-        else:
-            cand = next_epoch(
-                cur,
-                key,
-                target,
-                fenced - target,
-                bases,
-                lineage[-MAX_BASES - 1 :],
-                reports,
-                self.rules,
-                self.cfg.cluster.buckets,
-            )
-            self._planned = (plan, cand)
-        # the same assignment to the same members needs no new epoch: the current
-        # membership as a base of its own adds nothing it does not satisfy already
-        if same_assignment(cand, cur) and set(cand.bases) <= {*cur.bases, cur.members}:
-            self.fingerprint = fp
-            self._lead_memo = (self.roster.view, memo)
-            self._declare_ready(now)
-            return
-        self._create(cur, target, fenced, bases, reports, now, cand)
-        self.fingerprint = self._lead_memo = None
 
-    def _never_ready(self, cur: EpochState) -> bool:
-        """A member of ``cur`` holds an epoch it may have seen READY that ``cur`` neither
-        descends from nor outvotes (see :meth:`_may_adopt`): it will not adopt ``cur``, so
-        ``cur`` can never be READY and waiting for it would wait for ever. (Judged from the
-        member's heartbeat; wrong only towards a new epoch, which is as safe as any.)"""
-        for h in cur.members:
-            p = self.peers.get(h) if h != self.me else None
-            hb = p.hb if p is not None else None
-            if hb is None or hb.epoch is None or hb.epoch == cur.key or not hb.record:
-                continue
-            known = self.epochs.get(hb.epoch)
-            members = known.members if known is not None else None
-            if not _supersedes(cur, hb.epoch, members, hb.record, hb.vote):
-                return True
-        return False
-
-    def _create(
-        self,
-        cur: EpochState | None,
-        target: frozenset[int],
-        fenced: frozenset[int],
-        bases: tuple[frozenset[int], ...],
-        reports: dict[int, tuple[RuleReport, ...]],
-        now: float,
-        cand: EpochState | None = None,
-    ) -> None:
+    def _create(self, c: Create, now: float) -> None:
+        cand = c.cand
         if cand is None:
             key = EpochKey(self.epochs.max_seen + 1, self.me, self.incarnation)
             cand = next_epoch(
-                cur, key, target, fenced, bases, (), reports, self.rules, self.cfg.cluster.buckets
+                c.cur,
+                key,
+                c.target,
+                c.fenced,
+                c.bases,
+                (),
+                c.reports,
+                self.rules,
+                self.cfg.cluster.buckets,
             )
         self.epochs_created += 1
         moved = 0
-        if cur is not None:
-            for a, b in zip(cur.maps, cand.maps, strict=True):
+        if c.cur is not None:
+            for a, b in zip(c.cur.maps, cand.maps, strict=True):
                 if a is not None and b is not None:
                     moved += sum(map(operator.ne, a, b))
         self._emit(
-            EventId.EPOCH_CREATED, now, epoch=str(cand.key), members=sorted(target), moved=moved
+            EventId.EPOCH_CREATED, now, epoch=str(cand.key), members=sorted(c.target), moved=moved
         )
         self.epochs.remember(cand)
         self._adopt(cand, now)
@@ -903,7 +707,7 @@ class Engine:
         here even after its lease lapsed (which makes it acquire again, not vote again)."""
         if not self.quorum or self.epoch is None or not self.phase.seen_ready:
             return True
-        return _supersedes(state, self.epoch.key, self.epoch.members, self.record, self.vote)
+        return supersedes(state, self.epoch.key, self.epoch.members, self.record, self.vote)
 
     def _adopt(self, state: EpochState, now: float) -> None:
         prev = self.epoch
@@ -988,12 +792,16 @@ class Engine:
             if (
                 p.host_id not in e.members
                 and p.host_id not in e.fenced
-                and not self._released_for(p, e)
+                and not released_for(p.hb, e, self.digest)
             ):
                 return
         for c in e.fenced:
             pc = self.peers.get(c)
-            if pc is not None and self.roster.alive(pc, now) and self._released_for(pc, e):
+            if (
+                pc is not None
+                and self.roster.alive(pc, now)
+                and released_for(pc.hb, e, self.digest)
+            ):
                 continue
             bound = self.own_bounds.get(c, now)
             for q in e.members:
