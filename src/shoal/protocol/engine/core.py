@@ -52,12 +52,12 @@ from shoal.protocol.engine.leader import (
     Leader,
     Seat,
     elect,
-    released_for,
     supersedes,
     votes,
 )
 from shoal.protocol.engine.peers import NEVER, Peer, Roster
 from shoal.protocol.engine.phase import Phase, Step, moved
+from shoal.protocol.engine.ready import blocker, fence_report, own_bounds
 from shoal.protocol.engine.tenure import Tenure
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.epoch import (
@@ -284,7 +284,7 @@ class Engine:
             self._echoed(p, data[rep.echo_at], now)
         if p.fence_epoch is not None:
             assert p.hb is not None
-            self._fence_report(p, p.hb, now)
+            fence_report(self.epoch, p, p.hb, now)
 
     def _heard(self, now: float) -> None:
         """A host was heard: the soonest silence deadline is now + detect at the latest."""
@@ -493,7 +493,7 @@ class Engine:
         self._acked(p, echo, now)
         if p.fence_epoch is not None and p.fence_epoch != hb.epoch:
             p.fence_epoch, p.fence_bounds = None, {}
-        self._fence_report(p, hb, now)
+        fence_report(self.epoch, p, hb, now)
         return True
 
     def _acked(self, p: Peer, echo: int | None, now: float) -> None:
@@ -513,26 +513,6 @@ class Engine:
             return
         p.ack_at = sent
         self.tenure.echoed(p.host_id, before, sent, now, self._lease_regime(), self.timing)
-
-    def _fence_report(self, p: Peer, hb: Heartbeat, now: float) -> None:
-        """Bound, from a member's post-adoption heartbeat, the send time of the newest
-        heartbeat of a fenced host it acknowledged: when it last heard that host (its
-        reported silence), or now if unknown."""
-        mine = self.epoch
-        if mine is None or not mine.fenced or hb.epoch != mine.key or not hb.has(Flag.RELEASED):
-            return
-        silences = dict(hb.silences)
-        if p.fence_epoch != mine.key:
-            p.fence_epoch, p.fence_bounds = mine.key, {}
-        for c in mine.fenced:
-            x = silences.get(c)
-            if x is None:
-                bound = now
-            elif x == 0xFFFFFFFF:
-                bound = NEVER
-            else:
-                bound = now - x / 1000
-            p.fence_bounds[c] = min(p.fence_bounds.get(c, bound), bound)
 
     def _on_chunk(self, ch: MapChunk) -> None:
         if self.epochs.add_chunk(ch, self.rules, self.cfg.cluster.buckets) is False:
@@ -719,11 +699,7 @@ class Engine:
             self.vote = state.members
         mine = self._mine(state) if self._eligible_self(now) else frozenset()
         self.installed = self.installed & mine
-        self.own_bounds = {}
-        for c in state.fenced:
-            p = self.peers.get(c)
-            heard = p.last_heard if p is not None else NEVER
-            self.own_bounds[c] = heard
+        self.own_bounds = own_bounds(state, self.peers)
         self.why_converging = f"epoch {state.key} adopted"
         old = prev.members if prev else frozenset()
         for h in sorted(state.members - old - {self.me}):
@@ -778,43 +754,20 @@ class Engine:
         e = self.epoch
         if e is None or self.epoch_ready:
             return
-        for q in e.members:
-            if q == self.me:
-                continue
-            p = self.peers.get(q)
-            if p is None or p.hb is None or not self.roster.alive(p, now):
-                return
-            if p.hb.epoch != e.key or not p.hb.has(Flag.RELEASED):
-                return
-            if p.ack_at < self.eligible_since:
-                return  # sent before it heard this host since its last start: maybe stale
-        for p in self.roster.live(now):
-            if (
-                p.host_id not in e.members
-                and p.host_id not in e.fenced
-                and not released_for(p.hb, e, self.digest)
-            ):
-                return
-        for c in e.fenced:
-            pc = self.peers.get(c)
-            if (
-                pc is not None
-                and self.roster.alive(pc, now)
-                and released_for(pc.hb, e, self.digest)
-            ):
-                continue
-            bound = self.own_bounds.get(c, now)
-            for q in e.members:
-                if q == self.me:
-                    continue
-                pq = self.peers[q]
-                if pq.fence_epoch != e.key or c not in pq.fence_bounds:
-                    return
-                bound = max(bound, pq.fence_bounds[c])
-            if now < bound + self.timing.margin + self.timing.lease:
-                self._wake_at(bound + self.timing.margin + self.timing.lease)
-                return
-        self._ready(now)
+        why = blocker(
+            e,
+            self.me,
+            self.roster,
+            self.own_bounds,
+            self.eligible_since,
+            self.digest,
+            self.timing,
+            now,
+        )
+        if why is None:
+            self._ready(now)
+        elif why < float("inf"):
+            self._wake_at(why)
 
     def _ready(self, now: float) -> None:
         """The epoch is READY: acquire, and remember its members (the record)."""

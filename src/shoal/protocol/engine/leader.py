@@ -67,17 +67,6 @@ def stepped_out(hb: Heartbeat | None) -> bool:
     return hb is not None and (hb.has(Flag.OWNS_NOTHING) or hb.state is HostState.DRAINING)
 
 
-def released_for(hb: Heartbeat | None, e: EpochState, digest: bytes) -> bool:
-    """A non-member surely takes nothing in ``e``: it owns nothing and either cannot
-    acquire at all (stopped, draining, suspended) or already follows ``e``."""
-    if hb is None or not hb.has(Flag.OWNS_NOTHING):
-        return False
-    if hb.config_digest != digest:
-        # another configuration: it never forms a cluster while ours holds an epoch
-        return hb.epoch is None
-    return hb.state not in ELIGIBLE or hb.epoch == e.key
-
-
 def elect(
     candidates: tuple[int, EpochKey | None, int], me: int, eligible: bool, mine: EpochKey | None
 ) -> int | None:
