@@ -7,9 +7,9 @@ import pickle
 from dataclasses import replace
 
 from shoal.protocol.engine import Command, Engine
-from shoal.protocol.events import Event, EventId
+from shoal.protocol.events import EventId
 from shoal.protocol.frames import Heartbeat, HostState, Rejection, parse
-from shoal.sim.cluster import SimCluster
+from shoal.sim.cluster import SimCluster, SimHost
 from shoal.sim.scenario import KEY, cluster_configs, mismatched, run_scenario
 
 P = 0.1  # the default profile's period
@@ -30,44 +30,23 @@ def state_of(engine: Engine) -> HostState:
     return engine.state
 
 
-class Recorder:
-    """Collects every engine event (the simulator drops them otherwise)."""
+def ids(sim: SimCluster, host: int | None = None) -> list[EventId]:
+    """The ids of the events the daemons logged (of one host, or all)."""
+    return [e.id for h, e in sim.events if host is None or h == host]
 
-    def __init__(self) -> None:
-        self.items: list[tuple[int, EventId, str]] = []
-        self._orig = Engine.take_events
 
-    def __enter__(self) -> Recorder:
-        items = self.items
-        orig = self._orig
-
-        def take(engine: Engine) -> list[Event]:
-            out = orig(engine)
-            items.extend((engine.me, e.id, e.text) for e in out)
-            return out
-
-        setattr(Engine, "take_events", take)  # noqa: B010 - a plain assignment to a method
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        setattr(Engine, "take_events", self._orig)  # noqa: B010 - restores the method
-
-    def ids(self, host: int | None = None) -> list[EventId]:
-        return [i for h, i, _ in self.items if host is None or h == host]
-
-    def texts(self) -> list[str]:
-        return [t for _, _, t in self.items]
+def texts(sim: SimCluster) -> list[str]:
+    return [e.text for _, e in sim.events]
 
 
 def test_three_hosts_converge_with_one_default_host() -> None:
-    with Recorder() as rec:
-        sim = SimCluster(cluster_configs(3), KEY, 1)
-        settle(sim, {1, 2, 3})
+    sim = SimCluster(cluster_configs(3), KEY, 1)
+    settle(sim, {1, 2, 3})
     engines = [sim.hosts[h].engine for h in (1, 2, 3)]
     assert all(e is not None and e.state is HostState.CONVERGED for e in engines)
     assert [e.is_default for e in engines if e] == [True, False, False]
-    assert EventId.CONVERGED_DEFAULT in rec.ids(1)
-    assert "host 2 converged with hosts [1, 2, 3]" in " ".join(rec.texts())
+    assert EventId.CONVERGED_DEFAULT in ids(sim, 1)
+    assert "host 2 converged with hosts [1, 2, 3]" in " ".join(texts(sim))
 
 
 def test_crash_converges_within_tolerance_plus_three_periods() -> None:
@@ -100,41 +79,39 @@ def test_daemon_crash_keeps_kernel_lease_until_fenced() -> None:
 
 
 def test_drainstop_waits_for_connections_then_stops() -> None:
-    with Recorder() as rec:
-        sim = SimCluster(cluster_configs(3, buckets=64), KEY, 5)
-        settle(sim, {1, 2, 3})
-        sim.set_connections(2, 4)
-        sim.command(2, Command.DRAINSTOP)
-        settle(sim, {1, 3})
-        e2 = sim.hosts[2].engine
-        assert e2 is not None and e2.state is HostState.DRAINING
-        assert not e2.installed and e2.install.serving  # no new connections, old ones kept
-        sim.set_connections(2, 0)
-        sim.run_until(sim.now + P)
-        assert state_of(e2) is HostState.STOPPED
-    assert EventId.DRAIN_STARTED in rec.ids(2) and EventId.DRAIN_FINISHED in rec.ids(2)
+    sim = SimCluster(cluster_configs(3, buckets=64), KEY, 5)
+    settle(sim, {1, 2, 3})
+    sim.set_connections(2, 4)
+    sim.command(2, Command.DRAINSTOP)
+    settle(sim, {1, 3})
+    e2 = sim.hosts[2].engine
+    assert e2 is not None and e2.state is HostState.DRAINING
+    assert not e2.installed and e2.install.serving  # no new connections, old ones kept
+    sim.set_connections(2, 0)
+    sim.run_until(sim.now + P)
+    assert state_of(e2) is HostState.STOPPED
+    assert EventId.DRAIN_STARTED in ids(sim, 2) and EventId.DRAIN_FINISHED in ids(sim, 2)
 
 
 def test_drainstop_of_every_host_stops_each_once_its_connections_end() -> None:
     """With every host draining nobody is left to make an epoch without them, and a host
     drained only once one was made: each stayed "draining" for good, however few its
     connections. Each now stops once its own connections end, its buckets with it."""
-    with Recorder() as rec:
-        sim = SimCluster(cluster_configs(3, buckets=64), KEY, 8)
-        settle(sim, {1, 2, 3})
-        for h, conns in ((1, 0), (2, 0), (3, 5)):
-            sim.set_connections(h, conns)
-            sim.command(h, Command.DRAINSTOP)
-        sim.run_until(sim.now + 10 * P)
-        engines = {h: sim.hosts[h].engine for h in (1, 2, 3)}
-        assert all(e is not None for e in engines.values())
-        states = {h: state_of(e) for h, e in engines.items() if e is not None}
-        assert states == {1: HostState.STOPPED, 2: HostState.STOPPED, 3: HostState.DRAINING}
-        sim.set_connections(3, 0)
-        sim.run_until(sim.now + 2 * P)
-        e3 = engines[3]
-        assert e3 is not None and state_of(e3) is HostState.STOPPED
-    assert all(EventId.DRAIN_FINISHED in rec.ids(h) for h in (1, 2, 3))
+    sim = SimCluster(cluster_configs(3, buckets=64), KEY, 8)
+    settle(sim, {1, 2, 3})
+    for h, conns in ((1, 0), (2, 0), (3, 5)):
+        sim.set_connections(h, conns)
+        sim.command(h, Command.DRAINSTOP)
+    sim.run_until(sim.now + 10 * P)
+    engines = {h: sim.hosts[h].engine for h in (1, 2, 3)}
+    assert all(e is not None for e in engines.values())
+    states = {h: state_of(e) for h, e in engines.items() if e is not None}
+    assert states == {1: HostState.STOPPED, 2: HostState.STOPPED, 3: HostState.DRAINING}
+    sim.set_connections(3, 0)
+    sim.run_until(sim.now + 2 * P)
+    e3 = engines[3]
+    assert e3 is not None and state_of(e3) is HostState.STOPPED
+    assert all(EventId.DRAIN_FINISHED in ids(sim, h) for h in (1, 2, 3))
 
 
 def test_one_host_started_after_all_stopped_serves_alone_with_the_available_policy() -> None:
@@ -143,16 +120,15 @@ def test_one_host_started_after_all_stopped_serves_alone_with_the_available_poli
     of another configuration already serving and waited for good. With the quorum policy
     it rightly waits for a majority of its record (it reports no quorum)."""
     for policy, serves in (("available", True), ("quorum", False)):
-        with Recorder() as rec:
-            sim = SimCluster(cluster_configs(3, buckets=64, policy=policy), KEY, 11)
-            settle(sim, {1, 2, 3})
-            for h in (1, 2, 3):
-                sim.command(h, Command.STOP)
-            sim.run_until(sim.now + 10 * P)
-            sim.command(3, Command.START)
-            sim.run_until(sim.now + 30 * P)
+        sim = SimCluster(cluster_configs(3, buckets=64, policy=policy), KEY, 11)
+        settle(sim, {1, 2, 3})
+        for h in (1, 2, 3):
+            sim.command(h, Command.STOP)
+        sim.run_until(sim.now + 10 * P)
+        sim.command(3, Command.START)
+        sim.run_until(sim.now + 30 * P)
         assert sim.converged({3}) is serves
-        assert (EventId.NO_QUORUM in rec.ids(3)) is not serves
+        assert (EventId.NO_QUORUM in ids(sim, 3)) is not serves
         if serves:
             assert sim.covered()
 
@@ -179,32 +155,30 @@ def test_a_drained_host_nobody_can_take_over_from_stops() -> None:
     cannot outvote a membership of host 2 alone without it (the quorum policy's rule for
     a last member). Host 2 waited for an epoch without it that nobody could make: it now
     stops once its connections end and the detection time has passed, as a stop would."""
-    with Recorder() as rec:
-        sim = SimCluster(cluster_configs(2, buckets=64), KEY, 10)
-        settle(sim, {1, 2})
-        sim.command(1, Command.STOP)
-        settle(sim, {2})
-        sim.set_connections(2, 3)
-        sim.command(2, Command.DRAINSTOP)
-        sim.command(1, Command.START)
-        sim.run_until(sim.now + 2 * P)
-        sim.set_connections(2, 0)
-        sim.run_until(sim.now + 6 * P)
+    sim = SimCluster(cluster_configs(2, buckets=64), KEY, 10)
+    settle(sim, {1, 2})
+    sim.command(1, Command.STOP)
+    settle(sim, {2})
+    sim.set_connections(2, 3)
+    sim.command(2, Command.DRAINSTOP)
+    sim.command(1, Command.START)
+    sim.run_until(sim.now + 2 * P)
+    sim.set_connections(2, 0)
+    sim.run_until(sim.now + 6 * P)
     e2 = sim.hosts[2].engine
     assert e2 is not None and state_of(e2) is HostState.STOPPED
-    assert EventId.DRAIN_FINISHED in rec.ids(2) and EventId.NO_QUORUM in rec.ids(1)
+    assert EventId.DRAIN_FINISHED in ids(sim, 2) and EventId.NO_QUORUM in ids(sim, 1)
 
 
 def test_drainstop_timeout_closes_what_remains() -> None:
-    with Recorder() as rec:
-        sim = SimCluster(cluster_configs(3, buckets=64), KEY, 6)
-        settle(sim, {1, 2, 3})
-        sim.set_connections(3, 9)
-        sim.command(3, Command.DRAINSTOP, timeout=1.0)
-        sim.run_until(sim.now + 1.1)
+    sim = SimCluster(cluster_configs(3, buckets=64), KEY, 6)
+    settle(sim, {1, 2, 3})
+    sim.set_connections(3, 9)
+    sim.command(3, Command.DRAINSTOP, timeout=1.0)
+    sim.run_until(sim.now + 1.1)
     e3 = sim.hosts[3].engine
     assert e3 is not None and e3.state is HostState.STOPPED and not e3.install.serving
-    assert EventId.DRAIN_TIMEOUT in rec.ids(3)
+    assert EventId.DRAIN_TIMEOUT in ids(sim, 3)
 
 
 def test_suspended_host_refuses_everything_but_resume() -> None:
@@ -249,38 +223,35 @@ def test_disable_rule_moves_its_buckets_away() -> None:
 def test_mismatched_host_is_kept_out_and_named() -> None:
     configs = cluster_configs(3, buckets=64)
     configs[2] = mismatched(configs[2])
-    with Recorder() as rec:
-        sim = SimCluster(configs, KEY, 10)
-        settle(sim, {1, 2})
-        sim.run_until(sim.now + 10 * P)
+    sim = SimCluster(configs, KEY, 10)
+    settle(sim, {1, 2})
+    sim.run_until(sim.now + 10 * P)
     e3 = sim.hosts[3].engine
     assert e3 is not None and not e3.installed
-    assert any("host 3 has cluster digest" in t for t in rec.texts())
+    assert any("host 3 has cluster digest" in t for t in texts(sim))
 
 
 def test_duplicate_host_id_is_named() -> None:
     configs = cluster_configs(3, buckets=64)
-    with Recorder() as rec:
-        sim = SimCluster(configs, KEY, 11)
-        # the machine in slot 3 is misconfigured as a second host 2
-        sim.hosts[3].config = configs[1]
-        sim.crash_host(3)
-        sim.restart_host(3)
-        sim.run_until(3.0)
-    assert EventId.DUPLICATE_HOST_ID in rec.ids()
+    sim = SimCluster(configs, KEY, 11)
+    # the machine in slot 3 is misconfigured as a second host 2
+    sim.hosts[3].config = configs[1]
+    sim.crash_host(3)
+    sim.restart_host(3)
+    sim.run_until(3.0)
+    assert EventId.DUPLICATE_HOST_ID in ids(sim)
 
 
 def test_partition_minority_stops_majority_takes_over_then_heals() -> None:
-    with Recorder() as rec:
-        sim = SimCluster(cluster_configs(5, buckets=64), KEY, 12)
-        settle(sim, {1, 2, 3, 4, 5})
-        sim.faults.groups = {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
-        settle(sim, {3, 4, 5})
-        assert not sim.hosts[1].kernel.accepting(sim.now)  # host 1 alone is no quorum...
-        assert not sim.hosts[2].kernel.accepting(sim.now)  # ...even with host 2
-        sim.faults.groups = {}
-        settle(sim, {1, 2, 3, 4, 5})
-    assert EventId.NO_QUORUM in rec.ids(1) and EventId.LEASE_LOST in rec.ids(1)
+    sim = SimCluster(cluster_configs(5, buckets=64), KEY, 12)
+    settle(sim, {1, 2, 3, 4, 5})
+    sim.faults.groups = {1: 0, 2: 0, 3: 1, 4: 1, 5: 1}
+    settle(sim, {3, 4, 5})
+    assert not sim.hosts[1].kernel.accepting(sim.now)  # host 1 alone is no quorum...
+    assert not sim.hosts[2].kernel.accepting(sim.now)  # ...even with host 2
+    sim.faults.groups = {}
+    settle(sim, {1, 2, 3, 4, 5})
+    assert EventId.NO_QUORUM in ids(sim, 1) and EventId.LEASE_LOST in ids(sim, 1)
 
 
 def test_forged_replayed_and_random_frames_change_nothing() -> None:
@@ -310,14 +281,13 @@ def test_leases_lost_to_heavy_loss_come_back_once_and_soon() -> None:
     host has a lease and its share within a few periods (seeds 34 and 36 once stayed
     without a lease: the lease count missed the echoes between two READY steps)."""
     for seed in range(24, 38):
-        with Recorder() as rec:
-            sim = SimCluster(cluster_configs(3, buckets=64), KEY, seed)
-            settle(sim, {1, 2, 3})
-            sim.faults.loss = 0.85
-            sim.run_until(sim.now + 30 * P)
-            sim.faults.loss = 0.0
-            took = settle(sim, {1, 2, 3}, periods=10)
-        lapses = rec.ids().count(EventId.LEASE_LOST)
+        sim = SimCluster(cluster_configs(3, buckets=64), KEY, seed)
+        settle(sim, {1, 2, 3})
+        sim.faults.loss = 0.85
+        sim.run_until(sim.now + 30 * P)
+        sim.faults.loss = 0.0
+        took = settle(sim, {1, 2, 3}, periods=10)
+        lapses = ids(sim).count(EventId.LEASE_LOST)
         assert 1 <= lapses <= 10, (seed, lapses)  # the loss did cost leases, once or so each
         assert took <= 5, (seed, took)
 
@@ -326,27 +296,70 @@ def test_a_steady_engine_wakes_only_for_heartbeats_and_deadlines() -> None:
     """In a steady cluster an engine steps for its heartbeats and for peers' liveness
     deadlines, nothing else: a lease end it already pushed later is no reason to wake (at
     256 hosts every step walks all the peers)."""
-    sim = SimCluster(cluster_configs(3, buckets=64), KEY, 5)
-    settle(sim, {1, 2, 3})
-    sim.run_until(sim.now + 10 * P)
-    engine = sim.hosts[2].engine
-    assert engine is not None
     ticks: list[bool] = []
-    orig = Engine.tick
 
-    def tick(self: Engine, now: float) -> None:
-        if self is engine:
-            ticks.append(now >= self.next_hb or now >= self.expiry_check)
-        orig(self, now)
+    class Watched(SimCluster):
+        def _tick(self, h: SimHost, engine: Engine) -> None:
+            if h.host_id == 2 and self.now > 10:
+                due = self.now >= engine.beacon.next_hb or self.now >= engine.roster.expiry_check
+                ticks.append(due)
+            super()._tick(h, engine)
 
-    setattr(Engine, "tick", tick)  # noqa: B010 - a plain assignment to a method
-    try:
-        sim.run_until(sim.now + 50 * P)
-    finally:
-        setattr(Engine, "tick", orig)  # noqa: B010 - restores the method
-    assert len(ticks) >= 50  # a heartbeat a period at least
+    sim = Watched(cluster_configs(3, buckets=64), KEY, 5)
+    settle(sim, {1, 2, 3})
+    sim.run_until(10 + 50 * P)
+    assert len(ticks) >= 30  # a heartbeat a period at least
     assert all(ticks), f"{ticks.count(False)} of {len(ticks)} steps had nothing due"
-    assert state_of(engine) is HostState.CONVERGED
+    engine = sim.hosts[2].engine
+    assert engine is not None and state_of(engine) is HostState.CONVERGED
+
+
+def fields(e: Engine, h: int) -> tuple[object, ...]:
+    """What receiving a heartbeat of host ``h`` may change in engine ``e``."""
+    p = e.peers[h]
+    assert p.hb is not None
+    said = replace(p.hb, seq=0, beat=0, echoes=())
+    count = e.tenure.count
+    return (
+        p.last_seq,
+        p.window,
+        p.hb_seq,
+        p.last_heard,
+        p.beat,
+        p.acks_me,
+        p.ack_at,
+        p.fence_epoch,
+        p.fence_bounds,
+        said,
+        e.lease_until,
+        e.roster.expiry_check,
+        count.basis if count else None,
+        e.counters,
+    )
+
+
+class RepeatsChecked(SimCluster):
+    """Each frame taken as a repeat is also decoded in full by a copy of the engine."""
+
+    checked = 0
+
+    def _deliver(self, h: SimHost, engine: Engine, frame: bytes) -> None:
+        p = engine.peers.get(frame[12] << 8 | frame[13]) if len(frame) > 32 else None
+        seq = engine.codec.open_repeat(frame, p.repeat) if p is not None and p.repeat else None
+        if p is None or seq is None or seq <= p.last_seq:
+            super()._deliver(h, engine, frame)  # not taken as a repeat
+            return
+        full = pickle.loads(pickle.dumps(engine))
+        super()._deliver(h, engine, frame)
+        full.frames_received += 1
+        env = full.codec.open(frame)
+        assert not isinstance(env, Rejection)
+        assert full._admit(env, self.now) is None
+        hb = parse(env)
+        assert isinstance(hb, Heartbeat) and full._on_heartbeat(hb, self.now)
+        full.peers[p.host_id].hb_seq = seq
+        assert fields(engine, p.host_id) == fields(full, p.host_id)
+        RepeatsChecked.checked += 1
 
 
 def test_a_repeated_heartbeat_updates_what_a_full_decode_would() -> None:
@@ -355,86 +368,29 @@ def test_a_repeated_heartbeat_updates_what_a_full_decode_would() -> None:
     frame leaves the engine as decoding it in full would have: the same replay window,
     liveness, beat, acknowledgement, lease and fence reports (the full path then steps; a
     repeat leaves that to the next timer, as nothing it brings needs a step sooner)."""
-    orig = Engine.receive
-    checked = 0
+    RepeatsChecked.checked = 0
+    for seed in (7, 11, 1234):
+        run_scenario(seed, duration_periods=60, cluster=RepeatsChecked)
+    assert RepeatsChecked.checked > 1000
 
-    def fields(e: Engine, h: int) -> tuple[object, ...]:
-        p = e.peers[h]
-        assert p.hb is not None
-        said = replace(p.hb, seq=0, beat=0, echoes=())
-        return (
-            p.last_seq,
-            p.window,
-            p.hb_seq,
-            p.last_heard,
-            p.beat,
-            p.acks_me,
-            p.ack_at,
-            p.fence_epoch,
-            p.fence_bounds,
-            said,
-            e.lease_until,
-            e.expiry_check,
-            e.lease_count.basis if e.lease_count else None,
-            e.counters,
-        )
 
-    def receive(e: Engine, data: bytes, now: float) -> Rejection | None:
-        nonlocal checked
-        p = e.peers.get(data[12] << 8 | data[13]) if len(data) > 32 else None
-        seq = e.codec.open_repeat(data, p.repeat) if p is not None and p.repeat else None
-        if p is None or seq is None or seq <= p.last_seq:
-            return orig(e, data, now)  # not taken as a repeat
-        full = pickle.loads(pickle.dumps(e))
-        assert orig(e, data, now) is None
-        full.frames_received += 1
-        env = full.codec.open(data)
-        assert not isinstance(env, Rejection)
-        assert full._admit(env, now) is None
-        hb = parse(env)
-        assert isinstance(hb, Heartbeat) and full._on_heartbeat(hb, now)
-        full.peers[p.host_id].hb_seq = seq
-        assert fields(e, p.host_id) == fields(full, p.host_id)
-        checked += 1
-        return None
+class Afresh(SimCluster):
+    """Every engine derives what it keeps from the peers afresh at every step."""
 
-    setattr(Engine, "receive", receive)  # noqa: B010 - a plain assignment to a method
-    try:
-        for seed in (7, 11, 1234):
-            run_scenario(seed, duration_periods=60)
-    finally:
-        setattr(Engine, "receive", orig)  # noqa: B010 - restores the method
-    assert checked > 1000
+    def _boot(self, h: SimHost) -> None:
+        super()._boot(h)
+        assert h.engine is not None
+        h.engine.roster.keep_derived = False
 
 
 def test_what_steps_keep_from_the_peers_changes_nothing() -> None:
     """Steps keep what they derive from all the peers (leader candidates, the leader's
-    fingerprint, who needs the map) until something known of the peers changes. Scenarios
-    with loss, duplicates, reordering, crashes, partitions, mismatches and commands give
-    exactly the events, at exactly the times, of the same scenarios derived afresh at
-    every step."""
-
-    def trace(seed: int, keep: bool) -> list[tuple[int, float, str]]:
-        events: list[tuple[int, float, str]] = []
-        orig_take, orig_fresh = Engine.take_events, Engine._fresh
-
-        def take(engine: Engine) -> list[Event]:
-            out = orig_take(engine)
-            events.extend((engine.me, e.at, e.text) for e in out)
-            return out
-
-        def fresh(engine: Engine, view: int, now: float) -> bool:
-            return keep and orig_fresh(engine, view, now)
-
-        setattr(Engine, "take_events", take)  # noqa: B010 - a plain assignment to a method
-        setattr(Engine, "_fresh", fresh)  # noqa: B010 - a plain assignment to a method
-        try:
-            run_scenario(seed)
-        finally:
-            setattr(Engine, "take_events", orig_take)  # noqa: B010 - restores the method
-            setattr(Engine, "_fresh", orig_fresh)  # noqa: B010 - restores the method
-        return events
-
+    fingerprint, who needs the map, whom to acknowledge) until something known of the
+    peers changes. Scenarios with loss, duplicates, reordering, crashes, partitions,
+    mismatches and commands send exactly the frames, at exactly the times, and log exactly
+    the events of the same scenarios derived afresh at every step."""
     for seed in (7, 50, 81, 1234, 98765):
-        kept = trace(seed, True)
-        assert len(kept) > 20 and kept == trace(seed, False), seed
+        kept = run_scenario(seed)
+        afresh = run_scenario(seed, cluster=Afresh)
+        assert len(kept.events) > 20 and kept.frames > 200, seed
+        assert (kept.events, kept.wire) == (afresh.events, afresh.wire), seed

@@ -290,6 +290,11 @@ def resume(control: ControlOpt = None, config: ConfigOpt = None) -> None:
 def _rule_verb(
     cmd: str, port: str, vip: str | None, control: Path | None, config: Path | None
 ) -> None:
+    if vip is not None:
+        try:
+            ipaddress.ip_address(vip)
+        except ValueError:
+            raise _fail(f"--vip: {vip!r} is not an IP address", 2) from None
     _verb(cmd, control, config, port=port, vip=vip)
 
 
@@ -325,14 +330,54 @@ def drain(
 def display(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Configuration, state and recent events."""
     resp = _call({"cmd": "display"}, control, config)
-    typer.echo(json.dumps(resp, indent=None if as_json else 2))
+    if as_json:
+        typer.echo(json.dumps(resp))
+        return
+    events = resp.pop("events", [])
+    _print_tree({k: v for k, v in resp.items() if k != "ok"})
+    typer.echo("events:")
+    assert isinstance(events, list)
+    for ev in events:
+        typer.echo(f"  {ev.get('at', '')}  {ev.get('text', ev.get('name', ''))}")
 
 
 @app.command()
 def params(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Every effective parameter and counter."""
     resp = _call({"cmd": "params"}, control, config)
-    typer.echo(json.dumps(resp, indent=None if as_json else 2))
+    if as_json:
+        typer.echo(json.dumps(resp))
+        return
+    _print_tree({k: v for k, v in resp.items() if k != "ok"})
+
+
+def _print_tree(doc: object, indent: int = 0) -> None:
+    """A JSON document as indented ``key: value`` lines, for people."""
+    pad = "  " * indent
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if isinstance(v, dict | list) and v:
+                typer.echo(f"{pad}{k}:")
+                _print_tree(v, indent + 1)
+            else:
+                typer.echo(f"{pad}{k}: {_scalar(v)}")
+    elif isinstance(doc, list):
+        for item in doc:
+            if isinstance(item, dict):
+                typer.echo(f"{pad}-")
+                _print_tree(item, indent + 1)
+            else:
+                typer.echo(f"{pad}- {_scalar(item)}")
+
+
+def _scalar(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, dict | list):
+        return "none"
+    return str(v)
 
 
 @app.command()

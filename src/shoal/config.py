@@ -119,7 +119,16 @@ class PortRule(BaseModel):
     affinity: Affinity = Affinity.SINGLE
     ipv4_prefix: int = Field(default=24, ge=1, le=32)
     ipv6_prefix: int = Field(default=64, ge=1, le=128)
-    affinity_timeout_s: int = Field(default=0, ge=0, le=14400)
+    # kept in the digest (every host must agree on it); only 0 until affinity that
+    # survives convergence exists: a key that is accepted and does nothing is refused
+    affinity_timeout_s: int = Field(default=0, ge=0)
+
+    @field_validator("affinity_timeout_s")
+    @classmethod
+    def _no_affinity_timeout(cls, v: int) -> int:
+        if v != 0:
+            raise ValueError("only 0 is supported: client affinity does not outlive convergence")
+        return v
 
     @model_validator(mode="after")
     def _range(self) -> PortRule:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import socket
 from dataclasses import asdict
 from pathlib import Path
@@ -32,33 +33,23 @@ VERBS = {
 }
 
 
-def _host_state(state: HostState, default: bool) -> str:
-    if state is HostState.CONVERGED and default:
-        return "converged (default)"
-    return state.name.lower()
-
-
 def query(d: Daemon) -> dict[str, Any]:
-    e = d.engine
-    now = d.now()
-    epoch = e.epoch
+    snap = d.engine.snapshot(d.now())
     hosts = [
         {
-            "host_id": e.me,
-            "state": d.state_name(),
-            "dedicated_ip": str(e.dedicated_ip) if e.dedicated_ip else None,
+            "host_id": snap.host_id,
+            "state": snap.state_name,
+            "dedicated_ip": str(snap.dedicated_ip) if snap.dedicated_ip else None,
             "this_host": True,
         }
     ]
-    for p in sorted(e.peers.values(), key=lambda p: p.host_id):
-        if p.hb is None or not e._alive(p, now):
-            continue
-        default = bool(epoch and epoch.default_host == p.host_id and p.hb.epoch == epoch.key)
+    for p in snap.peers:
+        default = p.default and p.state is HostState.CONVERGED
         hosts.append(
             {
                 "host_id": p.host_id,
-                "state": _host_state(p.hb.state, default),
-                "dedicated_ip": str(p.hb.dedicated_ip) if p.hb.dedicated_ip else None,
+                "state": "converged (default)" if default else p.state.name.lower(),
+                "dedicated_ip": str(p.dedicated_ip) if p.dedicated_ip else None,
                 "this_host": False,
             }
         )
@@ -67,30 +58,27 @@ def query(d: Daemon) -> dict[str, Any]:
         "ok": True,
         "cluster": d.cfg.cluster.name,
         "hosts": hosts,
-        "epoch": str(epoch.key) if epoch else None,
-        "default_host": epoch.default_host if epoch else None,
+        "epoch": str(snap.epoch) if snap.epoch else None,
+        "default_host": snap.default_host,
     }
 
 
 def _rules_for(d: Daemon, port: Any, vip: Any) -> list[int] | str:
     rules = d.cfg.cluster.effective_rules
-    if port == "all":
-        return list(range(len(rules)))
-    try:
-        p = int(port)
-    except (TypeError, ValueError):
-        return f"port: {port!r} is neither a port number nor 'all'"
     want = None
     if vip is not None:
         try:
             want = ipaddress.ip_address(vip)
-        except ValueError:
+        except (TypeError, ValueError):
             return f"vip: {vip!r} is not an IP address"
-    found = [
-        i
-        for i, r in enumerate(rules)
-        if r.start <= p <= r.last and (want is None or r.vip == "all" or r.vip == want)
-    ]
+    on_vip = [i for i, r in enumerate(rules) if want is None or r.vip == "all" or r.vip == want]
+    if port == "all":
+        return on_vip or f"vip: no port rule covers {vip}"
+    try:
+        p = int(port)
+    except (TypeError, ValueError):
+        return f"port: {port!r} is neither a port number nor 'all'"
+    found = [i for i in on_vip if rules[i].start <= p <= rules[i].last]
     return found or f"port: no port rule covers port {p}" + (f" on {vip}" if vip else "")
 
 
@@ -100,13 +88,14 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "error": f"cmd: unknown command {cmd!r}"}
     e = d.engine
     now = d.now()
+    snap = e.snapshot(now)
     if cmd == "query":
         return query(d)
     if cmd == "display":
         return {
             "ok": True,
-            "state": d.state_name(),
-            "host_id": e.me,
+            "state": snap.state_name,
+            "host_id": snap.host_id,
             "configuration": d.cfg.cluster.digest_document(),
             "host": json.loads(d.cfg.host.model_dump_json()),
             "events": d.events[-50:],
@@ -114,8 +103,8 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
     if cmd == "params":
         return {
             "ok": True,
-            "state": d.state_name(),
-            "host_id": e.me,
+            "state": snap.state_name,
+            "host_id": snap.host_id,
             "period_ms": d.cfg.cluster.period_ms,
             "loss_tolerance": d.cfg.cluster.tolerance,
             "lease_ms": round(e.timing.lease * 1000),
@@ -124,10 +113,12 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
             "mode": d.cfg.cluster.mode.value,
             "partition_policy": d.cfg.cluster.partition_policy.value,
             "cluster_digest": d.cfg.cluster.digest(),
-            "incarnation": e.incarnation,
-            "epoch": str(e.epoch.key) if e.epoch else None,
-            "owned_tokens": len(e.installed),
-            "counters": dict(e.counters),
+            "incarnation": snap.incarnation,
+            "epoch": str(snap.epoch) if snap.epoch else None,
+            "leader": snap.leader,
+            "owned_tokens": snap.owned_tokens,
+            "lease_left_ms": None if snap.lease_left is None else round(snap.lease_left * 1000),
+            "counters": snap.counters,
             "rules": [asdict(c) for c in d.backend.counters()],
         }
     if cmd == "reload":
@@ -137,7 +128,8 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
         if isinstance(found, str):
             return {"ok": False, "error": found}
         messages = []
-        targets: list[int | None] = [None] if req.get("port") == "all" else list(found)
+        every = req.get("port") == "all" and req.get("vip") is None
+        targets: list[int | None] = [None] if every else list(found)
         for i in targets:
             res = e.command(Command(cmd), now, rule=i)
             if not res.ok:
@@ -145,7 +137,12 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
             messages.append(res.message)
         return {"ok": True, "message": "; ".join(messages)}
     timeout = req.get("timeout")
-    if timeout is not None and (not isinstance(timeout, int | float) or timeout < 0):
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout < 0
+    ):
         return {"ok": False, "error": f"timeout: {timeout!r} is not a number of seconds >= 0"}
     res = e.command(Command(cmd), now, timeout=timeout)
     return {"ok": res.ok, ("message" if res.ok else "error"): res.message}

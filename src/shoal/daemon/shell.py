@@ -356,9 +356,3 @@ class Daemon:
         res = self.reload()
         sys.stderr.write(json.dumps({"name": "sighup_reload", **res}) + "\n")
         self.after()
-
-    def state_name(self) -> str:
-        e = self.engine
-        if e.state is HostState.CONVERGED and e.is_default:
-            return "converged (default)"
-        return e.state.name.lower()

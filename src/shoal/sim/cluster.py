@@ -11,6 +11,7 @@ with the seed that replays it.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import random
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from shoal.config import FilteringMode, PartitionPolicy, ShoalConfig
 from shoal.dataplane.contract import DataplaneError, Install, RuleCounters, RuleState, bucket_token
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.epoch import EpochState
+from shoal.protocol.events import Event
 from shoal.protocol.frames import EpochKey, HostState
 from shoal.runtime import HostRuntime
 
@@ -124,6 +126,8 @@ class SimCluster:
         # "available" (NLB's policy): a host cut off from others serves on without them
         self.sides_serve = configs[0].cluster.partition_policy is PartitionPolicy.AVAILABLE
         self.observers: list[Callable[[SimCluster], None]] = []
+        self.events: list[tuple[int, Event]] = []  # (host, event), as the daemons log them
+        self.wire = hashlib.sha256()  # every frame sent: when, by whom, its bytes
         for h in self.hosts.values():
             self._boot(h)
 
@@ -210,16 +214,24 @@ class SimCluster:
                 if t != h.tick_at:
                     continue
                 h.tick_at = float("inf")
-                h.engine.tick(self.now)
+                self._tick(h, h.engine)
             else:
                 assert isinstance(data, tuple)
                 inc, frame = data
                 if inc != h.incarnation:
                     continue
-                h.engine.receive(frame, self.now)
+                self._deliver(h, h.engine, frame)
             self.engine_calls += 1
             self._after(h)
         self.now = max(self.now, t_end)
+
+    def _tick(self, h: SimHost, engine: Engine) -> None:
+        """An engine's timer fired (a subclass may look before and after)."""
+        engine.tick(self.now)
+
+    def _deliver(self, h: SimHost, engine: Engine, frame: bytes) -> None:
+        """A frame reaches an engine (a subclass may look before and after)."""
+        engine.receive(frame, self.now)
 
     def _after(self, h: SimHost) -> None:
         e, rt = h.engine, h.runtime
@@ -230,6 +242,7 @@ class SimCluster:
         if stepped and self.sides_serve and self.check_exclusive and self._cut_off(e):
             self.check_exclusive = False  # two clusters from here, both serving
         h.frames_withheld += out.withheld
+        self.events.extend((h.host_id, ev) for ev in out.events)
         for frame in out.frames:
             self._broadcast(h, frame)
         self._note_epoch(e)
@@ -262,6 +275,8 @@ class SimCluster:
 
     def _broadcast(self, src: SimHost, frame: bytes) -> None:
         self.frames_sent += 1
+        self.wire.update(b"%.9f %d " % (self.now, src.host_id))
+        self.wire.update(frame)
         self.bytes_sent += len(frame) + 14
         f = self.faults
         for dst in self.hosts.values():

@@ -83,6 +83,9 @@ class Scenario:
     buckets: int
     duration: float
     steps: list[tuple[float, str]] = field(default_factory=list)
+    wire: str = ""  # a digest of every frame sent, with when and by whom
+    events: list[tuple[int, float, str]] = field(default_factory=list)  # (host, at, text)
+    frames: int = 0
 
 
 def run_scenario(
@@ -93,19 +96,21 @@ def run_scenario(
     max_hosts: int = 7,
     observers: Iterable[Callable[[SimCluster], None]] = (),
     policy: str = "quorum",
+    cluster: type[SimCluster] = SimCluster,
 ) -> Scenario:
     """Run one random scenario; raises InvariantViolation naming the seed on a breach.
     ``observers`` are called after every input an engine handled. With ``policy``
     "available" (NLB's: every side of a partition serves on) no token is accepted twice
     until a partition, a mismatched configuration or a burst of loss splits the cluster
     (see :meth:`SimCluster._cut_off`); from then on both sides may, by design, and only the
-    rest of the contract is checked."""
+    rest of the contract is checked. ``cluster``: a subclass of the simulator, to look at
+    each input."""
     rng = random.Random(seed)
     n = hosts or rng.randint(2, max_hosts)
     buckets = rng.choice([16, 60, 64, 256])
     weights = {h: rng.randint(1, 100) for h in range(1, n + 1)}
     configs = cluster_configs(n, buckets, weights=weights, policy=policy)
-    sim = SimCluster(configs, KEY, seed)
+    sim = cluster(configs, KEY, seed)
     sim.observers.extend(observers)
     p = sim.period
     sc = Scenario(seed, n, buckets, duration_periods * p)
@@ -252,6 +257,9 @@ def run_scenario(
             for h, sh in sim.hosts.items()
         }
         raise sim.fail(f"covered/agreed: not converged 60 periods after repair: {states}")
+    sc.wire = sim.wire.hexdigest()
+    sc.events = [(h, e.at, e.text) for h, e in sim.events]
+    sc.frames = sim.frames_sent
     return sc
 
 

@@ -1,31 +1,17 @@
-"""The convergence engine: one host's membership and map agreement, without I/O.
+"""The engine: one host's inputs, outputs and the order of a step.
 
 Inputs: :meth:`Engine.receive` (a frame's bytes), :meth:`Engine.tick` (time passes),
 :meth:`Engine.command` (operator verbs), :meth:`Engine.reload`, :meth:`Engine.set_connections`.
 Outputs: :meth:`Engine.take_frames` (to broadcast), :meth:`Engine.take_events`,
 :attr:`Engine.install` (what the data plane must enforce), :attr:`Engine.lease_until` (the
 kernel stops taking new connections after it) and :meth:`Engine.next_deadline`; all but
-the lease can only have changed when :attr:`Engine.outputs` moved.
-Time is always passed in (seconds, any origin, one clock per engine).
+the lease can only have changed when :attr:`Engine.outputs` moved. :meth:`Engine.snapshot`
+is a read-only picture for the control protocol and the views. Time is always passed in
+(seconds, any origin, one clock per engine).
 
-How hosts agree (docs/convergence.md has the full story):
-
-* **Leader.** Among live, started hosts with this host's cluster digest, those holding the
-  newest epoch compete and the lowest host id leads. Only the leader creates epochs: when
-  membership or a member's rule parameters change it computes the next epoch from its own
-  (minimal moves, exact balance) and broadcasts it in map chunks.
-* **Release before acquire.** Adopting an epoch only *removes* what this host no longer owns.
-  The leader declares the epoch READY once every member has reported the release, every live
-  non-member owns nothing, and every host removed without saying so (crashed, cut off) has
-  surely lost its lease. Members acquire their new tokens only on READY.
-* **Lease.** A host may take new connections only while a quorum of its epoch's members
-  acknowledges hearing it, within the last lease period; its kernel enforces the expiry even
-  when the daemon is gone. Members stop acknowledging a host as soon as they adopt an epoch
-  without it, and report for how long they have not heard it; the leader's fence waits until
-  no acknowledgement can still be keeping that host's lease alive.
-* **Quorum.** With ``partition_policy = "quorum"`` an epoch must hold a majority (or exactly
-  half with the lowest id) of every membership since the last READY epoch, so two sides of a
-  partition never both take over.
+The engine owns no protocol rule itself: it wires the parts that do (see the package's
+docstring) and runs them in one order at every step: silences, drain, election, lead or
+follow, lease, tokens, host state, send.
 """
 
 from __future__ import annotations
@@ -38,6 +24,7 @@ from shoal.config import FilteringMode, InitialState, PartitionPolicy, ShoalConf
 from shoal.dataplane.contract import Install, RuleState
 from shoal.protocol.engine.beacon import Beacon, silences
 from shoal.protocol.engine.epochs import EpochStore
+from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import (
     ELIGIBLE,
     RULE_COMMANDS,
@@ -47,23 +34,14 @@ from shoal.protocol.engine.host_state import (
     HostStateMachine,
     Observed,
 )
-from shoal.protocol.engine.leader import (
-    Create,
-    Leader,
-    Seat,
-    elect,
-    supersedes,
-    votes,
-)
+from shoal.protocol.engine.leader import Create, Leader, Seat, elect, votes
 from shoal.protocol.engine.peers import NEVER, Peer, Roster
-from shoal.protocol.engine.phase import Phase, Step, moved
-from shoal.protocol.engine.ready import blocker, fence_report, own_bounds
+from shoal.protocol.engine.phase import Phase
+from shoal.protocol.engine.ready import blocker, fence_report
+from shoal.protocol.engine.snapshot import PeerView, Snapshot
 from shoal.protocol.engine.tenure import Tenure
 from shoal.protocol.engine.timing import Timing
-from shoal.protocol.epoch import (
-    EpochState,
-    next_epoch,
-)
+from shoal.protocol.epoch import EpochState, next_epoch
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import (
     HEADER_LEN,
@@ -81,6 +59,17 @@ from shoal.protocol.frames import (
     parse,
     repeat_of,
 )
+
+INITIAL = {
+    InitialState.STARTED: HostState.CONVERGING,
+    InitialState.STOPPED: HostState.STOPPED,
+    InitialState.SUSPENDED: HostState.SUSPENDED,
+}
+RULE_TARGETS = {
+    Command.ENABLE: (RuleState.ENABLED, EventId.RULE_ENABLED),
+    Command.DISABLE: (RuleState.DISABLED, EventId.RULE_DISABLED),
+    Command.DRAIN: (RuleState.DRAINING, EventId.RULE_DRAINING),
+}
 
 
 @dataclass(frozen=True)
@@ -105,8 +94,6 @@ class Engine:
         run, ``vote``: those of the epoch it adopted last (the daemon keeps both on disk); a
         new cluster is only formed with a quorum of each."""
         self.cfg = config
-        self.record = record
-        self.vote = record if vote is None else vote
         cl = config.cluster
         self.me = config.host.host_id
         self.incarnation = incarnation
@@ -119,32 +106,29 @@ class Engine:
         self.dedicated_ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = (
             dips[0].ip if dips else None
         )
-        self.host = HostStateMachine(
-            {
-                InitialState.STARTED: HostState.CONVERGING,
-                InitialState.STOPPED: HostState.STOPPED,
-                InitialState.SUSPENDED: HostState.SUSPENDED,
-            }[config.host.initial_state]
-        )
+        self.host = HostStateMachine(INITIAL[config.host.initial_state])
         self.rule_states = (RuleState.ENABLED,) * len(self.rules)
         self.roster = Roster(self.detect, now)
-        self.leader = Leader()
         self.peers = self.roster.peers  # the roster's, read here for speed
-        self.epoch: EpochState | None = None
-        self.phase = Phase.NONE
-        self.acquiring = False  # READY in this step: tokens taken at its end if leased
-        self.own_bounds: dict[int, float] = {}
+        self.leader = Leader()
         self.epochs = EpochStore()
-        self.installed: frozenset[int] = frozenset()
         self.tenure = Tenure(self.me)
+        self.beacon = Beacon(self.codec, self.me, incarnation, now)
+        self.holding = Holding(
+            self.me,
+            record,
+            record if vote is None else vote,
+            self.roster,
+            self.tenure,
+            self.beacon,
+            self._emit,
+        )
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
         self._reports_memo: (
             tuple[ShoalConfig, tuple[RuleState, ...], tuple[RuleReport, ...]] | None
         ) = None
-        self.beacon = Beacon(self.codec, self.me, incarnation, now)
         self.started_at = now
         self.eligible_since = now  # the last start: a READY must be fresher than this
-        self.why_converging = "starting"
         self.leading = False
         self.leader_id: int | None = None
         self.duplicate_until = NEVER
@@ -154,7 +138,6 @@ class Engine:
         self.drain_deadline: float | None = None
         self.drain_started = NEVER
         self.heal_reported: set[EpochKey] = set()
-        self._mine_cache: tuple[EpochKey | None, frozenset[int]] = (None, frozenset())
         self.rejected: dict[str, int] = {r.value: 0 for r in Rejection}
         self.frames_received = self.epochs_created = 0
         self._events: list[Event] = []
@@ -168,21 +151,94 @@ class Engine:
         self._deadline = now
         self._publish()
 
-    @property
-    def state(self) -> HostState:
-        return self.host.state
-
-    @property
-    def epoch_ready(self) -> bool:
-        return self.phase is Phase.READY
-
     def _use_timing(self, timing: Timing) -> None:
         """The protocol's delays, and the two the receive path reads for every frame."""
         self.timing = timing
         self.detect = timing.detect
         self.ack_window = timing.ack_window
 
-    # ---------------------------------------------------------------- outputs
+    # -------------------------------------------------------------- reading
+
+    @property
+    def state(self) -> HostState:
+        return self.host.state
+
+    @property
+    def epoch(self) -> EpochState | None:
+        return self.holding.epoch
+
+    @property
+    def phase(self) -> Phase:
+        return self.holding.phase
+
+    @property
+    def epoch_ready(self) -> bool:
+        return self.holding.phase is Phase.READY
+
+    @property
+    def installed(self) -> frozenset[int]:
+        return self.holding.installed
+
+    @property
+    def record(self) -> frozenset[int]:
+        return self.holding.record
+
+    @property
+    def vote(self) -> frozenset[int]:
+        return self.holding.vote
+
+    @property
+    def lease_until(self) -> float | None:
+        """Until when this host may take new connections (None: it may not)."""
+        return self.tenure.until
+
+    @property
+    def is_default(self) -> bool:
+        return bool(
+            self.epoch and self.epoch.default_host == self.me and self.state is HostState.CONVERGED
+        )
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Frames sent and received, epochs created, and frames dropped by reason."""
+        return {
+            **self.rejected,
+            "frames_sent": self.beacon.frames_sent,
+            "frames_received": self.frames_received,
+            "epochs_created": self.epochs_created,
+        }
+
+    def snapshot(self, now: float) -> Snapshot:
+        e = self.epoch
+        live = []
+        for p in sorted(self.roster.live(now), key=lambda p: p.host_id):
+            hb = p.hb
+            assert hb is not None
+            default = bool(e and e.default_host == p.host_id and hb.epoch == e.key)
+            view = PeerView(
+                p.host_id, hb.state, hb.dedicated_ip, hb.epoch, default, now - p.last_heard
+            )
+            live.append(view)
+        lease = self.lease_until
+        return Snapshot(
+            host_id=self.me,
+            incarnation=self.incarnation,
+            state=self.state,
+            default=self.is_default,
+            leader=self.leader_id,
+            epoch=e.key if e else None,
+            phase=self.phase,
+            members=e.members if e else frozenset(),
+            default_host=e.default_host if e else None,
+            owned_tokens=len(self.installed),
+            lease_left=None if lease is None else max(0.0, lease - now),
+            dedicated_ip=self.dedicated_ip,
+            peers=tuple(live),
+            heard={h: p.last_heard for h, p in self.peers.items()},
+            counters=self.counters,
+        )
+
+    # -------------------------------------------------------------- outputs
 
     def take_frames(self) -> list[bytes]:
         out, self.beacon.frames = self.beacon.frames, []
@@ -196,42 +252,27 @@ class Engine:
         """When :meth:`tick` must run next at the latest."""
         return self._deadline
 
-    @property
-    def counters(self) -> dict[str, int]:
-        """Frames sent and received, epochs created, and frames dropped by reason."""
-        return {
-            **self.rejected,
-            "frames_sent": self.beacon.frames_sent,
-            "frames_received": self.frames_received,
-            "epochs_created": self.epochs_created,
-        }
-
     def _publish(self) -> None:
         """Set what the daemon reads after an input that moved :attr:`outputs`
         (:attr:`install`, the deadline): both change only in a step, and frames that
         repeat what a peer said never step."""
         self.outputs += 1
-        self.install = Install(
-            self.installed,
-            self.state in SERVING,
-            self.rule_states,
-        )
+        self.install = Install(self.installed, self.state in SERVING, self.rule_states)
         t = min(self.beacon.deadline(self.timing.period), self.wake, self.roster.expiry_check)
-        if self.installed and self.lease_until is not None:
+        lease = self.lease_until
+        if self.installed and lease is not None:
             # the tokens go when the lease runs out; read afresh, not kept as a timer: a
             # lease is extended long before it ends, and a timer would fire for nothing
-            t = min(t, self.lease_until)
+            t = min(t, lease)
         if self.drain_deadline is not None:
             t = min(t, self.drain_deadline)
         self._deadline = t
 
-    @property
-    def is_default(self) -> bool:
-        return bool(
-            self.epoch and self.epoch.default_host == self.me and self.state is HostState.CONVERGED
-        )
+    def _emit(self, eid: EventId, now: float, **fields: object) -> None:
+        self._events.append(Event(eid, now, {"host": self.me, **fields}))
+        self.outputs += 1
 
-    # ----------------------------------------------------------------- inputs
+    # --------------------------------------------------------------- inputs
 
     def receive(self, data: bytes, now: float) -> Rejection | None:
         """Handle one received frame; returns why it was dropped, if it was.
@@ -269,31 +310,6 @@ class Engine:
             self._on_chunk(frame)
         self._step(now, timers=False)
         return None
-
-    def _repeated(self, p: Peer, rep: Repeat, data: bytes, seq: int, now: float) -> None:
-        """``p`` said again what its heartbeat parsed last said: it is alive, and its beat
-        and its echo of ours may have moved (whether it acknowledges us has not)."""
-        p.advance(seq)
-        p.hb_seq = seq
-        if p.last_heard + self.ack_window < now:
-            self.roster.view += 1  # heard again after a silence: acknowledged again
-        p.last_heard = now
-        self._heard(now)
-        p.beat = data[rep.beat_at]
-        if rep.echo_at:
-            self._echoed(p, data[rep.echo_at], now)
-        if p.fence_epoch is not None:
-            assert p.hb is not None
-            fence_report(self.epoch, p, p.hb, now)
-
-    def _heard(self, now: float) -> None:
-        """A host was heard: the soonest silence deadline is now + detect at the latest."""
-        if self.roster.heard(now):
-            self._deadline = min(self._deadline, self.roster.expiry_check)
-
-    def _reject(self, why: Rejection) -> Rejection:
-        self.rejected[why.value] += 1
-        return why
 
     def tick(self, now: float) -> None:
         self._step(now)
@@ -343,7 +359,7 @@ class Engine:
             self.roster.view += 1
             self.started_at = now
             self.eligible_since = now
-            self.why_converging = "cluster parameters changed"
+            self.holding.why_converging = "cluster parameters changed"
             what = "cluster parameters changed: reconverging"
         else:
             what = "host parameters applied"
@@ -352,7 +368,7 @@ class Engine:
         self._step(now)
         return what
 
-    # ------------------------------------------------------------ commands
+    # ------------------------------------------------------------- commands
 
     def _command(
         self, cmd: Command, now: float, rule: int | None, timeout: float | None
@@ -373,8 +389,7 @@ class Engine:
         elif act in (Act.STOP, Act.INTERRUPT_AND_STOP):
             self._stop(now)
         elif act is Act.DRAIN:
-            # the others carry on without this host
-            self.record, self.vote = self._left(self.record), self._left(self.vote)
+            self.holding.lend_no_vote()  # the others carry on without this host
             self.drain_deadline = now + timeout if timeout is not None else None
             self.drain_started = now
             self._emit(EventId.DRAIN_STARTED, now)
@@ -388,52 +403,27 @@ class Engine:
         return CommandResult(m.ok, m.message)
 
     def _rule_command(self, cmd: Command, now: float, rule: int | None) -> CommandResult:
-        target = {
-            Command.ENABLE: RuleState.ENABLED,
-            Command.DISABLE: RuleState.DISABLED,
-            Command.DRAIN: RuleState.DRAINING,
-        }[cmd]
-        indexes = range(len(self.rules)) if rule is None else [rule]
-        for i in indexes:
+        target, ev = RULE_TARGETS[cmd]
+        for i in range(len(self.rules)) if rule is None else [rule]:
             self.rule_states = (*self.rule_states[:i], target, *self.rule_states[i + 1 :])
-            if self.rules[i].mode is FilteringMode.DISABLED:
-                continue
-            ev = {
-                RuleState.ENABLED: EventId.RULE_ENABLED,
-                RuleState.DISABLED: EventId.RULE_DISABLED,
-                RuleState.DRAINING: EventId.RULE_DRAINING,
-            }[target]
-            self._emit(ev, now, rule=self.rules[i].key)
+            if self.rules[i].mode is not FilteringMode.DISABLED:
+                self._emit(ev, now, rule=self.rules[i].key)
         which = "all rules" if rule is None else f"rule {self.rules[rule].key}"
         return CommandResult(True, f"{which}: {target.name.lower()}")
 
     def _stop(self, now: float, announce: bool = True) -> None:
         """Let go of everything and leave (the host state moved already)."""
         self.drain_deadline = None
-        self.installed = frozenset()
         self._leave()
         if announce:
             self._emit(EventId.CLUSTER_STOPPED, now)
 
     def _leave(self) -> None:
-        """Leaving on purpose: the others carry on without this host, so its own vote no
-        longer counts toward forming a cluster from its record."""
-        self.record, self.vote = self._left(self.record), self._left(self.vote)
+        self.holding.lend_no_vote()
         self._drop_epoch()
 
-    def _left(self, members: frozenset[int]) -> frozenset[int]:
-        """A membership as a host that leaves it reports it: without itself, unless it was
-        the only member. Then there are no others to carry on: a host that formed a cluster
-        alone (cut off from the rest) and then stopped must still be outvoted by whoever
-        forms the next one, or the rest would form theirs while it forms its own again."""
-        rest = members - {self.me}
-        return rest or members
-
     def _drop_epoch(self) -> None:
-        self.epoch = None
-        self.phase = moved(self.phase, Step.DROP)
-        self.installed = frozenset()
-        self.own_bounds = {}
+        self.holding.drop()
         self.leader.forget()
 
     # --------------------------------------------------------------- frames
@@ -452,12 +442,38 @@ class Engine:
                 if self.duplicate_until < now:
                     self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
                 self.duplicate_until = now + self.timing.detect
-                self._release_all()
+                self.holding.release_all("host id used twice")
+                self._publish()  # heard between steps: the kernel must let go at once
             return Rejection.OWN
         why, duplicate = self.roster.admit(frame, now, self.timing.detect)
         if duplicate:
             self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
         return why
+
+    def _heard(self, now: float) -> None:
+        """A host was heard: the soonest silence deadline is now + detect at the latest."""
+        if self.roster.heard(now):
+            self._deadline = min(self._deadline, self.roster.expiry_check)
+
+    def _reject(self, why: Rejection) -> Rejection:
+        self.rejected[why.value] += 1
+        return why
+
+    def _repeated(self, p: Peer, rep: Repeat, data: bytes, seq: int, now: float) -> None:
+        """``p`` said again what its heartbeat parsed last said: it is alive, and its beat
+        and its echo of ours may have moved (whether it acknowledges us has not)."""
+        p.advance(seq)
+        p.hb_seq = seq
+        if p.last_heard + self.ack_window < now:
+            self.roster.view += 1  # heard again after a silence: acknowledged again
+        p.last_heard = now
+        self._heard(now)
+        p.beat = data[rep.beat_at]
+        if rep.echo_at:
+            self._echoed(p, data[rep.echo_at], now)
+        if p.fence_epoch is not None:
+            assert p.hb is not None
+            fence_report(self.epoch, p, p.hb, now)
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
         """Record a heartbeat; False when it is older than the one already held."""
@@ -466,7 +482,8 @@ class Engine:
         p.last_heard = max(p.last_heard, now)
         if p.hb is not None and hb.seq < p.hb_seq:
             return False
-        if p.beat < 0 and self.epoch is not None and hb.host_id in self.epoch.members:
+        e = self.epoch
+        if p.beat < 0 and e is not None and hb.host_id in e.members:
             self.beacon.dirty = True  # a member heard for the first time: acknowledge it now
         p.hb = hb
         p.votes = votes(hb.record, hb.vote)
@@ -487,26 +504,19 @@ class Engine:
             p.acks_me = False
             return True
         p.mismatch_reported = False
-        echo = None
-        if self.me in hb.acks:
-            echo = hb.echoes[sorted(hb.acks).index(self.me)]
-        self._acked(p, echo, now)
+        # a host only acknowledges members of its own epoch, whichever that is; the fence
+        # bounds every acknowledgement by its sender's silence report, not by epoch
+        p.acks_me = self.me in hb.acks
+        if p.acks_me:
+            self._echoed(p, hb.echoes[sorted(hb.acks).index(self.me)], now)
         if p.fence_epoch is not None and p.fence_epoch != hb.epoch:
             p.fence_epoch, p.fence_bounds = None, {}
-        fence_report(self.epoch, p, hb, now)
+        fence_report(e, p, hb, now)
         return True
 
-    def _acked(self, p: Peer, echo: int | None, now: float) -> None:
-        """A peer acknowledged our heartbeat number ``echo``: the lease counts from when we
-        sent it. A host only acknowledges members of its own epoch, whichever that is; the
-        fence bounds every acknowledgement by its sender's silence report, not by epoch."""
-        p.acks_me = echo is not None
-        if echo is not None:
-            self._echoed(p, echo, now)
-
     def _echoed(self, p: Peer, echo: int, now: float) -> None:
-        """:meth:`_acked` once it is known that ``p`` acknowledges us (the receive fast
-        path knows it from the heartbeat it repeats)."""
+        """``p`` acknowledged our heartbeat numbered ``echo``: the lease counts from when
+        we sent it."""
         sent = self.beacon.beat_sent[echo]
         before = p.ack_at
         if sent <= before or not now - self.timing.echo_horizon <= sent <= now:
@@ -518,11 +528,6 @@ class Engine:
         if self.epochs.add_chunk(ch, self.rules, self.cfg.cluster.buckets) is False:
             self.rejected[Rejection.MALFORMED.value] += 1
 
-    # -------------------------------------------------------------- the step
-
-    def _eligible_self(self, now: float) -> bool:
-        return self.state in ELIGIBLE and self.duplicate_until < now
-
     def _could_join(self, hb: Heartbeat) -> bool:
         """A started host with this host's configuration, as its heartbeat says."""
         return (
@@ -530,6 +535,11 @@ class Engine:
             and hb.state in ELIGIBLE
             and len(hb.rules) == len(self.rules)
         )
+
+    # ------------------------------------------------------------- the step
+
+    def _eligible_self(self, now: float) -> bool:
+        return self.state in ELIGIBLE and self.duplicate_until < now
 
     def _step(self, now: float, timers: bool = True) -> None:
         if timers:
@@ -543,7 +553,7 @@ class Engine:
         elif leader is not None:
             self._follow(self.peers[leader], now)
         self._update_lease(now)
-        self._take_tokens(now)
+        self.holding.take_tokens(self._eligible_self(now), now)
         self._refresh_state(now)
         self._maybe_send(now, leader)
         self._publish()
@@ -555,22 +565,19 @@ class Engine:
             return  # no deadline has passed: hearing a host only ever moves its own later
         for p in self.roster.sweep(now):
             if self.epoch and p.host_id in self.epoch.members:
-                self._emit(
-                    EventId.HOST_LEFT,
-                    now,
-                    peer=p.host_id,
-                    reason=f"not heard for {self.detect:.3g} s",
-                )
+                why = f"not heard for {self.detect:.3g} s"
+                self._emit(EventId.HOST_LEFT, now, peer=p.host_id, reason=why)
 
     def _check_drain(self, now: float) -> None:
         if self.state is not HostState.DRAINING:
             return
+        e = self.epoch
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.host.move(Observed.DRAIN_ENDED)
             self._stop(now, announce=False)
             self._emit(EventId.DRAIN_TIMEOUT, now)
         elif self.connections == 0 and (
-            (not self.installed and (self.epoch is None or self.me not in self.epoch.members))
+            (not self.installed and (e is None or self.me not in e.members))
             # nobody took its buckets over: no started host is left (every host drained),
             # or none could make an epoch without it in the detection time (no quorum). It
             # takes no new connections either way: it stops with them, as on a stop
@@ -633,16 +640,9 @@ class Engine:
         cand = c.cand
         if cand is None:
             key = EpochKey(self.epochs.max_seen + 1, self.me, self.incarnation)
+            buckets = self.cfg.cluster.buckets
             cand = next_epoch(
-                c.cur,
-                key,
-                c.target,
-                c.fenced,
-                c.bases,
-                (),
-                c.reports,
-                self.rules,
-                self.cfg.cluster.buckets,
+                c.cur, key, c.target, c.fenced, c.bases, (), c.reports, self.rules, buckets
             )
         self.epochs_created += 1
         moved = 0
@@ -650,9 +650,8 @@ class Engine:
             for a, b in zip(c.cur.maps, cand.maps, strict=True):
                 if a is not None and b is not None:
                     moved += sum(map(operator.ne, a, b))
-        self._emit(
-            EventId.EPOCH_CREATED, now, epoch=str(cand.key), members=sorted(c.target), moved=moved
-        )
+        members = sorted(c.target)
+        self._emit(EventId.EPOCH_CREATED, now, epoch=str(cand.key), members=members, moved=moved)
         self.epochs.remember(cand)
         self._adopt(cand, now)
         self.beacon.send_map(cand, now)
@@ -663,15 +662,16 @@ class Engine:
         assert hb is not None
         if hb.epoch is None:
             return
-        if self.epoch is None or hb.epoch != self.epoch.key:
+        e = self.epoch
+        if e is None or hb.epoch != e.key:
             state = self.epochs.get(hb.epoch)
             if state is None or state.digest() != hb.epoch_digest:
                 return  # wait for the chunks; the leader resends when it sees us behind
-            if not self._may_adopt(state):
+            if not self.holding.may_adopt(state, self.quorum):
                 return
             self._adopt(state, now)
         if hb.has(Flag.READY) and not self.epoch_ready and self._fresh_ready(leader):
-            self._ready(now)
+            self.holding.ready(self.state in ELIGIBLE, self._eligible_self(now), now)
 
     def _fresh_ready(self, leader: Peer) -> bool:
         """A member acts on its leader's READY only once the leader has heard it since it
@@ -680,146 +680,37 @@ class Engine:
         e = self.epoch
         return e is None or self.me not in e.members or leader.ack_at >= self.eligible_since
 
-    def _may_adopt(self, state: EpochState) -> bool:
-        """A READY epoch is only ever left for one that descends from it, or one whose
-        leader outvoted its membership too: a host never lends its vote to a competing
-        branch behind its own branch's back. An epoch this host saw READY counts as READY
-        here even after its lease lapsed (which makes it acquire again, not vote again)."""
-        if not self.quorum or self.epoch is None or not self.phase.seen_ready:
-            return True
-        return supersedes(state, self.epoch.key, self.epoch.members, self.record, self.vote)
-
     def _adopt(self, state: EpochState, now: float) -> None:
-        prev = self.epoch
-        self.epoch = state
-        self.phase = moved(self.phase, Step.ADOPT)
-        if self.me in state.members and self.state in ELIGIBLE:
-            # adopting is voting: a leader that later counts on this host must outvote
-            # this membership too, even if this host never hears that it became READY
-            self.vote = state.members
-        mine = self._mine(state) if self._eligible_self(now) else frozenset()
-        self.installed = self.installed & mine
-        self.own_bounds = own_bounds(state, self.peers)
-        self.why_converging = f"epoch {state.key} adopted"
-        old = prev.members if prev else frozenset()
-        for h in sorted(state.members - old - {self.me}):
-            if h in self.peers:
-                self.peers[h].joined_reported = True
-            self._emit(EventId.HOST_JOINED, now, peer=h)
-        for h in sorted(old - state.members - {self.me}):
-            p = self.peers.get(h)
-            if p is None or p.joined_reported or self.roster.alive(p, now):
-                self._emit(EventId.HOST_LEFT, now, peer=h, reason=f"not in epoch {state.key}")
-            if p is not None:
-                p.joined_reported = False
-        self.beacon.dirty = True
-
-    def _acquire(self, now: float) -> None:
-        """Take this host's tokens at the end of this step (:meth:`_take_tokens`), if the
-        lease runs then: READY is only ever declared or heard within a step."""
-        e = self.epoch
-        if e is None or not self._eligible_self(now):
-            return
-        self.acquiring = True
-        if self.lease_until is not None and self.lease_until <= now:
-            self.tenure.until = None  # a lapse before this acquisition says nothing about it
-
-    def _take_tokens(self, now: float) -> None:
-        """Acquire only under a lease that runs now. Without one the READY is not acted on
-        (a later READY is): tokens taken anyway would be dropped at the next step, and each
-        drop and take is a large kernel update."""
-        e = self.epoch
-        if not self.acquiring or e is None:
-            return
-        self.acquiring = False
-        if self.me not in e.members:
-            # nothing to take, so nothing a lease guards: a leader outside the epoch it
-            # leads (it was fenced, then came back as the lowest id) must be able to keep
-            # it READY, or it could never replace it with one that counts it in
-            return
-        lease = self.lease_until
-        if lease is None or lease <= now or not self._eligible_self(now):
-            self.phase = moved(self.phase, Step.LAPSE)
-            self.why_converging = "lease expired"
-            # the count was built for the READY regime just left: echoes arriving before
-            # the next step would not be tallied, and that READY regime would find the
-            # same stale count again
-            self.tenure.count = None
-            return
-        self.installed = self._mine(e)
-        self.beacon.dirty = True
+        self.holding.adopt(state, self.state in ELIGIBLE, self._eligible_self(now), now)
 
     def _declare_ready(self, now: float) -> None:
         """Leader: READY once releases are reported and fences have passed."""
         e = self.epoch
         if e is None or self.epoch_ready:
             return
+        h = self.holding
         why = blocker(
             e,
             self.me,
             self.roster,
-            self.own_bounds,
+            h.own_bounds,
             self.eligible_since,
             self.digest,
             self.timing,
             now,
         )
         if why is None:
-            self._ready(now)
+            h.ready(self.state in ELIGIBLE, self._eligible_self(now), now)
         elif why < float("inf"):
-            self._wake_at(why)
-
-    def _ready(self, now: float) -> None:
-        """The epoch is READY: acquire, and remember its members (the record)."""
-        self.phase = moved(self.phase, Step.READY)
-        if self.epoch is not None and self.epoch.members:
-            self.record = self.epoch.members
-            if self.state not in ELIGIBLE:
-                self.record = self._left(self.record)  # left: no vote of its own
-            self.vote = self.record
-        self._acquire(now)
-
-    def _mine(self, e: EpochState) -> frozenset[int]:
-        """This host's tokens in ``e`` (cached: computing them walks every map)."""
-        if self._mine_cache[0] != e.key:
-            toks = e.tokens_of(self.me) if self.me in e.members else frozenset()
-            self._mine_cache = (e.key, toks)
-        return self._mine_cache[1]
-
-    def _holds_share(self, e: EpochState) -> bool:
-        """Installed is exactly this host's share of ``e`` (usually the very set the cache
-        holds: no walk over thousands of tokens at every step)."""
-        mine = self._mine(e)
-        if self.installed is mine:
-            return True
-        if self.installed == mine:
-            self.installed = mine  # the same tokens: from now on found by identity
-            return True
-        return False
-
-    def _wake_at(self, t: float) -> None:
-        self.wake = min(self.wake, t)
-
-    def _release_all(self) -> None:
-        if self.installed:
-            self.installed = frozenset()
-            self.beacon.dirty = True
-        self.why_converging = "host id used twice"
-        self._publish()  # heard between steps: the kernel must let go at once
+            self.wake = min(self.wake, why)
 
     def _refresh_state(self, now: float) -> None:
         """Converged: started, a member of a READY epoch, holding exactly its share."""
         if self.state not in ELIGIBLE:
             return
-        e = self.epoch
-        done = (
-            e is not None
-            and self.epoch_ready
-            and self.me in e.members
-            and self._eligible_self(now)
-            and self._holds_share(e)
-        )
+        done = self.holding.converged(self._eligible_self(now))
         if done and self.state is HostState.CONVERGING:
+            e = self.epoch
             assert e is not None
             self.host.move(Observed.CONVERGED)
             ev = EventId.CONVERGED_DEFAULT if e.default_host == self.me else EventId.CONVERGED
@@ -827,19 +718,12 @@ class Engine:
             self.beacon.dirty = True
         elif not done and self.state is HostState.CONVERGED:
             self.host.move(Observed.UNCONVERGED)
-            self._emit(EventId.CONVERGING, now, reason=self.why_converging)
+            self._emit(EventId.CONVERGING, now, reason=self.holding.why_converging)
             self.beacon.dirty = True
 
     def _update_lease(self, now: float) -> None:
+        self.holding.lapse_if_expired(now)
         e = self.epoch
-        if self.lease_until is not None and self.lease_until <= now and self.installed:
-            # tokens are only ever held under an unbroken lease: once it lapsed, others may
-            # have been given them (fenced), so they must be acquired again on READY
-            self.installed = frozenset()
-            self.phase = moved(self.phase, Step.LAPSE)
-            self.why_converging = "lease expired"
-            self._emit(EventId.LEASE_LOST, now)
-            self.beacon.dirty = True
         if e is None or self.me not in e.members or not self._eligible_self(now):
             self.tenure.until = None
             return
@@ -856,11 +740,6 @@ class Engine:
 
     def _lease_regime(self) -> tuple[object, ...]:
         return Tenure.regime(self.epoch, self.epoch_ready, self.roster.generation)
-
-    @property
-    def lease_until(self) -> float | None:
-        """Until when this host may take new connections (None: it may not)."""
-        return self.tenure.until
 
     # -------------------------------------------------------------- sending
 
@@ -923,10 +802,9 @@ class Engine:
         if e is not None:
             flags |= Flag.HAS_EPOCH
             edigest = e.digest()
-            mine = self._mine(e)
-            if self.installed is mine or self.installed <= mine:
+            if self.holding.released(e):
                 flags |= Flag.RELEASED
-            if self.epoch_ready and self._holds_share(e):
+            if self.epoch_ready and self.holding.holds_share(e):
                 flags |= Flag.ACQUIRED
             if self.epoch_ready and self.leading:
                 flags |= Flag.READY
@@ -962,7 +840,3 @@ class Engine:
         self.beacon.send_heartbeat(said, acked_peers, now, self.timing.period)
         if self.tenure.count is not None:
             self.tenure.count.sent(now, now - self.timing.echo_horizon)
-
-    def _emit(self, eid: EventId, now: float, **fields: object) -> None:
-        self._events.append(Event(eid, now, {"host": self.me, **fields}))
-        self.outputs += 1

@@ -60,6 +60,8 @@ class Peer:
 class Roster:
     """The peers of one host, their liveness and the replay check."""
 
+    keep_derived = True  # False: every derived result is derived afresh (to check the caches)
+
     def __init__(self, detect: float, now: float) -> None:
         self.peers: dict[int, Peer] = {}
         self.detect = detect
@@ -94,7 +96,7 @@ class Roster:
     def fresh(self, view: int, now: float) -> bool:
         """A result derived from the peers at ``view`` still holds: nothing known of them
         changed since, and no silence or duplicate id has run out (each is a deadline)."""
-        return view == self.view and now < self.expiry_check
+        return view == self.view and now < self.expiry_check and self.keep_derived
 
     def usable(self, p: Peer, now: float) -> bool:
         """A peer that may be a member: eligible by its heartbeat, and no duplicate id."""
