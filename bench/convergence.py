@@ -27,7 +27,8 @@ from typing import Any
 
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.frames import TAG_LEN, Codec
-from shoal.sim.cluster import InvariantViolation, SimCluster
+from shoal.sim.checkers import InvariantViolation
+from shoal.sim.cluster import SimCluster
 from shoal.sim.scenario import KEY, cluster_configs, run_scenario
 
 HOSTS = [2, 8, 32, 128, 256]

@@ -15,7 +15,8 @@ from shoal.dataplane.nft import NftError
 from shoal.protocol.engine import Engine
 from shoal.protocol.frames import HostState
 from shoal.runtime import HostRuntime, Output
-from shoal.sim.cluster import InvariantViolation, Kernel, SimCluster
+from shoal.sim.checkers import InvariantViolation
+from shoal.sim.cluster import Kernel, SimCluster
 from shoal.sim.scenario import KEY, cluster_configs
 
 CFG = cluster_configs(3, buckets=64, extra_rule=True)[0]

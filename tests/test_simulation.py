@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from shoal.config import ShoalConfig
 from shoal.protocol.engine import MAX_BASES, Command, Engine
+from shoal.protocol.engine.tenure import Tenure
 from shoal.protocol.frames import HostState
+from shoal.sim.checkers import InvariantViolation
 from shoal.sim.cluster import SimCluster
 from shoal.sim.scenario import KEY, cluster_configs, run_scenario
 
@@ -53,13 +57,37 @@ def test_a_seed_replays_exactly() -> None:
     assert run_scenario(424243).wire != a.wire  # the digest does tell scenarios apart
 
 
+def with_engine(engine: type[Engine]) -> type[SimCluster]:
+    """The simulator running ``engine`` on every host."""
+
+    class Sim(SimCluster):
+        def __init__(self, configs: list[ShoalConfig], key: bytes, seed: int) -> None:
+            super().__init__(configs, key, seed, engine=engine)
+
+    return Sim
+
+
+class LeaverLendsItsVote(Engine):
+    """Broken: a host leaving a cluster it was the only member of reports an empty record
+    (as if it had never formed a cluster alone)."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        me = self.me
+        self.holding.left = lambda members: members - {me}  # type: ignore[method-assign]
+
+
 @pytest.mark.parametrize("seed", [3134, 9881])
 def test_a_host_that_formed_a_cluster_alone_and_stopped_is_outvoted(seed: int) -> None:
     """Two hosts: host 1, cut off, forms a cluster alone (lowest id), then stops; once they
     meet again host 2 took host 1's stopped heartbeat as leave to form its own while host 1
     started and formed one alone again: both took every token (found by the benchmark's
-    10,000 scenarios). A leaver that was the only member now keeps itself in its record."""
-    assert run_scenario(seed).steps
+    10,000 scenarios). A leaver that was the only member now keeps itself in its record.
+    Each seed must still catch the engine without that rule: if the simulator's draws
+    change and it no longer does, this test says so instead of testing something else."""
+    run_scenario(seed)
+    with pytest.raises(InvariantViolation, match="exclusive"):
+        run_scenario(seed, cluster=with_engine(LeaverLendsItsVote))
 
 
 def steady(n: int, policy: str, seed: int) -> SimCluster:
@@ -192,15 +220,35 @@ def test_operator_commands_leave_no_host_stuck(seed: int, policy: str) -> None:
             assert sim.converged(started) and sim.covered(), f"seed {seed}: {states}"
 
 
-@pytest.mark.parametrize("seed", [54, 396, 410, 438])
+class LeaseFromLastStep(Tenure):
+    """Broken: with the available policy the lease counts from the host's last step
+    rather than from its newest beat a member echoed."""
+
+    def update(self, now: float, epoch: Any, ready: bool, quorum: bool, *rest: Any) -> None:
+        if quorum:
+            super().update(now, epoch, ready, quorum, *rest)
+        else:
+            self.until = now + rest[-1].lease
+
+
+class SelfLeasing(Engine):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.tenure.__class__ = LeaseFromLastStep
+
+
+@pytest.mark.parametrize("seed", [522, 559, 601, 980])
 def test_available_policy_leases_count_from_an_echoed_beat(seed: int) -> None:
     """With the available policy a host granted itself a lease from its last step, which
     may come a period after the last heartbeat anyone heard from it; when it went silent
     (a daemon killed, a host left out), the others' fence (when they last heard it, plus a
-    lease) ended while its kernel still took new connections. These seeds found it before
-    any split; its lease now counts from the newest of its beats a member echoed, as with
-    the quorum policy."""
-    assert run_scenario(seed, policy="available").steps
+    lease) ended while its kernel still took new connections. Its lease now counts from
+    the newest of its beats a member echoed, as with the quorum policy. These seeds are the
+    first four in 0..1000 where the simulator catches the engine without that rule (the
+    kernel lease renewed as the daemon renews it), and each must still."""
+    run_scenario(seed, policy="available")
+    with pytest.raises(InvariantViolation, match="exclusive"):
+        run_scenario(seed, policy="available", cluster=with_engine(SelfLeasing))
 
 
 def test_an_epoch_that_can_never_be_ready_is_replaced_past_the_bases_limit() -> None:

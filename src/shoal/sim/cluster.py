@@ -17,21 +17,13 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shoal.bucket_map import counts, ideal_bounds, minimum_moves
 from shoal.config import FilteringMode, PartitionPolicy, ShoalConfig
-from shoal.dataplane.contract import DataplaneError, Install, RuleCounters, RuleState, bucket_token
+from shoal.dataplane.contract import DataplaneError, Install, RuleCounters, bucket_token
 from shoal.protocol.engine import Command, Engine
-from shoal.protocol.epoch import EpochState
 from shoal.protocol.events import Event
-from shoal.protocol.frames import EpochKey, HostState
+from shoal.protocol.frames import HostState
 from shoal.runtime import HostRuntime
-
-
-class InvariantViolation(AssertionError):
-    def __init__(self, seed: int, at: float, message: str) -> None:
-        super().__init__(f"seed {seed} at t={at:.4f}s: {message}")
-        self.seed = seed
-        self.at = at
+from shoal.sim.checkers import EpochLedger, InvariantViolation, exclusive, exclusive_all
 
 
 @dataclass
@@ -94,6 +86,7 @@ class NetFaults:
     duplicate: float = 0.0
     max_delay_fraction: float = 0.45  # of the period; the engine assumes < 0.5
     groups: dict[int, int] = field(default_factory=dict)  # partition: host -> group
+    cut: set[tuple[int, int]] = field(default_factory=set)  # (from, to): one way lost
 
 
 class SimCluster:
@@ -105,11 +98,14 @@ class SimCluster:
         key: bytes,
         seed: int,
         runtime: type[HostRuntime] = HostRuntime,
+        engine: type[Engine] = Engine,
     ) -> None:
-        """``runtime``: what drives each engine against its kernel (the daemon's; a broken
-        variant shows that the checkers catch what it breaks)."""
+        """``runtime``: what drives each engine against its kernel (the daemon's), and
+        ``engine``: the engine; a broken variant of either shows that the checkers catch
+        what it breaks."""
         self.seed = seed
         self.runtime = runtime
+        self.engine = engine
         self.rng = random.Random(seed)
         self.key = key
         self.now = 0.0
@@ -118,7 +114,7 @@ class SimCluster:
         self.faults = NetFaults()
         self._queue: list[tuple[float, int, str, int, object]] = []
         self._n = 0
-        self.epochs: dict[tuple[bytes, EpochKey], EpochState] = {}
+        self.ledger = EpochLedger()  # every epoch seen: agreed, balanced, minimal
         self.bytes_sent = 0
         self.frames_sent = 0
         self.engine_calls = 0
@@ -139,7 +135,9 @@ class SimCluster:
     def _boot(self, h: SimHost) -> None:
         h.incarnation += 1
         h.tick_at = float("inf")
-        h.engine = Engine(h.config, self.key, h.incarnation, self.now, record=h.record, vote=h.vote)
+        h.engine = self.engine(
+            h.config, self.key, h.incarnation, self.now, record=h.record, vote=h.vote
+        )
         h.kernel.attach()
         h.runtime = self.runtime(h.engine, h.kernel, h.save)
         self._after(h)
@@ -284,6 +282,8 @@ class SimCluster:
                 continue
             if f.groups and f.groups.get(dst.host_id, 0) != f.groups.get(src.host_id, 0):
                 continue
+            if f.cut and (src.host_id, dst.host_id) in f.cut:
+                continue
             copies = 1 + (1 if self.rng.random() < f.duplicate else 0)
             for _ in range(copies):
                 if self.rng.random() < f.loss:
@@ -297,57 +297,28 @@ class SimCluster:
         return InvariantViolation(self.seed, self.now, message)
 
     def _check_exclusive(self, h: SimHost, mine: frozenset[int]) -> None:
-        for g in self.hosts.values():
-            if g is h:
-                continue
-            both = mine & g.kernel.accepting(self.now)
-            if both:
-                tok = min(both)
-                raise self.fail(
-                    f"exclusive: hosts {h.host_id} and {g.host_id} both accept new connections "
-                    f"for {len(both)} tokens (e.g. {tok})"
-                )
+        why = exclusive(h.host_id, mine, self._kernels(), self.now)
+        if why:
+            raise self.fail(why)
+
+    def _kernels(self) -> dict[int, Kernel]:
+        return {x: g.kernel for x, g in self.hosts.items()}
+
+    def check_exclusive_again(self) -> None:
+        """Check exclusivity from now on again (after a split was repaired), starting
+        with every pair of kernels as they are."""
+        self.check_exclusive = True
+        why = exclusive_all(self._kernels(), self.now)
+        if why:
+            raise self.fail(why)
 
     def _note_epoch(self, e: Engine) -> None:
         st = e.epoch
         if st is None:
             return
-        seen = self.epochs.get((e.digest, st.key))
-        if seen is not None:
-            if seen.digest() != st.digest():
-                raise self.fail(f"agreed: two different epochs are both called {st.key}")
-            return
-        self.epochs[(e.digest, st.key)] = st
-        self._check_epoch(st, e.cfg, e.digest)
-
-    def _check_epoch(self, st: EpochState, cfg: ShoalConfig, digest: bytes) -> None:
-        b = cfg.cluster.buckets
-        parent = self.epochs.get((digest, st.parent)) if st.parent else None
-        for i, rule in enumerate(cfg.cluster.effective_rules):
-            owners = st.maps[i]
-            if rule.mode is not FilteringMode.MULTIPLE or owners is None:
-                continue
-            weights = {
-                h: (r[i].weight if r[i].state is RuleState.ENABLED else 0)
-                for h, r in st.reports.items()
-            }
-            held = counts(owners)
-            for h, (lo, hi) in ideal_bounds(weights, b).items():
-                if not lo <= held.get(h, 0) <= hi:
-                    raise self.fail(
-                        f"balanced: epoch {st.key} rule {rule.key} gives host {h} "
-                        f"{held.get(h, 0)} buckets, outside [{lo}, {hi}]"
-                    )
-            if parent is not None and parent.maps[i] is not None:
-                old = parent.maps[i]
-                assert old is not None
-                moved = sum(1 for x, y in zip(old, owners, strict=True) if x != y)
-                least = minimum_moves(old, weights, b)
-                if moved != least:
-                    raise self.fail(
-                        f"minimal: epoch {st.key} rule {rule.key} moved {moved} buckets, "
-                        f"the least possible is {least}"
-                    )
+        why = self.ledger.note(st, e.cfg, e.digest)
+        if why:
+            raise self.fail(why)
 
     # ------------------------------------------------------------- queries
 

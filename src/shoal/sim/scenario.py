@@ -14,7 +14,8 @@ from typing import Any
 
 from shoal.config import ShoalConfig, parse_config
 from shoal.protocol.engine import Command
-from shoal.sim.cluster import InvariantViolation, SimCluster
+from shoal.sim.checkers import InvariantViolation
+from shoal.sim.cluster import SimCluster
 
 KEY = b"simulation-key-0123456789abcdef"
 
@@ -86,6 +87,7 @@ class Scenario:
     wire: str = ""  # a digest of every frame sent, with when and by whom
     events: list[tuple[int, float, str]] = field(default_factory=list)  # (host, at, text)
     frames: int = 0
+    split_ended: float | None = None  # when exclusivity was checked again after a split
 
 
 def run_scenario(
@@ -102,9 +104,10 @@ def run_scenario(
     ``observers`` are called after every input an engine handled. With ``policy``
     "available" (NLB's: every side of a partition serves on) no token is accepted twice
     until a partition, a mismatched configuration or a burst of loss splits the cluster
-    (see :meth:`SimCluster._cut_off`); from then on both sides may, by design, and only the
-    rest of the contract is checked. ``cluster``: a subclass of the simulator, to look at
-    each input."""
+    (see :meth:`SimCluster._cut_off`); from then on both sides may, by design, until the
+    repaired cluster converged (at most 60 periods after the repair), and from then on
+    exclusivity is checked again for 20 more periods. ``cluster``: a subclass of the
+    simulator, to look at each input or run another engine."""
     rng = random.Random(seed)
     n = hosts or rng.randint(2, max_hosts)
     buckets = rng.choice([16, 60, 64, 256])
@@ -257,6 +260,14 @@ def run_scenario(
             for h, sh in sim.hosts.items()
         }
         raise sim.fail(f"covered/agreed: not converged 60 periods after repair: {states}")
+    if not sim.check_exclusive:
+        # the sides of a split may both have served until the repair converged (the
+        # available policy, by design): from then on nothing is accepted twice again
+        sc.split_ended = sim.now
+        sim.check_exclusive_again()
+        sim.run_until(sim.now + 20 * p)
+        if not (sim.converged(set(ids)) and sim.covered()):
+            raise sim.fail("covered/agreed: not converged 20 periods after a split healed")
     sc.wire = sim.wire.hexdigest()
     sc.events = [(h, e.at, e.text) for h, e in sim.events]
     sc.frames = sim.frames_sent

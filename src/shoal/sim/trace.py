@@ -13,7 +13,7 @@ import argparse
 import hashlib
 import json
 
-from shoal.sim.cluster import InvariantViolation
+from shoal.sim.checkers import InvariantViolation
 from shoal.sim.scenario import run_scenario
 
 

@@ -1,0 +1,122 @@
+"""One checker per invariant of the contract, run by the simulator after every input.
+
+* **exclusive** — no token (a bucket, a single rule's handling, uncovered traffic) is
+  accepted for new connections by two kernels at once: not while converged, not during a
+  convergence, not when a daemon died and its kernel runs on, not when a partition heals;
+* **agreed** — two epochs of one configuration with the same key are the same epoch;
+* **balanced** — every epoch gives each member its weighted share of each rule's buckets,
+  within one bucket;
+* **minimal** — every epoch moves the fewest buckets its parent allows;
+* **covered** — after the faults are repaired, every token has an owner and every host
+  converged (checked by the scenario, which knows when that is).
+
+Each raises :class:`InvariantViolation`, whose message starts with the invariant's name and
+names the seed that replays it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+
+from shoal.bucket_map import counts, ideal_bounds, minimum_moves
+from shoal.config import FilteringMode, ShoalConfig
+from shoal.dataplane.contract import RuleState
+from shoal.protocol.epoch import EpochState
+from shoal.protocol.frames import EpochKey
+
+
+class InvariantViolation(AssertionError):
+    def __init__(self, seed: int, at: float, message: str) -> None:
+        super().__init__(f"seed {seed} at t={at:.4f}s: {message}")
+        self.seed = seed
+        self.at = at
+
+
+class Kernels(Protocol):
+    def accepting(self, now: float) -> frozenset[int]: ...
+
+
+def exclusive(host: int, mine: frozenset[int], kernels: Mapping[int, Kernels], now: float) -> str:
+    """Empty, or why ``host`` accepting ``mine`` breaks exclusivity."""
+    for other, k in kernels.items():
+        if other == host:
+            continue
+        both = mine & k.accepting(now)
+        if both:
+            return (
+                f"exclusive: hosts {host} and {other} both accept new connections "
+                f"for {len(both)} tokens (e.g. {min(both)})"
+            )
+    return ""
+
+
+def exclusive_all(kernels: Mapping[int, Kernels], now: float) -> str:
+    """:func:`exclusive` over every pair of kernels."""
+    for host, k in kernels.items():
+        why = exclusive(host, k.accepting(now), kernels, now)
+        if why:
+            return why
+    return ""
+
+
+class EpochLedger:
+    """Every epoch seen, by configuration and key: checks agreed, balanced and minimal."""
+
+    def __init__(self) -> None:
+        self.epochs: dict[tuple[bytes, EpochKey], EpochState] = {}
+
+    def note(self, st: EpochState, cfg: ShoalConfig, digest: bytes) -> str:
+        """Empty, or the first invariant ``st`` breaks."""
+        seen = self.epochs.get((digest, st.key))
+        if seen is not None:
+            if seen.digest() != st.digest():
+                return f"agreed: two different epochs are both called {st.key}"
+            return ""
+        self.epochs[(digest, st.key)] = st
+        parent = self.epochs.get((digest, st.parent)) if st.parent else None
+        return balanced(st, cfg) or minimal(st, parent, cfg)
+
+
+def _weights(st: EpochState, rule: int) -> dict[int, int]:
+    return {
+        h: (r[rule].weight if r[rule].state is RuleState.ENABLED else 0)
+        for h, r in st.reports.items()
+    }
+
+
+def _multiple(st: EpochState, cfg: ShoalConfig) -> Iterable[tuple[int, str, tuple[int, ...]]]:
+    for i, rule in enumerate(cfg.cluster.effective_rules):
+        owners = st.maps[i]
+        if rule.mode is FilteringMode.MULTIPLE and owners is not None:
+            yield i, rule.key, owners
+
+
+def balanced(st: EpochState, cfg: ShoalConfig) -> str:
+    b = cfg.cluster.buckets
+    for i, key, owners in _multiple(st, cfg):
+        held = counts(owners)
+        for h, (lo, hi) in ideal_bounds(_weights(st, i), b).items():
+            if not lo <= held.get(h, 0) <= hi:
+                return (
+                    f"balanced: epoch {st.key} rule {key} gives host {h} "
+                    f"{held.get(h, 0)} buckets, outside [{lo}, {hi}]"
+                )
+    return ""
+
+
+def minimal(st: EpochState, parent: EpochState | None, cfg: ShoalConfig) -> str:
+    if parent is None:
+        return ""
+    for i, key, owners in _multiple(st, cfg):
+        old = parent.maps[i]
+        if old is None:
+            continue
+        moved = sum(1 for x, y in zip(old, owners, strict=True) if x != y)
+        least = minimum_moves(old, _weights(st, i), cfg.cluster.buckets)
+        if moved != least:
+            return (
+                f"minimal: epoch {st.key} rule {key} moved {moved} buckets, "
+                f"the least possible is {least}"
+            )
+    return ""
