@@ -3,14 +3,18 @@
 ``python bench/daemon.py --json [--hosts 2,32,128,256] [--seconds 20]`` (root). A 2-host lab
 (no clients needed) runs host 1's daemon; from host 2's namespace a generator sends the
 heartbeats of hosts 2..N, ten a second each at the default period, every one a new
-authentic frame (its own sequence number and tag). The generated hosts are stopped and own
-nothing, so host 1 converges alone and the cluster stays as it is: every frame is a repeat
-(the receive fast path), and host 1 sends, ticks and renews its lease as in any steady
-cluster. Not included: the lease tally of echoes (stopped hosts acknowledge nobody).
+authentic frame (its own sequence number and tag). Each acknowledges every other host of
+the N, with an echo for each, as a member of an N-host cluster does: the frames are at
+least as long as a real cluster's (``frame_bytes``; a member whose acknowledgements equal its
+record leaves them out), and every one carries an echo of host 1's beats. The
+generated hosts are stopped and own nothing, so host 1 converges alone and the cluster
+stays as it is: every frame is a repeat (the receive fast path), and host 1 sends, ticks
+and renews its lease as in any steady cluster (alone in its epoch, it counts no quorum of
+echoes).
 
-Output: ``{"hosts": {"N": {"daemon_cpu_fraction": x, "frames_per_s": x}}, "seconds": s}``:
-the daemon's CPU (user + system, from /proc) per second of wall time, and the frames a
-second the generator sent meanwhile.
+Output: ``{"hosts": {"N": {"daemon_cpu_fraction": x, "frames_per_s": x, "frame_bytes": n}},
+"seconds": s}``: the daemon's CPU (user + system, from /proc) per second of wall time, the
+frames a second the generator sent meanwhile, and the length of one of them.
 """
 
 from __future__ import annotations
@@ -48,10 +52,13 @@ def generate(config: Path, hosts: int, seconds: float, interface: str) -> None:
     peers = list(range(2, hosts + 1))
     inc = time.time_ns()
     seq = dict.fromkeys(peers, 0)
+    everyone = frozenset(range(1, hosts + 1))
+    acked = {h: everyone - {h} for h in peers}
     start = time.monotonic()
     # each host at its own phase within the period, as real hosts are
     due = [(start + period * i / len(peers), h) for i, h in enumerate(peers)]
     sent = 0
+    size = 0
     end = start + seconds
     while due[0][0] < end:
         at, h = heapq.heappop(due)
@@ -68,14 +75,17 @@ def generate(config: Path, hosts: int, seconds: float, interface: str) -> None:
             config_digest=digest,
             epoch=None,
             epoch_digest=b"\x00" * 8,
-            acks=frozenset(),
+            acks=acked[h],
             rules=(),
             beat=seq[h] % 256,
+            echoes=(0,) * len(acked[h]),
         )
-        sock.sendto(codec.encode(hb), (interface, ETHERTYPE, 0, 0, b"\xff" * 6))
+        frame = codec.encode(hb)
+        size = len(frame)
+        sock.sendto(frame, (interface, ETHERTYPE, 0, 0, b"\xff" * 6))
         sent += 1
         heapq.heappush(due, (at + period, h))
-    print(json.dumps({"sent": sent, "seconds": time.monotonic() - start}))
+    print(json.dumps({"sent": sent, "seconds": time.monotonic() - start, "bytes": size}))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -116,6 +126,7 @@ def measure(lab: Lab, hosts: int, seconds: float) -> dict[str, float]:
     return {
         "daemon_cpu_fraction": round((c1 - c0) / (t1 - t0), 4),
         "frames_per_s": round(done["sent"] / done["seconds"]),
+        "frame_bytes": done["bytes"],
     }
 
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -126,16 +126,47 @@ def test_stop_start_drainstop_suspend_resume(lab: Lab) -> None:
     wait_for(lab, ALL)
 
 
+def flag(lab: Lab, host: str, name: str) -> bool:
+    """Whether one of the kernel's flag sets (``off_<i>``, ``drain_<i>``...) is set."""
+    doc = json.loads(sh("nft", "-j", "list", "set", "inet", "shoal", name, ns=lab.ns(host)))
+    sets = [x["set"] for x in doc["nftables"] if "set" in x]
+    return bool(sets and sets[0].get("elem"))
+
+
+def until(what: str, check: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        time.sleep(0.1)
+
+
+def event_texts(lab: Lab, host: str) -> list[str]:
+    display = json.loads(shoal(lab, host, "display", "--json").stdout)
+    return [str(e["text"]) for e in display["events"]]
+
+
 def test_rule_verbs(lab: Lab) -> None:
+    """disable, drain and enable reach the kernel's flags of the right rule (web is rule
+    0, dns rule 1), and each is an event of its own."""
     wait_for(lab, ALL)
+    assert not any(flag(lab, "h2", f"{kind}_{i}") for kind in ("off", "drain") for i in (0, 1))
     assert shoal(lab, "h2", "disable", "80").returncode == 0
-    time.sleep(1)
-    display = json.loads(shoal(lab, "h1", "display", "--json").stdout)
-    assert any("traffic" in e["text"] or "epoch" in e["text"] for e in display["events"])
+    until("web disabled in h2's kernel", lambda: flag(lab, "h2", "off_0"))
+    assert not flag(lab, "h2", "off_1") and not flag(lab, "h2", "drain_0")
+    assert "traffic disabled for rule web on host 2" in event_texts(lab, "h2")
     assert shoal(lab, "h2", "drain", "53").returncode == 0
+    until("dns draining in h2's kernel", lambda: flag(lab, "h2", "drain_1"))
+    assert "new traffic disabled for rule dns on host 2 (draining)" in event_texts(lab, "h2")
     bad = shoal(lab, "h2", "drain", "9999")
     assert bad.returncode == 1 and "no port rule covers port 9999" in bad.stderr
+    bad_vip = shoal(lab, "h2", "drain", "all", "--vip", "not-an-ip")
+    assert bad_vip.returncode == 2 and "--vip: 'not-an-ip' is not an IP address" in bad_vip.stderr
     assert shoal(lab, "h2", "enable", "all").returncode == 0
+    until(
+        "every rule enabled in h2's kernel",
+        lambda: not any(flag(lab, "h2", f"{k}_{i}") for k in ("off", "drain") for i in (0, 1)),
+    )
     wait_for(lab, ALL)
 
 
@@ -155,13 +186,13 @@ def test_bad_frames_change_nothing_and_are_counted(lab: Lab) -> None:
     subprocess.run(
         ["ip", "netns", "exec", lab.ns("rt"), sys.executable, "-c", code], check=True, timeout=30
     )
-    time.sleep(0.5)
-    after = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
-    rejected = sum(
-        after[k] - before[k]
-        for k in ("bad_magic", "foreign_cluster", "too_short", "bad_length", "bad_auth")
-    )
-    assert rejected >= 40
+    junk = ("bad_magic", "foreign_cluster", "too_short", "bad_length", "bad_auth")
+
+    def rejected() -> int:
+        after = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
+        return sum(after[k] - before[k] for k in junk)
+
+    until("40 junk frames counted as rejected", lambda: rejected() >= 40, seconds=5)
     wait_for(lab, ALL)
 
 
@@ -247,10 +278,14 @@ def test_wrong_key_and_replayed_frames_are_counted(lab: Lab) -> None:
         timeout=30,
         env=env,
     )
-    time.sleep(0.5)
-    after = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
-    assert after["bad_auth"] - before["bad_auth"] >= 10
-    assert after["replay"] - before["replay"] + after["own"] - before["own"] >= 5
+
+    def counted() -> bool:
+        after = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
+        forged: int = after["bad_auth"] - before["bad_auth"]
+        replayed: int = after["replay"] - before["replay"] + after["own"] - before["own"]
+        return forged >= 10 and replayed >= 5
+
+    until("10 forged and 5 replayed frames counted", counted, seconds=5)
     wait_for(lab, ALL)
 
 

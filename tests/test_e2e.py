@@ -108,6 +108,8 @@ def test_host_crash_fails_over_within_the_bound_and_survivors_keep_sessions(sett
         clients.kill()
     assert failover is not None and failover <= 1000 * bound_s(lab), failover
     assert C.broken(events, {"h2", "h3", "h4"}) == []
+    synacks = [e for e in events if e["kind"] == "synacks"]
+    assert len(synacks) == 3 and sum(int(e["synacks"]) for e in synacks) > 100  # it listened
     assert C.double_answers(events) == 0
     sessions = Counter(
         e["host"] for e in events if e["kind"] == "long" and e.get("event") == "open"

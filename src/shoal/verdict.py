@@ -1,4 +1,4 @@
-"""The reference model of the per-packet verdict (DESIGN.md §3), in pure Python.
+"""The reference model of the per-packet verdict (docs/mapping.md), in pure Python.
 
 Every data-plane backend must agree with it packet for packet: tests send real packets
 through the kernel and compare which hosts accepted them with :func:`decide`.

@@ -11,6 +11,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
+FLUSH = 0.2  # seconds between writes of the accept log
+
 TCP_PORTS = (22, 23, 80, 443, 8080, 8443)
 UDP_PORTS = (53, 80, 8080)
 
@@ -95,7 +97,7 @@ async def serve(name: str, addresses: list[str], log_path: Path) -> None:
     with log_path.open("a") as f:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.2)
+                await asyncio.wait_for(stop.wait(), FLUSH)
             if log:
                 f.write("\n".join(log) + "\n")
                 f.flush()

@@ -14,10 +14,12 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 from shoal.config import ShoalConfig
 from shoal.dataplane.contract import RuleState
+from shoal.lab.service import FLUSH
 from shoal.lab.topology import CLIENTS, Lab, LabError, pyenv, run_module
 from shoal.protocol.epoch import EpochState, next_epoch
 from shoal.protocol.frames import EpochKey, RuleReport
@@ -64,6 +66,16 @@ def install(lab: Lab, host: int, tokens: frozenset[int], lease_ms: int | None = 
     run_module(
         lab.ns(f"h{host}"), "shoal.lab.install", str(lab.config_path(host)), str(tok), *extra
     )
+
+
+def _accepts(lab: Lab, hosts: Iterable[int]) -> dict[tuple[str, str, int], set[int]]:
+    """(protocol, client, port) -> the hosts whose service logged accepting it."""
+    accepted: dict[tuple[str, str, int], set[int]] = defaultdict(set)
+    for h in hosts:
+        for line in (lab.dir / f"h{h}.accepts").read_text().splitlines():
+            kind, addr, port = line.split()
+            accepted[(kind, str(ipaddress.ip_address(addr)), int(port))].add(h)
+    return accepted
 
 
 def verify(lab: Lab, flows: int, seed: int | None = None) -> dict[str, Any]:
@@ -128,12 +140,20 @@ def verify(lab: Lab, flows: int, seed: int | None = None) -> dict[str, Any]:
         for line in out.splitlines():
             idx, ans = line.split()
             answers[items[int(idx)][1]] = ans
-    time.sleep(0.5)  # let the services flush their accept logs
-    accepted: dict[tuple[str, str, int], set[int]] = defaultdict(set)
-    for h in cfgs:
-        for line in (lab.dir / f"h{h}.accepts").read_text().splitlines():
-            kind, addr, port = line.split()
-            accepted[(kind, str(ipaddress.ip_address(addr)), int(port))].add(h)
+    # the services log what they accepted in batches: wait until each answered flow is in
+    # a log (a double accept of it could still be on its way: give it one more flush)
+    answered = {
+        (plan[i].protocol, str(plan[i].src), plan[i].sport)
+        for i, ans in answers.items()
+        if ans.startswith("h")
+    }
+    deadline = time.monotonic() + 10
+    accepted = _accepts(lab, cfgs)
+    while not answered <= accepted.keys() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        accepted = _accepts(lab, cfgs)
+    time.sleep(FLUSH + 0.05)
+    accepted = _accepts(lab, cfgs)
     mismatches = doubles = unaccepted = 0
     examples: list[dict[str, Any]] = []
     for i, pkt in enumerate(plan):
