@@ -114,6 +114,7 @@ class Engine:
         self.epochs = EpochStore()
         self.tenure = Tenure(self.me)
         self.beacon = Beacon(self.codec, self.me, incarnation, now)
+        self.beat_sent = self.beacon.beat_sent  # the beacon's, read here for every echo
         self.holding = Holding(
             self.me,
             record,
@@ -173,7 +174,7 @@ class Engine:
 
     @property
     def epoch_ready(self) -> bool:
-        return self.holding.phase is Phase.READY
+        return self.holding.ready
 
     @property
     def installed(self) -> frozenset[int]:
@@ -257,10 +258,10 @@ class Engine:
         (:attr:`install`, the deadline): both change only in a step, and frames that
         repeat what a peer said never step."""
         self.outputs += 1
-        self.install = Install(self.installed, self.state in SERVING, self.rule_states)
+        self.install = Install(self.holding.installed, self.host.state in SERVING, self.rule_states)
         t = min(self.beacon.deadline(self.timing.period), self.wake, self.roster.expiry_check)
         lease = self.lease_until
-        if self.installed and lease is not None:
+        if self.holding.installed and lease is not None:
             # the tokens go when the lease runs out; read afresh, not kept as a timer: a
             # lease is extended long before it ends, and a timer would fire for nothing
             t = min(t, lease)
@@ -451,9 +452,12 @@ class Engine:
         return why
 
     def _heard(self, now: float) -> None:
-        """A host was heard: the soonest silence deadline is now + detect at the latest."""
-        if self.roster.heard(now):
-            self._deadline = min(self._deadline, self.roster.expiry_check)
+        """A host was heard: the soonest silence deadline is now + detect at the latest
+        (:meth:`Roster.heard`, written out: this runs for every frame)."""
+        roster = self.roster
+        if roster.expiry_check > now + self.detect:
+            roster.expiry_check = now + self.detect
+            self._deadline = min(self._deadline, roster.expiry_check)
 
     def _reject(self, why: Rejection) -> Rejection:
         self.rejected[why.value] += 1
@@ -464,16 +468,19 @@ class Engine:
         and its echo of ours may have moved (whether it acknowledges us has not)."""
         p.advance(seq)
         p.hb_seq = seq
+        roster = self.roster
         if p.last_heard + self.ack_window < now:
-            self.roster.view += 1  # heard again after a silence: acknowledged again
+            roster.view += 1  # heard again after a silence: acknowledged again
         p.last_heard = now
-        self._heard(now)
+        if roster.expiry_check > now + self.detect:  # (_heard, written out)
+            roster.expiry_check = now + self.detect
+            self._deadline = min(self._deadline, roster.expiry_check)
         p.beat = data[rep.beat_at]
         if rep.echo_at:
             self._echoed(p, data[rep.echo_at], now)
         if p.fence_epoch is not None:
             assert p.hb is not None
-            fence_report(self.epoch, p, p.hb, now)
+            fence_report(self.holding.epoch, p, p.hb, now)
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
         """Record a heartbeat; False when it is older than the one already held."""
@@ -482,7 +489,7 @@ class Engine:
         p.last_heard = max(p.last_heard, now)
         if p.hb is not None and hb.seq < p.hb_seq:
             return False
-        e = self.epoch
+        e = self.holding.epoch
         if p.beat < 0 and e is not None and hb.host_id in e.members:
             self.beacon.dirty = True  # a member heard for the first time: acknowledge it now
         p.hb = hb
@@ -517,12 +524,23 @@ class Engine:
     def _echoed(self, p: Peer, echo: int, now: float) -> None:
         """``p`` acknowledged our heartbeat numbered ``echo``: the lease counts from when
         we sent it."""
-        sent = self.beacon.beat_sent[echo]
+        sent = self.beat_sent[echo]
         before = p.ack_at
         if sent <= before or not now - self.timing.echo_horizon <= sent <= now:
             return
         p.ack_at = sent
-        self.tenure.echoed(p.host_id, before, sent, now, self._lease_regime(), self.timing)
+        tenure = self.tenure
+        count = tenure.count
+        if count is None or sent <= count.basis:
+            return  # the lease already counts from this beat or a newer one (most echoes)
+        h = self.holding
+        if count.built_for == (h.epoch, h.ready, self.roster.generation):
+            basis = count.echoed(p.host_id, before, sent)
+            # a lease not yet given or already run out is left to the next step, which must
+            # see the lapse first
+            lease = tenure.until
+            if basis is not None and lease is not None and lease > now:
+                tenure.extend(basis + self.timing.lease)
 
     def _on_chunk(self, ch: MapChunk) -> None:
         if self.epochs.add_chunk(ch, self.rules, self.cfg.cluster.buckets) is False:
@@ -539,7 +557,7 @@ class Engine:
     # ------------------------------------------------------------- the step
 
     def _eligible_self(self, now: float) -> bool:
-        return self.state in ELIGIBLE and self.duplicate_until < now
+        return self.host.state in ELIGIBLE and self.duplicate_until < now
 
     def _step(self, now: float, timers: bool = True) -> None:
         if timers:
@@ -564,20 +582,20 @@ class Engine:
         if not self.roster.due(now):
             return  # no deadline has passed: hearing a host only ever moves its own later
         for p in self.roster.sweep(now):
-            if self.epoch and p.host_id in self.epoch.members:
+            if self.holding.epoch and p.host_id in self.holding.epoch.members:
                 why = f"not heard for {self.detect:.3g} s"
                 self._emit(EventId.HOST_LEFT, now, peer=p.host_id, reason=why)
 
     def _check_drain(self, now: float) -> None:
-        if self.state is not HostState.DRAINING:
+        if self.host.state is not HostState.DRAINING:
             return
-        e = self.epoch
+        e = self.holding.epoch
         if self.drain_deadline is not None and now >= self.drain_deadline:
             self.host.move(Observed.DRAIN_ENDED)
             self._stop(now, announce=False)
             self._emit(EventId.DRAIN_TIMEOUT, now)
         elif self.connections == 0 and (
-            (not self.installed and (e is None or self.me not in e.members))
+            (not self.holding.installed and (e is None or self.me not in e.members))
             # nobody took its buckets over: no started host is left (every host drained),
             # or none could make an epoch without it in the detection time (no quorum). It
             # takes no new connections either way: it stops with them, as on a stop
@@ -589,7 +607,7 @@ class Engine:
             self._emit(EventId.DRAIN_FINISHED, now)
 
     def _leader(self, now: float) -> int | None:
-        mine = self.epoch.key if self.epoch is not None else None
+        mine = self.holding.epoch.key if self.holding.epoch is not None else None
         return elect(self.roster.candidates(now), self.me, self._eligible_self(now), mine)
 
     def _reports(self) -> tuple[RuleReport, ...]:
@@ -607,7 +625,7 @@ class Engine:
         return self._reports_memo[2]
 
     def _lead(self, now: float) -> None:
-        cur = self.epoch
+        cur = self.holding.epoch
         key = (cur and cur.key, self.record, self.vote, self.rule_states, self.cfg)
         if cur is not None and self.leader.unchanged(key, self.roster, now):
             # nothing the fingerprint is made of changed since it last matched
@@ -619,7 +637,7 @@ class Engine:
             self.record,
             self.vote,
             self._reports(),
-            self.epoch_ready,
+            self.holding.ready,
             self.quorum,
             self.started_at,
             self.eligible_since,
@@ -662,7 +680,7 @@ class Engine:
         assert hb is not None
         if hb.epoch is None:
             return
-        e = self.epoch
+        e = self.holding.epoch
         if e is None or hb.epoch != e.key:
             state = self.epochs.get(hb.epoch)
             if state is None or state.digest() != hb.epoch_digest:
@@ -670,23 +688,23 @@ class Engine:
             if not self.holding.may_adopt(state, self.quorum):
                 return
             self._adopt(state, now)
-        if hb.has(Flag.READY) and not self.epoch_ready and self._fresh_ready(leader):
-            self.holding.ready(self.state in ELIGIBLE, self._eligible_self(now), now)
+        if hb.has(Flag.READY) and not self.holding.ready and self._fresh_ready(leader):
+            self.holding.on_ready(self.host.state in ELIGIBLE, self._eligible_self(now), now)
 
     def _fresh_ready(self, leader: Peer) -> bool:
         """A member acts on its leader's READY only once the leader has heard it since it
         last started: a READY seen just after a restart may come from before the leader
         gave this host's share away."""
-        e = self.epoch
+        e = self.holding.epoch
         return e is None or self.me not in e.members or leader.ack_at >= self.eligible_since
 
     def _adopt(self, state: EpochState, now: float) -> None:
-        self.holding.adopt(state, self.state in ELIGIBLE, self._eligible_self(now), now)
+        self.holding.adopt(state, self.host.state in ELIGIBLE, self._eligible_self(now), now)
 
     def _declare_ready(self, now: float) -> None:
         """Leader: READY once releases are reported and fences have passed."""
-        e = self.epoch
-        if e is None or self.epoch_ready:
+        e = self.holding.epoch
+        if e is None or self.holding.ready:
             return
         h = self.holding
         why = blocker(
@@ -700,37 +718,37 @@ class Engine:
             now,
         )
         if why is None:
-            h.ready(self.state in ELIGIBLE, self._eligible_self(now), now)
+            h.on_ready(self.host.state in ELIGIBLE, self._eligible_self(now), now)
         elif why < float("inf"):
             self.wake = min(self.wake, why)
 
     def _refresh_state(self, now: float) -> None:
         """Converged: started, a member of a READY epoch, holding exactly its share."""
-        if self.state not in ELIGIBLE:
+        if self.host.state not in ELIGIBLE:
             return
         done = self.holding.converged(self._eligible_self(now))
-        if done and self.state is HostState.CONVERGING:
-            e = self.epoch
+        if done and self.host.state is HostState.CONVERGING:
+            e = self.holding.epoch
             assert e is not None
             self.host.move(Observed.CONVERGED)
             ev = EventId.CONVERGED_DEFAULT if e.default_host == self.me else EventId.CONVERGED
             self._emit(ev, now, members=sorted(e.members), epoch=str(e.key))
             self.beacon.dirty = True
-        elif not done and self.state is HostState.CONVERGED:
+        elif not done and self.host.state is HostState.CONVERGED:
             self.host.move(Observed.UNCONVERGED)
             self._emit(EventId.CONVERGING, now, reason=self.holding.why_converging)
             self.beacon.dirty = True
 
     def _update_lease(self, now: float) -> None:
         self.holding.lapse_if_expired(now)
-        e = self.epoch
+        e = self.holding.epoch
         if e is None or self.me not in e.members or not self._eligible_self(now):
             self.tenure.until = None
             return
         self.tenure.update(
             now,
             e,
-            self.epoch_ready,
+            self.holding.ready,
             self.quorum,
             self.peers,
             self.beacon.beat_sent,
@@ -739,7 +757,10 @@ class Engine:
         )
 
     def _lease_regime(self) -> tuple[object, ...]:
-        return Tenure.regime(self.epoch, self.epoch_ready, self.roster.generation)
+        """What a lease count is only good for (the epoch by identity: this is compared
+        for every echo)."""
+        h = self.holding
+        return (h.epoch, h.ready, self.roster.generation)
 
     # -------------------------------------------------------------- sending
 
@@ -747,11 +768,11 @@ class Engine:
         if not self.beacon.due(now, self.timing.period):
             return
         self._send_heartbeat(now)
-        e = self.epoch
+        e = self.holding.epoch
         if e is None:
             return
         memo = self._send_memo
-        key = (e.key, leader == self.me, self.state)
+        key = (e.key, leader == self.me, self.host.state)
         if memo is not None and memo[1] == key and self.roster.fresh(memo[0], now):
             behind = memo[2]  # and no partition to report that was not reported already
         else:
@@ -773,7 +794,7 @@ class Engine:
             and p.hb.epoch != e.key
             for p in live
         )
-        if self.state is not HostState.CONVERGED:
+        if self.host.state is not HostState.CONVERGED:
             return behind
         for p in live:
             hb = p.hb
@@ -791,9 +812,9 @@ class Engine:
         return behind
 
     def _send_heartbeat(self, now: float) -> None:
-        e = self.epoch
+        e = self.holding.epoch
         flags = 0
-        if not self.installed:
+        if not self.holding.installed:
             flags |= Flag.OWNS_NOTHING
         acks: frozenset[int] = frozenset()
         acked_peers: list[Peer] = []
@@ -804,9 +825,9 @@ class Engine:
             edigest = e.digest()
             if self.holding.released(e):
                 flags |= Flag.RELEASED
-            if self.epoch_ready and self.holding.holds_share(e):
+            if self.holding.ready and self.holding.holds_share(e):
                 flags |= Flag.ACQUIRED
-            if self.epoch_ready and self.leading:
+            if self.holding.ready and self.leading:
                 flags |= Flag.READY
             if self._eligible_self(now):
                 # the members, and a leader outside the epoch that holds it too (it needs
@@ -825,7 +846,7 @@ class Engine:
             host_id=self.me,
             incarnation=self.incarnation,
             seq=0,
-            state=self.state,
+            state=self.host.state,
             flags=flags,
             config_digest=self.digest,
             epoch=e.key if e else None,

@@ -44,6 +44,7 @@ class Holding:
         self.vote = vote  # the members of the epoch adopted last
         self.epoch: EpochState | None = None
         self.phase = Phase.NONE
+        self.ready = False  # phase is READY (kept beside it: read for every echo)
         self.installed: frozenset[int] = frozenset()  # what the kernel is to accept
         self.own_bounds: dict[int, float] = {}  # when this host last heard each fenced host
         self.acquiring = False  # READY in this step: tokens taken at its end if leased
@@ -53,6 +54,11 @@ class Holding:
         self._beacon = beacon
         self._emit = emit
         self._mine_cache: tuple[EpochKey | None, frozenset[int]] = (None, frozenset())
+
+    def _move(self, step: Step) -> None:
+        """The only writer of the phase."""
+        self.phase = moved(self.phase, step)
+        self.ready = self.phase is Phase.READY
 
     # ------------------------------------------------------------- shares
 
@@ -84,7 +90,7 @@ class Holding:
         e = self.epoch
         return (
             e is not None
-            and self.phase is Phase.READY
+            and self.ready
             and self.me in e.members
             and eligible
             and self.holds_share(e)
@@ -109,7 +115,7 @@ class Holding:
 
     def drop(self) -> None:
         self.epoch = None
-        self.phase = moved(self.phase, Step.DROP)
+        self._move(Step.DROP)
         self.installed = frozenset()
         self.own_bounds = {}
 
@@ -126,7 +132,7 @@ class Holding:
         """Hold ``state``: vote for it if a started member, release what is not ours."""
         prev = self.epoch
         self.epoch = state
-        self.phase = moved(self.phase, Step.ADOPT)
+        self._move(Step.ADOPT)
         if self.me in state.members and started:
             # adopting is voting: a leader that later counts on this host must outvote
             # this membership too, even if this host never hears that it became READY
@@ -149,10 +155,10 @@ class Holding:
                 p.joined_reported = False
         self._beacon.dirty = True
 
-    def ready(self, started: bool, eligible: bool, now: float) -> None:
+    def on_ready(self, started: bool, eligible: bool, now: float) -> None:
         """The epoch is READY: remember its members (the record), and acquire at the end
         of this step if the lease runs then."""
-        self.phase = moved(self.phase, Step.READY)
+        self._move(Step.READY)
         if self.epoch is not None and self.epoch.members:
             self.record = self.epoch.members
             if not started:
@@ -180,7 +186,7 @@ class Holding:
             return
         lease = self._tenure.until
         if lease is None or lease <= now or not eligible:
-            self.phase = moved(self.phase, Step.LAPSE)
+            self._move(Step.LAPSE)
             self.why_converging = "lease expired"
             # the count was built for the READY regime just left: echoes arriving before
             # the next step would not be tallied, and that READY regime would find the
@@ -196,7 +202,7 @@ class Holding:
         lease = self._tenure.until
         if lease is not None and lease <= now and self.installed:
             self.installed = frozenset()
-            self.phase = moved(self.phase, Step.LAPSE)
+            self._move(Step.LAPSE)
             self.why_converging = "lease expired"
             self._emit(EventId.LEASE_LOST, now)
             self._beacon.dirty = True

@@ -5,7 +5,8 @@ hearing it: the lease runs for :attr:`Timing.lease` from the send time of its ne
 heartbeat such a quorum echoed (before the epoch is READY, a quorum of each of its bases
 too). The kernel enforces the expiry even when the daemon is gone. A host alone in its
 epoch holds it from now; with the available policy it holds it from the newest beat any
-member echoed (a silent host must still be fenced).
+member echoed (a silent host must still be fenced). Between steps each new echo extends
+the lease through :attr:`Tenure.count` (the engine's receive path does it in place).
 """
 
 from __future__ import annotations
@@ -24,36 +25,9 @@ class Tenure:
         self.until: float | None = None  # None: no lease (takes nothing new)
         self.count: LeaseCount | None = None
 
-    @staticmethod
-    def regime(epoch: EpochState | None, ready: bool, generation: int) -> tuple[object, ...]:
-        """What a lease count is only good for (the epoch by identity: this is compared
-        for every echo)."""
-        return (epoch, ready, generation)
-
     def extend(self, until: float) -> None:
         if self.until is None or until > self.until:
             self.until = until
-
-    def echoed(
-        self,
-        host: int,
-        before: float,
-        sent: float,
-        now: float,
-        regime: tuple[object, ...],
-        t: Timing,
-    ) -> None:
-        """``host`` echoed our beat sent at ``sent`` (its previous echo was of ``before``)."""
-        count = self.count
-        if count is None or sent <= count.basis:
-            return  # the lease already counts from this beat or a newer one (most echoes)
-        if count.built_for == regime:
-            basis = count.echoed(host, before, sent)
-            lease = self.until
-            # a lease not yet given or already run out is left to the next step, which
-            # must see the lapse first
-            if basis is not None and lease is not None and lease > now:
-                self.extend(basis + t.lease)
 
     def update(
         self,
