@@ -103,7 +103,7 @@ class NoFence(Engine):
         object.__setattr__(nowait, "__dict__", {**nowait.__dict__, "lease": -1e9, "margin": 0.0})
         why = blocker(e, self.me, self.roster, {}, self.eligible_since, self.digest, nowait, now)
         if why is None or why < float("inf"):
-            self.holding.on_ready(True, self._eligible_self(now), now)
+            self._ready(now)
 
 
 def silent_while_heard(engine: type[Engine]) -> SimCluster:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from shoal.config import ShoalConfig
 from shoal.protocol.engine import MAX_BASES, Command, Engine
 from shoal.protocol.engine.tenure import Tenure
+from shoal.protocol.engine.timing import Timing
 from shoal.protocol.frames import HostState
 from shoal.sim.checkers import InvariantViolation
 from shoal.sim.cluster import SimCluster
@@ -224,11 +225,13 @@ class LeaseFromLastStep(Tenure):
     """Broken: with the available policy the lease counts from the host's last step
     rather than from its newest beat a member echoed."""
 
-    def update(self, now: float, epoch: Any, ready: bool, quorum: bool, *rest: Any) -> None:
+    def update(
+        self, lease: float | None, now: float, epoch: Any, ready: bool, quorum: bool, *rest: Any
+    ) -> float | None:
         if quorum:
-            super().update(now, epoch, ready, quorum, *rest)
-        else:
-            self.until = now + rest[-1].lease
+            return super().update(lease, now, epoch, ready, quorum, *rest)
+        timing: Timing = rest[-1]
+        return now + timing.lease
 
 
 class SelfLeasing(Engine):

@@ -39,7 +39,7 @@ from shoal.protocol.engine.peers import NEVER, Peer, Roster
 from shoal.protocol.engine.phase import Phase
 from shoal.protocol.engine.ready import blocker, fence_report
 from shoal.protocol.engine.snapshot import PeerView, Snapshot
-from shoal.protocol.engine.tenure import Tenure
+from shoal.protocol.engine.tenure import Tenure, later
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.epoch import EpochState, next_epoch
 from shoal.protocol.events import Event, EventId
@@ -113,6 +113,7 @@ class Engine:
         self.leader = Leader()
         self.epochs = EpochStore()
         self.tenure = Tenure(self.me)
+        self.lease_until: float | None = None  # new connections taken until then (None: not)
         self.beacon = Beacon(self.codec, self.me, incarnation, now)
         self.beat_sent = self.beacon.beat_sent  # the beacon's, read here for every echo
         self.holding = Holding(
@@ -120,7 +121,6 @@ class Engine:
             record,
             record if vote is None else vote,
             self.roster,
-            self.tenure,
             self.beacon,
             self._emit,
         )
@@ -187,11 +187,6 @@ class Engine:
     @property
     def vote(self) -> frozenset[int]:
         return self.holding.vote
-
-    @property
-    def lease_until(self) -> float | None:
-        """Until when this host may take new connections (None: it may not)."""
-        return self.tenure.until
 
     @property
     def is_default(self) -> bool:
@@ -538,9 +533,9 @@ class Engine:
             basis = count.echoed(p.host_id, before, sent)
             # a lease not yet given or already run out is left to the next step, which must
             # see the lapse first
-            lease = tenure.until
+            lease = self.lease_until
             if basis is not None and lease is not None and lease > now:
-                tenure.extend(basis + self.timing.lease)
+                self.lease_until = later(lease, basis + self.timing.lease)
 
     def _on_chunk(self, ch: MapChunk) -> None:
         if self.epochs.add_chunk(ch, self.rules, self.cfg.cluster.buckets) is False:
@@ -571,7 +566,11 @@ class Engine:
         elif leader is not None:
             self._follow(self.peers[leader], now)
         self._update_lease(now)
-        self.holding.take_tokens(self._eligible_self(now), now)
+        if self.holding.take_tokens(self._eligible_self(now), self.lease_until, now):
+            # the count was built for the READY regime just left: echoes arriving before
+            # the next step would not be tallied, and that READY regime would find the
+            # same stale count again
+            self.tenure.count = None
         self._refresh_state(now)
         self._maybe_send(now, leader)
         self._publish()
@@ -689,7 +688,7 @@ class Engine:
                 return
             self._adopt(state, now)
         if hb.has(Flag.READY) and not self.holding.ready and self._fresh_ready(leader):
-            self.holding.on_ready(self.host.state in ELIGIBLE, self._eligible_self(now), now)
+            self._ready(now)
 
     def _fresh_ready(self, leader: Peer) -> bool:
         """A member acts on its leader's READY only once the leader has heard it since it
@@ -718,9 +717,17 @@ class Engine:
             now,
         )
         if why is None:
-            h.on_ready(self.host.state in ELIGIBLE, self._eligible_self(now), now)
+            self._ready(now)
         elif why < float("inf"):
             self.wake = min(self.wake, why)
+
+    def _ready(self, now: float) -> None:
+        """The epoch is READY: the record moves, and this host acquires at the end of the
+        step if its lease runs then (a lapse before this acquisition says nothing of it)."""
+        self.holding.on_ready(self.host.state in ELIGIBLE, self._eligible_self(now), now)
+        lease = self.lease_until
+        if self.holding.acquiring and lease is not None and lease <= now:
+            self.lease_until = None
 
     def _refresh_state(self, now: float) -> None:
         """Converged: started, a member of a READY epoch, holding exactly its share."""
@@ -740,12 +747,13 @@ class Engine:
             self.beacon.dirty = True
 
     def _update_lease(self, now: float) -> None:
-        self.holding.lapse_if_expired(now)
+        self.holding.lapse_if_expired(self.lease_until, now)
         e = self.holding.epoch
         if e is None or self.me not in e.members or not self._eligible_self(now):
-            self.tenure.until = None
+            self.lease_until = None
             return
-        self.tenure.update(
+        self.lease_until = self.tenure.update(
+            self.lease_until,
             now,
             e,
             self.holding.ready,

@@ -20,7 +20,6 @@ from shoal.protocol.engine.leader import supersedes
 from shoal.protocol.engine.peers import Roster
 from shoal.protocol.engine.phase import Phase, Step, moved
 from shoal.protocol.engine.ready import own_bounds
-from shoal.protocol.engine.tenure import Tenure
 from shoal.protocol.epoch import EpochState
 from shoal.protocol.events import EventId
 from shoal.protocol.frames import EpochKey
@@ -35,7 +34,6 @@ class Holding:
         record: frozenset[int],
         vote: frozenset[int],
         roster: Roster,
-        tenure: Tenure,
         beacon: Beacon,
         emit: Emit,
     ) -> None:
@@ -50,7 +48,6 @@ class Holding:
         self.acquiring = False  # READY in this step: tokens taken at its end if leased
         self.why_converging = "starting"
         self._roster = roster
-        self._tenure = tenure
         self._beacon = beacon
         self._emit = emit
         self._mine_cache: tuple[EpochKey | None, frozenset[int]] = (None, frozenset())
@@ -164,42 +161,33 @@ class Holding:
             if not started:
                 self.record = self.left(self.record)  # left: no vote of its own
             self.vote = self.record
-        if self.epoch is None or not eligible:
-            return
-        self.acquiring = True
-        lease = self._tenure.until
-        if lease is not None and lease <= now:
-            self._tenure.until = None  # a lapse before this acquisition says nothing about it
+        if self.epoch is not None and eligible:
+            self.acquiring = True
 
-    def take_tokens(self, eligible: bool, now: float) -> None:
+    def take_tokens(self, eligible: bool, lease: float | None, now: float) -> bool:
         """Acquire only under a lease that runs now. Without one the READY is not acted on
         (a later READY is): tokens taken anyway would be dropped at the next step, and each
-        drop and take is a large kernel update."""
+        drop and take is a large kernel update. True when the READY lapsed so."""
         e = self.epoch
         if not self.acquiring or e is None:
-            return
+            return False
         self.acquiring = False
         if self.me not in e.members:
             # nothing to take, so nothing a lease guards: a leader outside the epoch it
             # leads (it was fenced, then came back as the lowest id) must be able to keep
             # it READY, or it could never replace it with one that counts it in
-            return
-        lease = self._tenure.until
+            return False
         if lease is None or lease <= now or not eligible:
             self._move(Step.LAPSE)
             self.why_converging = "lease expired"
-            # the count was built for the READY regime just left: echoes arriving before
-            # the next step would not be tallied, and that READY regime would find the
-            # same stale count again
-            self._tenure.count = None
-            return
+            return True
         self.installed = self.mine(e)
         self._beacon.dirty = True
+        return False
 
-    def lapse_if_expired(self, now: float) -> None:
+    def lapse_if_expired(self, lease: float | None, now: float) -> None:
         """Tokens are only ever held under an unbroken lease: once it lapsed, others may
         have been given them (fenced), so they must be acquired again on READY."""
-        lease = self._tenure.until
         if lease is not None and lease <= now and self.installed:
             self.installed = frozenset()
             self._move(Step.LAPSE)

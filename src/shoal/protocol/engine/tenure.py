@@ -19,18 +19,22 @@ from shoal.protocol.epoch import EpochState
 from shoal.protocol.lease import LeaseCount
 
 
+def later(lease: float | None, until: float) -> float:
+    """A lease is only ever extended while it lasts."""
+    return until if lease is None or until > lease else lease
+
+
 class Tenure:
+    """The rules that set the lease, and the tally they keep (the lease itself is an output
+    of the engine, :attr:`Engine.lease_until`)."""
+
     def __init__(self, me: int) -> None:
         self.me = me
-        self.until: float | None = None  # None: no lease (takes nothing new)
         self.count: LeaseCount | None = None
-
-    def extend(self, until: float) -> None:
-        if self.until is None or until > self.until:
-            self.until = until
 
     def update(
         self,
+        lease: float | None,
         now: float,
         epoch: EpochState,
         ready: bool,
@@ -39,12 +43,12 @@ class Tenure:
         beat_sent: Sequence[float],
         regime: tuple[object, ...],
         t: Timing,
-    ) -> None:
-        """The lease of a started member of ``epoch``, from what its members echoed."""
+    ) -> float | None:
+        """The lease of a started member of ``epoch`` holding ``lease`` now, from what its
+        members echoed."""
         me = self.me
         if epoch.members == {me}:
-            self.until = now + t.lease
-            return
+            return now + t.lease
         if not quorum:
             # every side serves on, but a host that goes silent must still be fenced: its
             # lease counts from the newest of its beats any member echoed (that member
@@ -54,9 +58,7 @@ class Tenure:
                 p.ack_at for h in epoch.members if h != me and (p := peers.get(h)) is not None
             ]
             newest = max(echoed, default=NEVER)
-            if newest > NEVER:
-                self.extend(min(now, newest) + t.lease)
-            return
+            return later(lease, min(now, newest) + t.lease) if newest > NEVER else lease
         # until the epoch is READY, hosts may still be at any epoch since the last READY
         # one: the lease needs a quorum of each of those memberships too
         count = self.count
@@ -69,6 +71,7 @@ class Tenure:
             sends = [s for s in beat_sent if oldest <= s <= now]
             count = self.count = LeaseCount(bases, me, acks, sends, epoch.members, regime)
         if count.alone:
-            self.extend(now + t.lease)
-        elif count.basis > NEVER:
-            self.extend(min(now, count.basis) + t.lease)
+            return later(lease, now + t.lease)
+        if count.basis > NEVER:
+            return later(lease, min(now, count.basis) + t.lease)
+        return lease
