@@ -355,3 +355,36 @@ def test_a_daemon_that_cannot_start_says_why(tmp_path: Path) -> None:
     assert res.returncode == 1, res.stderr
     assert "error: daemon:" in res.stderr and "/proc/shoal-nowhere" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("mode", ["multicast", "igmp"])
+def test_daemons_in_the_multicast_modes_serve_ipv6_clients_and_fail_over(mode: str) -> None:
+    """Heartbeats to the cluster MAC (multicast, IGMP), clients over IPv6: the daemons
+    converge, every IPv6 flow is answered by exactly the host the map says (one per flow,
+    several hosts in all), and a crashed daemon's flows are answered by the others."""
+    from shoal.lab import clients as C
+    from shoal.lab.topology import run_module
+
+    lab = Lab(name="m" + uuid.uuid4().hex[:6], hosts=3, mode=mode, ipv6=True)
+    try:
+        lab.up()
+        assert C.wait_states(lab, C.converged([1, 2, 3]), 1, 15), C.states(lab, 1)
+        sources = lab.client_sources(1, True)[:20]
+        path = lab.dir / "c1.v6.flows"
+
+        def answers(sport: int) -> list[str]:
+            path.write_text(
+                "".join(f"tcp {s} {sport + i} 2001:db8::100 80\n" for i, s in enumerate(sources))
+            )
+            out = run_module(lab.ns("c1"), "shoal.lab.probe", str(path))
+            got = dict(line.split() for line in out.splitlines())
+            return [got[str(i)] for i in range(len(sources))]
+
+        before = answers(41000)
+        assert "-" not in before and len(set(before)) >= 2, before
+        C.crash(lab, 3)
+        assert C.wait_states(lab, C.converged([1, 2]), 1, 15), C.states(lab, 1)
+        after = answers(42000)
+        assert "-" not in after and "h3" not in after, after
+    finally:
+        lab.down()

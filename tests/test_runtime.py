@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from shoal.dataplane.backend import NftBackend
-from shoal.dataplane.contract import Install, RuleState, bucket_token
+from shoal.dataplane.contract import DataplaneError, Install, RuleState, bucket_token
 from shoal.dataplane.nft import NftError
 from shoal.protocol.engine import Engine
 from shoal.protocol.frames import HostState
@@ -161,3 +161,32 @@ def test_the_kernel_lease_never_outruns_the_engine_and_is_renewed_before_it_ends
             assert now[0] < kernel.lease_until <= engine.lease_until
     assert engine.state is HostState.CONVERGED
     assert 0 < len(kernel.renewals) < steps / 5  # not at every step
+
+
+class RefusingRenewals(CountingKernel):
+    refuse = True
+
+    def renew(self, ms: int) -> None:
+        if self.refuse:
+            raise DataplaneError("lease: nf_tables refused it (No buffer space available)")
+        super().renew(ms)
+
+
+def test_a_refused_renewal_is_reported_and_tried_again() -> None:
+    """The kernel keeps the lease it had (it runs out on its own); the refusal is reported,
+    and the next input renews it."""
+    cfg = cluster_configs(1)[0]
+    now = [0.0]
+    engine = Engine(cfg, KEY, 1, now[0])
+    kernel = RefusingRenewals(now)
+    rt = HostRuntime(engine, kernel, lambda record, vote: None)
+    problems: list[str] = []
+    while engine.state is not HostState.CONVERGED:
+        now[0] = round(now[0] + 0.01, 6)
+        engine.tick(now[0])
+        problems += [p["name"] for p in rt.after(now[0]).problems]
+    assert problems == ["lease_renewal_failed"] and kernel.lease_until == float("-inf")
+    kernel.refuse = False
+    now[0] += 0.01
+    engine.tick(now[0])
+    assert not rt.after(now[0]).problems and kernel.lease_until > now[0]
