@@ -119,6 +119,17 @@ class Beacon:
         return ids, out
 
 
+def acknowledged(e: EpochState, leader: int | None, peers: Mapping[int, Peer]) -> frozenset[int]:
+    """Whom a started host acknowledges: the members of its epoch, and a leader outside the
+    epoch that holds it too (it needs fresh reports from the members to declare it READY)."""
+    if leader is None or leader in e.members:
+        return e.members
+    p = peers.get(leader)
+    if p is not None and p.hb is not None and p.hb.epoch == e.key:
+        return e.members | {leader}
+    return e.members
+
+
 def silences(
     fenced: frozenset[int], peers: Mapping[int, Peer], now: float
 ) -> tuple[tuple[int, int], ...]:

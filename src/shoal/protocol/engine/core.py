@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from shoal.config import FilteringMode, InitialState, PartitionPolicy, ShoalConfig
 from shoal.dataplane.contract import Install, RuleState
-from shoal.protocol.engine.beacon import Beacon, silences
+from shoal.protocol.engine.beacon import Beacon, acknowledged, silences
 from shoal.protocol.engine.epochs import EpochStore
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import (
@@ -35,7 +35,7 @@ from shoal.protocol.engine.host_state import (
     Observed,
 )
 from shoal.protocol.engine.leader import Create, Leader, Seat, elect, votes
-from shoal.protocol.engine.peers import NEVER, Peer, Roster
+from shoal.protocol.engine.peers import NEVER, Peer, Roster, behind_on, other_cluster
 from shoal.protocol.engine.phase import Phase
 from shoal.protocol.engine.ready import blocker, fence_report
 from shoal.protocol.engine.snapshot import PeerView, Snapshot
@@ -795,57 +795,26 @@ class Engine:
         (it needs the map); and, converged, report every other cluster of this
         configuration heard (a partition healed)."""
         live = self.roster.live(now)
-        behind = leader == self.me and any(
-            p.hb is not None
-            and p.hb.config_digest == self.digest
-            and p.hb.state in SERVING
-            and p.hb.epoch != e.key
-            for p in live
-        )
-        if self.host.state is not HostState.CONVERGED:
-            return behind
-        for p in live:
-            hb = p.hb
-            if (
-                hb is not None
-                and hb.epoch is not None
-                and hb.epoch != e.key
-                and p.host_id not in e.members
-                and hb.state is HostState.CONVERGED
-                and hb.config_digest == self.digest
-                and hb.epoch not in self.heal_reported
-            ):
-                self.heal_reported.add(hb.epoch)
-                self._emit(EventId.PARTITION_HEALED, now, a=e.default_host, b=p.host_id)
+        behind = leader == self.me and any(behind_on(p.hb, e, self.digest) for p in live)
+        if self.host.state is HostState.CONVERGED:
+            for p in live:
+                hb = p.hb
+                if not other_cluster(hb, p.host_id, e, self.digest):
+                    continue
+                assert hb is not None and hb.epoch is not None
+                if hb.epoch not in self.heal_reported:
+                    self.heal_reported.add(hb.epoch)
+                    self._emit(EventId.PARTITION_HEALED, now, a=e.default_host, b=p.host_id)
         return behind
 
     def _send_heartbeat(self, now: float) -> None:
         e = self.holding.epoch
-        flags = 0
-        if not self.holding.installed:
-            flags |= Flag.OWNS_NOTHING
         acks: frozenset[int] = frozenset()
         acked_peers: list[Peer] = []
         fenced: tuple[tuple[int, int], ...] = ()
-        edigest = b"\x00" * 8
         if e is not None:
-            flags |= Flag.HAS_EPOCH
-            edigest = e.digest()
-            if self.holding.released(e):
-                flags |= Flag.RELEASED
-            if self.holding.ready and self.holding.holds_share(e):
-                flags |= Flag.ACQUIRED
-            if self.holding.ready and self.leading:
-                flags |= Flag.READY
             if self._eligible_self(now):
-                # the members, and a leader outside the epoch that holds it too (it needs
-                # fresh reports from the members to declare it READY)
-                lead = self.leader_id
-                acked = e.members
-                if lead is not None and lead not in acked:
-                    hb = self.peers[lead].hb if lead in self.peers else None
-                    if hb is not None and hb.epoch == e.key:
-                        acked = acked | {lead}
+                acked = acknowledged(e, self.leader_id, self.peers)
                 acks, acked_peers = self.beacon.to_acknowledge(
                     acked, self.roster, self.ack_window, now
                 )
@@ -855,10 +824,10 @@ class Engine:
             incarnation=self.incarnation,
             seq=0,
             state=self.host.state,
-            flags=flags,
+            flags=self.holding.flags(self.leading),
             config_digest=self.digest,
             epoch=e.key if e else None,
-            epoch_digest=edigest,
+            epoch_digest=e.digest() if e else b"\x00" * 8,
             acks=acks,
             rules=self._reports(),
             silences=fenced,

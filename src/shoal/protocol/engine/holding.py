@@ -22,7 +22,7 @@ from shoal.protocol.engine.phase import Phase, Step, moved
 from shoal.protocol.engine.ready import own_bounds
 from shoal.protocol.epoch import EpochState
 from shoal.protocol.events import EventId
-from shoal.protocol.frames import EpochKey
+from shoal.protocol.frames import EpochKey, Flag
 
 Emit = Callable[..., None]
 
@@ -81,6 +81,20 @@ class Holding:
         """Nothing installed outside this host's share of ``e``."""
         mine = self.mine(e)
         return self.installed is mine or self.installed <= mine
+
+    def flags(self, leading: bool) -> int:
+        """What a heartbeat says of this host's holding (see :class:`Flag`)."""
+        flags = 0 if self.installed else Flag.OWNS_NOTHING
+        e = self.epoch
+        if e is not None:
+            flags |= Flag.HAS_EPOCH
+            if self.released(e):
+                flags |= Flag.RELEASED
+            if self.ready and self.holds_share(e):
+                flags |= Flag.ACQUIRED
+            if self.ready and leading:
+                flags |= Flag.READY
+        return flags
 
     def converged(self, eligible: bool) -> bool:
         """A started member of a READY epoch, holding exactly its share."""

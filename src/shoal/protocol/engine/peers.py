@@ -13,7 +13,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from shoal.protocol.frames import Envelope, EpochKey, Heartbeat, Rejection, Repeat
+from shoal.protocol.engine.host_state import SERVING
+from shoal.protocol.epoch import EpochState
+from shoal.protocol.frames import Envelope, EpochKey, Heartbeat, HostState, Rejection, Repeat
 
 NEVER = float("-inf")
 WINDOW = 30  # frames of a peer that may arrive out of order; 30 bits keep it one machine word
@@ -55,6 +57,27 @@ class Peer:
         """A frame numbered past the newest one seen: slide the replay window to it."""
         self.window = ((self.window << (seq - self.last_seq)) | 1) & WINDOW_MASK
         self.last_seq = seq
+
+
+def behind_on(hb: Heartbeat | None, e: EpochState, digest: bytes) -> bool:
+    """The sender, of this configuration and serving, holds another epoch than ``e``: it
+    needs ``e``'s map."""
+    return (
+        hb is not None and hb.config_digest == digest and hb.state in SERVING and hb.epoch != e.key
+    )
+
+
+def other_cluster(hb: Heartbeat | None, host: int, e: EpochState, digest: bytes) -> bool:
+    """The sender, of this configuration and not a member of ``e``, is converged in another
+    epoch: two clusters of one configuration (a partition healed)."""
+    return (
+        hb is not None
+        and hb.epoch is not None
+        and hb.epoch != e.key
+        and host not in e.members
+        and hb.state is HostState.CONVERGED
+        and hb.config_digest == digest
+    )
 
 
 class Roster:
