@@ -179,3 +179,41 @@ def test_decoder_is_total_on_authenticated_garbage(payload: bytes, ftype: int, h
     wire = CODEC._seal(ftype, host, 1, 1, payload)  # type: ignore[arg-type]
     out = CODEC.decode(wire)
     assert isinstance(out, Rejection | Heartbeat | MapChunk)
+
+
+def steady(n: int, rules: int = 3) -> Heartbeat:
+    """A converged member's heartbeat in an n-host cluster: it hears every member and its
+    vote is its record (both bitmaps left out), an IPv4 dedicated address."""
+    members = frozenset(range(1, n + 1))
+    return Heartbeat(
+        host_id=2,
+        incarnation=1,
+        seq=1,
+        state=HostState.CONVERGED,
+        flags=Flag.HAS_EPOCH,
+        config_digest=b"x" * 8,
+        epoch=EpochKey(5, 1, 1),
+        epoch_digest=b"y" * 8,
+        acks=members - {2},
+        rules=tuple(RuleReport(50, RuleState.ENABLED, 1) for _ in range(rules)),
+        record=members,
+        vote=members,
+        dedicated_ip=ipaddress.ip_address("198.18.0.12"),
+        echoes=(0,) * (n - 1),
+    )
+
+
+def test_heartbeat_sizes() -> None:
+    """The sizes docs/convergence.md gives: a steady heartbeat with 3 rules at 4 and at 256
+    hosts, and the largest one (256 hosts, 32 rules, 128 silences, every bitmap, an IPv6
+    address), which still fits a 1500-byte MTU."""
+    assert len(CODEC.encode(steady(4))) == 151
+    assert len(CODEC.encode(steady(256))) == 403
+    largest = replace(
+        steady(256, rules=32),
+        record=frozenset(range(1, 200)),
+        vote=frozenset(range(1, 100)),
+        silences=tuple((h, 5) for h in range(3, 131)),
+        dedicated_ip=ipaddress.ip_address("2001:db8::12"),
+    )
+    assert len(CODEC.encode(largest)) == 1363 <= MTU_PAYLOAD
