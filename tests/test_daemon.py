@@ -172,7 +172,8 @@ def test_rule_verbs(lab: Lab) -> None:
 
 def test_bad_frames_change_nothing_and_are_counted(lab: Lab) -> None:
     wait_for(lab, ALL)
-    before = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
+    params = json.loads(shoal(lab, "h1", "params", "--json").stdout)
+    before, before_reads = params["counters"], params["reads"]
     code = (
         "import socket, os\n"
         "from shoal.protocol.frames import VERSION\n"
@@ -193,6 +194,9 @@ def test_bad_frames_change_nothing_and_are_counted(lab: Lab) -> None:
         return sum(after[k] - before[k] for k in junk)
 
     until("40 junk frames counted as rejected", lambda: rejected() >= 40, seconds=5)
+    # 40 frames in a burst, closer together than a tenth of a period: read in batches
+    reads = json.loads(shoal(lab, "h1", "params", "--json").stdout)["reads"]
+    assert reads["batches"] > before_reads["batches"], (before_reads, reads)
     wait_for(lab, ALL)
 
 

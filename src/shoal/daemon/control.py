@@ -71,6 +71,8 @@ def _rules_for(d: Daemon, port: Any, vip: Any) -> list[int] | str:
             want = ipaddress.ip_address(vip)
         except (TypeError, ValueError):
             return f"vip: {vip!r} is not an IP address"
+        if want not in d.cfg.cluster.all_vips:
+            return f"vip: {vip} is not a VIP of cluster {d.cfg.cluster.name}"
     on_vip = [i for i, r in enumerate(rules) if want is None or r.vip == "all" or r.vip == want]
     if port == "all":
         return on_vip or f"vip: no port rule covers {vip}"
@@ -119,6 +121,7 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
             "owned_tokens": snap.owned_tokens,
             "lease_left_ms": None if snap.lease_left is None else round(snap.lease_left * 1000),
             "counters": snap.counters,
+            "reads": dict(d.reads),
             "rules": [asdict(c) for c in d.backend.counters()],
         }
     if cmd == "reload":

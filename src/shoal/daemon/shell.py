@@ -70,6 +70,7 @@ class Daemon:
         self.timer_at = 0.0  # the engine deadline the timer is armed for
         self.last_wake = 0.0
         self.held: asyncio.TimerHandle | None = None  # the next batch, reader off meanwhile
+        self.reads = {"wakeups": 0, "batches": 0}  # socket reads: one per frame, or batched
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
@@ -134,6 +135,7 @@ class Daemon:
         return min(0.010, self.engine.timing.period / 10)
 
     def on_readable(self) -> None:
+        self.reads["wakeups"] += 1
         self.receive()
         self.after()
         now = self.now()
@@ -149,6 +151,7 @@ class Daemon:
         """A batch: what came during the hold. Listen for each frame again once a hold
         went by without one."""
         assert self.loop is not None
+        self.reads["batches"] += 1
         busy = self.receive() > 0
         self.after()
         if busy:

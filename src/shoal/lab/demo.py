@@ -100,7 +100,8 @@ def demo(hosts: int = 4) -> int:
         if not run.wait(everyone, seconds=15):
             problems.append(f"host {victim} did not rejoin: {run.states()}")
         run.show("distribution after the rejoin", 3)
-        drained = 2
+        # a host that kept its sessions through the crash (the victim's died with it)
+        drained = next(h for h in range(hosts, 0, -1) if h != victim)
         console.rule(f"drainstop host {drained}")
         call(lab.control(drained), {"cmd": "drainstop"})
         drain_at = time.time()
