@@ -1,8 +1,20 @@
 """The convergence engine: one host's membership and map agreement, without I/O.
 
-:class:`Engine` (in :mod:`.core`) is the public object; its parts each own one kind of
-state: :mod:`.host_state` (the host state and the operator verbs, as a table),
-:mod:`.phase` (where the host stands with its epoch), :mod:`.timing` (every delay).
+:class:`Engine` (in :mod:`.core`) is the public object: it takes the inputs, runs a step in
+a fixed order and publishes the outputs; :meth:`Engine.snapshot` is its read-only picture.
+Each part owns one kind of state or one rule, and none reaches back into the engine:
+
+* :mod:`.host_state` — the host state and the operator verbs, as one table;
+* :mod:`.phase` and :mod:`.holding` — the epoch held, its phase, the tokens, record, vote;
+* :mod:`.peers` — the peers, liveness, replay, and what is derived from them;
+* :mod:`.epochs` — the epochs known and arriving in map chunks;
+* :mod:`.leader` — the election, forming a cluster, the next epoch;
+* :mod:`.ready` — the READY rule and the fence;
+* :mod:`.tenure` — the rules that set the lease;
+* :mod:`.beacon` — what is sent, numbered and when;
+* :mod:`.timing` — every delay; :mod:`.snapshot` — the read-only picture.
+
+docs/architecture.md says where each kind of change goes.
 """
 
 from shoal.protocol.engine.core import CommandResult, Engine

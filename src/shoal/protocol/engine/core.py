@@ -230,7 +230,6 @@ class Engine:
             lease_left=None if lease is None else max(0.0, lease - now),
             dedicated_ip=self.dedicated_ip,
             peers=tuple(live),
-            heard={h: p.last_heard for h, p in self.peers.items()},
             counters=self.counters,
         )
 

@@ -41,7 +41,6 @@ class Snapshot:
     lease_left: float | None  # seconds of lease left (None: no lease)
     dedicated_ip: IP | None
     peers: tuple[PeerView, ...]  # live ones, by id
-    heard: dict[int, float]  # every peer known, and when it was last heard (engine time)
     counters: dict[str, int]
 
     @property
