@@ -7,6 +7,8 @@ random draws of the simulator do.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from shoal.protocol.engine import Engine
@@ -91,6 +93,19 @@ def test_a_dead_daemons_kernel_stops_before_its_buckets_move() -> None:
 # --------------------------------------------------------------------------- fence
 
 
+@dataclass(frozen=True)
+class NoWait(Timing):
+    """Delays with a fence that is over at once."""
+
+    @property
+    def lease(self) -> float:
+        return -1e9
+
+    @property
+    def margin(self) -> float:
+        return 0.0
+
+
 class NoFence(Engine):
     """A broken leader: READY as soon as the members reported their releases, without
     waiting for the leases of the hosts it fenced out to run out."""
@@ -99,8 +114,7 @@ class NoFence(Engine):
         e = self.epoch
         if e is None or self.epoch_ready:
             return
-        nowait = Timing(self.timing.period, 0)
-        object.__setattr__(nowait, "__dict__", {**nowait.__dict__, "lease": -1e9, "margin": 0.0})
+        nowait = NoWait(self.timing.period, 0)
         why = blocker(e, self.me, self.roster, {}, self.eligible_since, self.digest, nowait, now)
         if why is None or why < float("inf"):
             self._ready(now)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shoal.protocol.engine import Command
-from shoal.protocol.frames import HostState
+from shoal.protocol.engine.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from shoal.daemon.shell import Daemon
@@ -33,8 +33,7 @@ VERBS = {
 }
 
 
-def query(d: Daemon) -> dict[str, Any]:
-    snap = d.engine.snapshot(d.now())
+def query(d: Daemon, snap: Snapshot) -> dict[str, Any]:
     hosts = [
         {
             "host_id": snap.host_id,
@@ -44,11 +43,10 @@ def query(d: Daemon) -> dict[str, Any]:
         }
     ]
     for p in snap.peers:
-        default = p.default and p.state is HostState.CONVERGED
         hosts.append(
             {
                 "host_id": p.host_id,
-                "state": "converged (default)" if default else p.state.name.lower(),
+                "state": p.state_name,
                 "dedicated_ip": str(p.dedicated_ip) if p.dedicated_ip else None,
                 "this_host": False,
             }
@@ -84,15 +82,10 @@ def _rules_for(d: Daemon, port: Any, vip: Any) -> list[int] | str:
     return found or f"port: no port rule covers port {p}" + (f" on {vip}" if vip else "")
 
 
-def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
-    cmd = req.get("cmd")
-    if cmd not in VERBS:
-        return {"ok": False, "error": f"cmd: unknown command {cmd!r}"}
-    e = d.engine
-    now = d.now()
-    snap = e.snapshot(now)
+def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
+    """query, display and params: what this host knows, read from one snapshot."""
     if cmd == "query":
-        return query(d)
+        return query(d, snap)
     if cmd == "display":
         return {
             "ok": True,
@@ -102,28 +95,37 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
             "host": json.loads(d.cfg.host.model_dump_json()),
             "events": d.events[-50:],
         }
-    if cmd == "params":
-        return {
-            "ok": True,
-            "state": snap.state_name,
-            "host_id": snap.host_id,
-            "period_ms": d.cfg.cluster.period_ms,
-            "loss_tolerance": d.cfg.cluster.tolerance,
-            "lease_ms": round(e.timing.lease * 1000),
-            "buckets": d.cfg.cluster.buckets,
-            "hash_seed": d.cfg.cluster.seed,
-            "mode": d.cfg.cluster.mode.value,
-            "partition_policy": d.cfg.cluster.partition_policy.value,
-            "cluster_digest": d.cfg.cluster.digest(),
-            "incarnation": snap.incarnation,
-            "epoch": str(snap.epoch) if snap.epoch else None,
-            "leader": snap.leader,
-            "owned_tokens": snap.owned_tokens,
-            "lease_left_ms": None if snap.lease_left is None else round(snap.lease_left * 1000),
-            "counters": snap.counters,
-            "reads": dict(d.reads),
-            "rules": [asdict(c) for c in d.backend.counters()],
-        }
+    return {
+        "ok": True,
+        "state": snap.state_name,
+        "host_id": snap.host_id,
+        "period_ms": d.cfg.cluster.period_ms,
+        "loss_tolerance": d.cfg.cluster.tolerance,
+        "lease_ms": round(d.engine.timing.lease * 1000),
+        "buckets": d.cfg.cluster.buckets,
+        "hash_seed": d.cfg.cluster.seed,
+        "mode": d.cfg.cluster.mode.value,
+        "partition_policy": d.cfg.cluster.partition_policy.value,
+        "cluster_digest": d.cfg.cluster.digest(),
+        "incarnation": snap.incarnation,
+        "epoch": str(snap.epoch) if snap.epoch else None,
+        "leader": snap.leader,
+        "owned_tokens": snap.owned_tokens,
+        "lease_left_ms": None if snap.lease_left is None else round(snap.lease_left * 1000),
+        "counters": snap.counters,
+        "reads": dict(d.reads),
+        "rules": [asdict(c) for c in d.backend.counters()],
+    }
+
+
+def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
+    cmd = req.get("cmd")
+    if cmd not in VERBS:
+        return {"ok": False, "error": f"cmd: unknown command {cmd!r}"}
+    e = d.engine
+    now = d.now()
+    if cmd in ("query", "display", "params"):
+        return _report(d, cmd, e.snapshot(now))
     if cmd == "reload":
         return d.reload()
     if cmd in ("enable", "disable", "drain"):

@@ -87,7 +87,6 @@ class Scenario:
     wire: str = ""  # a digest of every frame sent, with when and by whom
     events: list[tuple[int, float, str]] = field(default_factory=list)  # (host, at, text)
     frames: int = 0
-    split_ended: float | None = None  # when exclusivity was checked again after a split
 
 
 def run_scenario(
@@ -263,7 +262,6 @@ def run_scenario(
     if not sim.check_exclusive:
         # the sides of a split may both have served until the repair converged (the
         # available policy, by design): from then on nothing is accepted twice again
-        sc.split_ended = sim.now
         sim.check_exclusive_again()
         sim.run_until(sim.now + 20 * p)
         if not (sim.converged(set(ids)) and sim.covered()):

@@ -446,12 +446,9 @@ class Engine:
         return why
 
     def _heard(self, now: float) -> None:
-        """A host was heard: the soonest silence deadline is now + detect at the latest
-        (:meth:`Roster.heard`, written out: this runs for every frame)."""
-        roster = self.roster
-        if roster.expiry_check > now + self.detect:
-            roster.expiry_check = now + self.detect
-            self._deadline = min(self._deadline, roster.expiry_check)
+        """A host was heard: the soonest silence deadline is now + detect at the latest."""
+        if self.roster.heard(now):
+            self._deadline = min(self._deadline, self.roster.expiry_check)
 
     def _reject(self, why: Rejection) -> Rejection:
         self.rejected[why.value] += 1
@@ -466,7 +463,7 @@ class Engine:
         if p.last_heard + self.ack_window < now:
             roster.view += 1  # heard again after a silence: acknowledged again
         p.last_heard = now
-        if roster.expiry_check > now + self.detect:  # (_heard, written out)
+        if roster.expiry_check > now + self.detect:  # (Roster.heard, written out: every frame)
             roster.expiry_check = now + self.detect
             self._deadline = min(self._deadline, roster.expiry_check)
         p.beat = data[rep.beat_at]
@@ -527,7 +524,7 @@ class Engine:
         count = tenure.count
         if count is None or sent <= count.basis:
             return  # the lease already counts from this beat or a newer one (most echoes)
-        h = self.holding
+        h = self.holding  # (_lease_regime, written out: every echo that moves the lease)
         if count.built_for == (h.epoch, h.ready, self.roster.generation):
             basis = count.echoed(p.host_id, before, sent)
             # a lease not yet given or already run out is left to the next step, which must

@@ -14,6 +14,13 @@ from shoal.protocol.frames import EpochKey, HostState
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+def state_name(state: HostState, default: bool) -> str:
+    """As NLB's ``query`` says it: ``converged (default)`` for the default host."""
+    if state is HostState.CONVERGED and default:
+        return "converged (default)"
+    return state.name.lower()
+
+
 @dataclass(frozen=True)
 class PeerView:
     """A peer heard within the detection time, as its last heartbeat describes it."""
@@ -24,6 +31,10 @@ class PeerView:
     epoch: EpochKey | None
     default: bool  # the default host of this host's epoch, and following it
     silent_for: float  # seconds since it was last heard
+
+    @property
+    def state_name(self) -> str:
+        return state_name(self.state, self.default)
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,4 @@ class Snapshot:
 
     @property
     def state_name(self) -> str:
-        """As NLB's ``query`` says it: ``converged (default)`` for the default host."""
-        if self.state is HostState.CONVERGED and self.default:
-            return "converged (default)"
-        return self.state.name.lower()
+        return state_name(self.state, self.default)
