@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from shoal.cluster_mac import ClusterMode, ip2mac
-from shoal.config import ConfigError, Profile, ShoalConfig, check_cluster, load_config
-from shoal.lab.topology import Lab, LabError
+from shoal.config import ConfigError, ShoalConfig, check_cluster, load_config
+from shoal.console import EXIT_INVALID, err, fail, out
+from shoal.lab.cli import lab_app
 from shoal.plan import plan
 
 app = typer.Typer(
@@ -24,15 +24,7 @@ app = typer.Typer(
     help="shoal: Network Load Balancing for Linux.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-out = Console()
-err = Console(stderr=True)
-
-EXIT_INVALID = 1
-
-
-def _fail(message: str, code: int = EXIT_INVALID) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
+app.add_typer(lab_app, name="lab")
 
 
 def _load_all(files: list[Path]) -> list[ShoalConfig]:
@@ -58,10 +50,10 @@ def _id_list(text: str | None, option: str) -> set[int] | None:
     try:
         ids = {int(x) for x in text.split(",") if x.strip()}
     except ValueError:
-        raise _fail(f"{option}: expected host ids like 1,2,3, got {text!r}", 2) from None
+        raise fail(f"{option}: expected host ids like 1,2,3, got {text!r}", 2) from None
     bad = sorted(i for i in ids if not 1 <= i <= 256)
     if bad:
-        raise _fail(f"{option}: host id {bad[0]} is outside 1..256", 2)
+        raise fail(f"{option}: host id {bad[0]} is outside 1..256", 2)
     return ids
 
 
@@ -74,7 +66,7 @@ def ip2mac_cmd(
     try:
         address = ipaddress.ip_address(vip)
     except ValueError:
-        raise _fail(f"VIP: {vip!r} is not an IP address", 2) from None
+        raise fail(f"VIP: {vip!r} is not an IP address", 2) from None
     typer.echo(ip2mac(address, mode))
 
 
@@ -107,7 +99,7 @@ def plan_cmd(
     for opt, ids in (("--members", live), ("--from", before or set())):
         unknown = sorted(ids - known)
         if unknown:
-            raise _fail(f"{opt}: host {unknown[0]} has no configuration file", 2)
+            raise fail(f"{opt}: host {unknown[0]} has no configuration file", 2)
     plans = plan(configs, live, before)
     if as_json:
         doc = {
@@ -182,12 +174,12 @@ def daemon(
     try:
         d.prepare()
     except AdapterError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     try:
         asyncio.run(d.run())
     except OSError as e:
         # the socket or the kernel refused something at start (e.g. an old kernel)
-        raise _fail(f"daemon: {e}") from None
+        raise fail(f"daemon: {e}") from None
     finally:
         d.restore()
 
@@ -209,7 +201,7 @@ def _control_path(control: Path | None, config: Path | None) -> Path:
     try:
         return default_control(load_config(path))
     except ConfigError as e:
-        raise _fail(f"cannot find the daemon: {e}", EXIT_UNREACHABLE) from None
+        raise fail(f"cannot find the daemon: {e}", EXIT_UNREACHABLE) from None
 
 
 ControlOpt = Annotated[Path | None, typer.Option("--control", help="Daemon control socket.")]
@@ -224,9 +216,9 @@ def _call(req: dict[str, object], control: Path | None, config: Path | None) -> 
     try:
         resp = call(path, req)
     except (OSError, ValueError) as e:
-        raise _fail(f"no daemon answers on {path}: {e}", EXIT_UNREACHABLE) from None
+        raise fail(f"no daemon answers on {path}: {e}", EXIT_UNREACHABLE) from None
     if not resp.get("ok"):
-        raise _fail(str(resp.get("error")), EXIT_REFUSED)
+        raise fail(str(resp.get("error")), EXIT_REFUSED)
     return resp
 
 
@@ -294,7 +286,7 @@ def _rule_verb(
         try:
             ipaddress.ip_address(vip)
         except ValueError:
-            raise _fail(f"--vip: {vip!r} is not an IP address", 2) from None
+            raise fail(f"--vip: {vip!r} is not an IP address", 2) from None
     _verb(cmd, control, config, port=port, vip=vip)
 
 
@@ -384,119 +376,6 @@ def _scalar(v: object) -> str:
 def reload(control: ControlOpt = None, config: ConfigOpt = None) -> None:
     """Re-read the configuration file (an invalid file is refused; nothing changes)."""
     _verb("reload", control, config)
-
-
-lab_app = typer.Typer(
-    help="A real cluster in network namespaces (needs root).", no_args_is_help=True
-)
-app.add_typer(lab_app, name="lab")
-
-
-def _lab(name: str) -> Lab:
-    try:
-        return Lab.load(name)
-    except LabError as e:
-        raise _fail(str(e)) from None
-
-
-@lab_app.command("up")
-def lab_up(
-    name: Annotated[str, typer.Option(help="Lab name (1-8 lower-case letters/digits).")] = "lab",
-    hosts: Annotated[int, typer.Option(help="Number of cluster hosts.")] = 3,
-    mode: Annotated[ClusterMode, typer.Option(help="Cluster mode.")] = ClusterMode.UNICAST,
-    ipv6: Annotated[bool, typer.Option("--ipv6", help="Add IPv6 VIP and clients.")] = False,
-    no_service: Annotated[bool, typer.Option("--no-service", help="Start no service.")] = False,
-    no_daemon: Annotated[
-        bool, typer.Option("--no-daemon", help="No shoal daemons: a bare lab for data-plane tests.")
-    ] = False,
-    profile: Annotated[Profile, typer.Option(help="Heartbeat timing profile.")] = Profile.DEFAULT,
-    weights: Annotated[
-        str, typer.Option(help="The web rule's load weight per host, e.g. 1,2,3 (default equal).")
-    ] = "",
-) -> None:
-    """Build a lab: switch, hosts h1..hN, router, clients c1..c3."""
-    try:
-        loads = [int(w) for w in weights.split(",")] if weights else []
-    except ValueError:
-        raise _fail(f"--weights {weights!r}: comma-separated integers 0..100", 2) from None
-    lab = Lab(
-        name=name,
-        hosts=hosts,
-        mode=mode.value,
-        ipv6=ipv6,
-        daemons=not no_daemon,
-        profile=profile.value,
-        weights=loads,
-    )
-    try:
-        lab.up(service=not no_service)
-    except LabError as e:
-        raise _fail(str(e)) from None
-    typer.echo(json.dumps(lab.status()))
-
-
-@lab_app.command("status")
-def lab_status(name: Annotated[str, typer.Argument()] = "lab") -> None:
-    """Show a lab's nodes, namespaces and processes."""
-    typer.echo(json.dumps(_lab(name).status(), indent=2))
-
-
-@lab_app.command("down")
-def lab_down(name: Annotated[str, typer.Argument()] = "lab") -> None:
-    """Tear a lab down (idempotent)."""
-    try:
-        lab = Lab.load(name)
-    except LabError:
-        lab = Lab(name=name)
-    lab.down()
-    typer.echo(f"lab {name} is down")
-
-
-@lab_app.command(
-    "exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
-)
-def lab_exec(
-    ctx: typer.Context,
-    name: Annotated[str, typer.Argument()],
-    node: Annotated[str, typer.Argument(help="h1..hN, rt, sw or c1..c3")],
-) -> None:
-    """Run a command inside a lab node: shoal lab exec NAME h1 -- CMD..."""
-    if not ctx.args:
-        raise _fail("give a command after --", 2)
-    try:
-        code = _lab(name).exec(node, list(ctx.args))
-    except LabError as e:
-        raise _fail(str(e)) from None
-    raise typer.Exit(code)
-
-
-@lab_app.command("demo")
-def lab_demo(hosts: Annotated[int, typer.Option(help="Cluster hosts.")] = 4) -> None:
-    """The live demo: traffic, a crash, a rejoin, a drainstop, and a summary."""
-    from shoal.lab.demo import demo
-
-    raise typer.Exit(demo(hosts))
-
-
-@lab_app.command("verify")
-def lab_verify(
-    name: Annotated[str, typer.Argument()] = "lab",
-    flows: Annotated[int, typer.Option(help="Number of flows.")] = 2000,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:
-    """Install a random map (no daemon) and check each flow against the reference model."""
-    from shoal.lab.verify import verify
-
-    if flows < 1:
-        raise _fail(f"--flows {flows}: give at least one flow", 2)
-    try:
-        result = verify(_lab(name), flows, seed)
-    except LabError as e:
-        raise _fail(str(e)) from None
-    typer.echo(json.dumps(result, indent=None if as_json else 2))
-    bad = result["mismatches"] or result["double_accepts"] or result["unaccepted"]
-    raise typer.Exit(1 if bad else 0)
 
 
 def main() -> None:

@@ -5,6 +5,9 @@ a fixed order and publishes the outputs; :meth:`Engine.snapshot` is its read-onl
 Each part owns one kind of state or one rule, and none reaches back into the engine:
 
 * :mod:`.host_state` — the host state and the operator verbs, as one table;
+* :mod:`.verbs` — a verb or a reload, carried out;
+* :mod:`.intake` — frames in: authentication, replay, repeats, what a heartbeat says;
+* :mod:`.sending` — frames out: the heartbeat composed, map chunks;
 * :mod:`.phase` and :mod:`.holding` — the epoch held, its phase, the tokens, record, vote;
 * :mod:`.peers` — the peers, liveness, replay, and what is derived from them;
 * :mod:`.epochs` — the epochs known and arriving in map chunks;
@@ -17,10 +20,11 @@ Each part owns one kind of state or one rule, and none reaches back into the eng
 docs/architecture.md says where each kind of change goes.
 """
 
-from shoal.protocol.engine.core import CommandResult, Engine
+from shoal.protocol.engine.core import Engine
 from shoal.protocol.engine.host_state import Command
 from shoal.protocol.engine.leader import MAX_BASES
 from shoal.protocol.engine.phase import Phase
 from shoal.protocol.engine.timing import Timing
+from shoal.protocol.engine.verbs import CommandResult
 
 __all__ = ["MAX_BASES", "Command", "CommandResult", "Engine", "Phase", "Timing"]

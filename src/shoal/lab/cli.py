@@ -1,0 +1,124 @@
+"""``shoal lab``: a real cluster in network namespaces, its self-check and the demo."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from shoal.cluster_mac import ClusterMode
+from shoal.config import Profile
+from shoal.console import fail
+from shoal.lab.topology import Lab, LabError
+
+lab_app = typer.Typer(
+    help="A real cluster in network namespaces (needs root).", no_args_is_help=True
+)
+
+
+def _lab(name: str) -> Lab:
+    try:
+        return Lab.load(name)
+    except LabError as e:
+        raise fail(str(e)) from None
+
+
+@lab_app.command("up")
+def lab_up(
+    name: Annotated[str, typer.Option(help="Lab name (1-8 lower-case letters/digits).")] = "lab",
+    hosts: Annotated[int, typer.Option(help="Number of cluster hosts.")] = 3,
+    mode: Annotated[ClusterMode, typer.Option(help="Cluster mode.")] = ClusterMode.UNICAST,
+    ipv6: Annotated[bool, typer.Option("--ipv6", help="Add IPv6 VIP and clients.")] = False,
+    no_service: Annotated[bool, typer.Option("--no-service", help="Start no service.")] = False,
+    no_daemon: Annotated[
+        bool, typer.Option("--no-daemon", help="No shoal daemons: a bare lab for data-plane tests.")
+    ] = False,
+    profile: Annotated[Profile, typer.Option(help="Heartbeat timing profile.")] = Profile.DEFAULT,
+    weights: Annotated[
+        str, typer.Option(help="The web rule's load weight per host, e.g. 1,2,3 (default equal).")
+    ] = "",
+) -> None:
+    """Build a lab: switch, hosts h1..hN, router, clients c1..c3."""
+    try:
+        loads = [int(w) for w in weights.split(",")] if weights else []
+    except ValueError:
+        raise fail(f"--weights {weights!r}: comma-separated integers 0..100", 2) from None
+    lab = Lab(
+        name=name,
+        hosts=hosts,
+        mode=mode.value,
+        ipv6=ipv6,
+        daemons=not no_daemon,
+        profile=profile.value,
+        weights=loads,
+    )
+    try:
+        lab.up(service=not no_service)
+    except LabError as e:
+        raise fail(str(e)) from None
+    typer.echo(json.dumps(lab.status()))
+
+
+@lab_app.command("status")
+def lab_status(name: Annotated[str, typer.Argument()] = "lab") -> None:
+    """Show a lab's nodes, namespaces and processes."""
+    typer.echo(json.dumps(_lab(name).status(), indent=2))
+
+
+@lab_app.command("down")
+def lab_down(name: Annotated[str, typer.Argument()] = "lab") -> None:
+    """Tear a lab down (idempotent)."""
+    try:
+        lab = Lab.load(name)
+    except LabError:
+        lab = Lab(name=name)
+    lab.down()
+    typer.echo(f"lab {name} is down")
+
+
+@lab_app.command(
+    "exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True}
+)
+def lab_exec(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument()],
+    node: Annotated[str, typer.Argument(help="h1..hN, rt, sw or c1..c3")],
+) -> None:
+    """Run a command inside a lab node: shoal lab exec NAME h1 -- CMD..."""
+    if not ctx.args:
+        raise fail("give a command after --", 2)
+    try:
+        code = _lab(name).exec(node, list(ctx.args))
+    except LabError as e:
+        raise fail(str(e)) from None
+    raise typer.Exit(code)
+
+
+@lab_app.command("demo")
+def lab_demo(hosts: Annotated[int, typer.Option(help="Cluster hosts.")] = 4) -> None:
+    """The live demo: traffic, a crash, a rejoin, a drainstop, and a summary."""
+    from shoal.lab.demo import demo
+
+    raise typer.Exit(demo(hosts))
+
+
+@lab_app.command("verify")
+def lab_verify(
+    name: Annotated[str, typer.Argument()] = "lab",
+    flows: Annotated[int, typer.Option(help="Number of flows.")] = 2000,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Install a random map (no daemon) and check each flow against the reference model."""
+    from shoal.lab.verify import verify
+
+    if flows < 1:
+        raise fail(f"--flows {flows}: give at least one flow", 2)
+    try:
+        result = verify(_lab(name), flows, seed)
+    except LabError as e:
+        raise fail(str(e)) from None
+    typer.echo(json.dumps(result, indent=None if as_json else 2))
+    bad = result["mismatches"] or result["double_accepts"] or result["unaccepted"]
+    raise typer.Exit(1 if bad else 0)

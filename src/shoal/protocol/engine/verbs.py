@@ -1,0 +1,170 @@
+"""Operator inputs: the NLB verbs and a reload of the configuration.
+
+:class:`OperatorInputs` is the part of :class:`~shoal.protocol.engine.core.Engine` that
+carries out a verb: the host-state table (:mod:`.host_state`) says where the host goes and
+what to do, and this does it (forget or keep the epoch, lend no vote, start a drain, set a
+rule's state). A base of the engine: what it reads is declared below, and it calls back
+only :meth:`_step`, :meth:`_emit` and :meth:`_could_join`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shoal.config import FilteringMode, PartitionPolicy, PortRule, ShoalConfig
+from shoal.dataplane.contract import RuleState
+from shoal.protocol.engine.beacon import Beacon
+from shoal.protocol.engine.holding import Holding
+from shoal.protocol.engine.host_state import RULE_COMMANDS, Act, Command, HostStateMachine
+from shoal.protocol.engine.leader import Leader
+from shoal.protocol.engine.peers import Peer, Roster
+from shoal.protocol.engine.timing import Timing
+from shoal.protocol.events import EventId
+from shoal.protocol.frames import Heartbeat
+
+RULE_TARGETS = {
+    Command.ENABLE: (RuleState.ENABLED, EventId.RULE_ENABLED),
+    Command.DISABLE: (RuleState.DISABLED, EventId.RULE_DISABLED),
+    Command.DRAIN: (RuleState.DRAINING, EventId.RULE_DRAINING),
+}
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    ok: bool
+    message: str
+
+
+class OperatorInputs:
+    """Verbs and reloads, carried out."""
+
+    me: int
+    cfg: ShoalConfig
+    rules: list[PortRule]
+    rule_states: tuple[RuleState, ...]
+    digest: bytes
+    quorum: bool
+    detect: float
+    host: HostStateMachine
+    holding: Holding
+    leader: Leader
+    roster: Roster
+    peers: dict[int, Peer]
+    beacon: Beacon
+    started_at: float
+    eligible_since: float
+    drain_deadline: float | None
+    drain_started: float
+
+    if TYPE_CHECKING:
+
+        def _step(self, now: float, timers: bool = True) -> None: ...
+        def _emit(self, eid: EventId, now: float, **fields: object) -> None: ...
+        def _could_join(self, hb: Heartbeat) -> bool: ...
+        def _use_timing(self, timing: Timing) -> None: ...
+
+    def command(
+        self, cmd: Command, now: float, rule: int | None = None, timeout: float | None = None
+    ) -> CommandResult:
+        """An operator verb; ``rule`` is a rule index for enable/disable/drain (None: all)."""
+        if cmd in RULE_COMMANDS and rule is not None and not 0 <= rule < len(self.rules):
+            result = CommandResult(False, f"no rule with index {rule}")
+        else:
+            result = self._command(cmd, now, rule, timeout)
+        if result.ok:
+            self.beacon.dirty = True
+            self._step(now)
+        elif cmd in RULE_COMMANDS:
+            self._emit(EventId.RULE_COMMAND_REFUSED, now, command=cmd.value, reason=result.message)
+        return result
+
+    def reload(self, config: ShoalConfig, now: float) -> str:
+        """Apply a new configuration of this host; returns what changed."""
+        if config.host.host_id != self.me:
+            raise ValueError("host.host_id cannot change on reload; restart the daemon")
+        new_digest = config.cluster.heartbeat_digest()
+        old_rules = self.rules
+        self.cfg = config
+        self.leader.forget_plan()
+        if new_digest != self.digest:
+            cl = config.cluster
+            self.digest = new_digest
+            self._use_timing(Timing(cl.period_ms / 1000.0, cl.tolerance))
+            self.roster.detect = self.detect
+            self.rules = cl.effective_rules
+            self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
+            if len(self.rules) != len(old_rules):
+                self.rule_states = (RuleState.ENABLED,) * len(self.rules)
+            self._leave()
+            for p in self.peers.values():
+                if p.hb is not None:
+                    p.eligible = self._could_join(p.hb)
+                    p.repeat = None
+            self.roster.view += 1
+            self.started_at = now
+            self.eligible_since = now
+            self.holding.why_converging = "cluster parameters changed"
+            what = "cluster parameters changed: reconverging"
+        else:
+            what = "host parameters applied"
+        self._emit(EventId.RELOADED, now, what=what)
+        self.beacon.dirty = True
+        self._step(now)
+        return what
+
+    def _command(
+        self, cmd: Command, now: float, rule: int | None, timeout: float | None
+    ) -> CommandResult:
+        """Move the host state by the table, then do what the move asks."""
+        m = self.host.move(cmd)
+        act = m.act
+        if act is Act.START:
+            self._drop_epoch()
+        elif act is Act.RESTART:
+            self._emit(EventId.DRAIN_INTERRUPTED, now, command="start")
+            self.drain_deadline = None
+        elif act is Act.INTERRUPT_AND_STOP:
+            self._emit(EventId.DRAIN_INTERRUPTED, now, command="stop")
+        if act in (Act.START, Act.RESTART):
+            self.eligible_since = now
+            self._emit(EventId.CLUSTER_STARTED, now)
+        elif act in (Act.STOP, Act.INTERRUPT_AND_STOP):
+            self._stop(now)
+        elif act is Act.DRAIN:
+            self.holding.lend_no_vote()  # the others carry on without this host
+            self.drain_deadline = now + timeout if timeout is not None else None
+            self.drain_started = now
+            self._emit(EventId.DRAIN_STARTED, now)
+        elif act is Act.SUSPEND:
+            self._stop(now, announce=False)
+            self._emit(EventId.SUSPENDED, now)
+        elif act is Act.RESUME:
+            self._emit(EventId.RESUMED, now)
+        elif act is Act.RULES:
+            return self._rule_command(cmd, now, rule)
+        return CommandResult(m.ok, m.message)
+
+    def _rule_command(self, cmd: Command, now: float, rule: int | None) -> CommandResult:
+        target, ev = RULE_TARGETS[cmd]
+        for i in range(len(self.rules)) if rule is None else [rule]:
+            self.rule_states = (*self.rule_states[:i], target, *self.rule_states[i + 1 :])
+            if self.rules[i].mode is not FilteringMode.DISABLED:
+                self._emit(ev, now, rule=self.rules[i].key)
+        which = "all rules" if rule is None else f"rule {self.rules[rule].key}"
+        return CommandResult(True, f"{which}: {target.name.lower()}")
+
+    def _stop(self, now: float, announce: bool = True) -> None:
+        """Let go of everything and leave (the host state moved already)."""
+        self.drain_deadline = None
+        self._leave()
+        if announce:
+            self._emit(EventId.CLUSTER_STOPPED, now)
+
+    def _leave(self) -> None:
+        self.holding.lend_no_vote()
+        self._drop_epoch()
+
+    def _drop_epoch(self) -> None:
+        self.holding.drop()
+        self.leader.forget()
