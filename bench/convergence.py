@@ -24,8 +24,9 @@ import random
 import statistics
 import time
 
+from shoal.protocol.codec import Codec
 from shoal.protocol.engine import Command, Engine
-from shoal.protocol.frames import TAG_LEN, Codec
+from shoal.protocol.frames import TAG_LEN
 from shoal.sim.checkers import InvariantViolation
 from shoal.sim.cluster import SimCluster, SimHost
 from shoal.sim.scenario import KEY, cluster_configs, run_scenario

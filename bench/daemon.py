@@ -33,7 +33,8 @@ from pathlib import Path
 from shoal.cluster_mac import ClusterMode
 from shoal.config import load_config
 from shoal.lab.topology import Lab, pyenv
-from shoal.protocol.frames import ETHERTYPE, Codec, Flag, Heartbeat, HostState, cluster_id
+from shoal.protocol.codec import Codec
+from shoal.protocol.frames import ETHERTYPE, Flag, Heartbeat, HostState, cluster_id
 
 HOSTS = [2, 32, 128, 256]
 

@@ -257,7 +257,8 @@ def test_wrong_key_and_replayed_frames_are_counted(lab: Lab) -> None:
     before = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
     code = (
         "import ipaddress, socket, time\n"
-        "from shoal.protocol.frames import Codec, Heartbeat, HostState, cluster_id\n"
+        "from shoal.protocol.codec import Codec\n"
+        "from shoal.protocol.frames import Heartbeat, HostState, cluster_id\n"
         "s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x886F))\n"
         "s.bind(('eth0', 0x886F))\n"
         "dst = ('eth0', 0x886F, 0, 0, b'\\xff' * 6)\n"

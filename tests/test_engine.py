@@ -6,9 +6,10 @@ from __future__ import annotations
 import pickle
 from dataclasses import replace
 
+from shoal.protocol.codec import parse
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import EventId
-from shoal.protocol.frames import Heartbeat, HostState, Rejection, parse
+from shoal.protocol.frames import Heartbeat, HostState, Rejection
 from shoal.sim.cluster import SimCluster, SimHost
 from shoal.sim.scenario import KEY, cluster_configs, mismatched, run_scenario
 

@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.dataplane.contract import RuleState
+from shoal.protocol.codec import Codec, repeat_of
 from shoal.protocol.frames import (
     MTU_PAYLOAD,
-    Codec,
     EpochKey,
     Flag,
     Heartbeat,
@@ -20,7 +20,6 @@ from shoal.protocol.frames import (
     Rejection,
     RuleReport,
     cluster_id,
-    repeat_of,
 )
 
 CID = cluster_id(ipaddress.ip_address("198.18.0.100"))

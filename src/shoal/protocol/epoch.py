@@ -23,15 +23,8 @@ from itertools import compress
 from shoal.bucket_map import rebalance
 from shoal.config import FilteringMode, PortRule
 from shoal.dataplane.contract import DEFAULT_TOKEN, STRIDE, RuleState, single_token
-from shoal.protocol.frames import (
-    EPOCH_KEY,
-    MAX_HOST,
-    NO_KEY,
-    EpochKey,
-    RuleReport,
-    host_bitmap,
-    hosts_from_bitmap,
-)
+from shoal.protocol.codec import host_bitmap, hosts_from_bitmap
+from shoal.protocol.frames import EPOCH_KEY, MAX_HOST, NO_KEY, EpochKey, RuleReport
 
 
 @dataclass(frozen=True)

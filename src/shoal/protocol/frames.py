@@ -1,34 +1,12 @@
-"""Heartbeat and map frames on EtherType 0x886F: layout, authentication, strict decoding.
+"""The messages hosts exchange on EtherType 0x886F: heartbeats and map chunks, what their
+fields mean, and why a received frame can be dropped.
 
-Every frame is ``header | payload | tag``:
-
-=======  =====  ===============================================================
-offset   size   field
-=======  =====  ===============================================================
-0        2      magic ``SH``
-2        1      protocol version (4)
-3        1      frame type: 1 heartbeat, 2 map chunk
-4        8      cluster id: first 8 bytes of SHA-256("shoal-cluster:" + primary VIP)
-12       2      sender host id (1..256)
-14       8      sender incarnation (chosen at each daemon start, increasing)
-22       4      content number (heartbeats): changes whenever what the heartbeat says,
-                other than its beat and echoes, changes; 0 in map chunks
-26       4      sequence number within the incarnation
-30       2      payload length
-32       n      payload (below)
-32+n     32     HMAC-SHA256 over bytes 0..32+n with the cluster key
-=======  =====  ===============================================================
-
-All integers are big-endian. :func:`decode` never raises: any byte string gives a frame or a
-:class:`Rejection`. Replay protection (incarnation, sequence) needs per-peer state and lives
-in the engine.
+Their layout on the wire and their authentication are :mod:`shoal.protocol.codec`'s.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import hmac
 import ipaddress
 import struct
 from dataclasses import dataclass, field
@@ -38,18 +16,13 @@ from typing import NamedTuple
 from shoal.dataplane.contract import RuleState
 
 ETHERTYPE = 0x886F
-MAGIC = b"SH"
 VERSION = 4
+HEADER_LEN = 32
 TAG_LEN = 32
 MTU_PAYLOAD = 1500
 MAX_HOST = 256
 MAX_RULES = 32
 CHUNK_DATA = 1200  # map bytes per chunk: header + 16 + 1200 + tag stays under 1500
-
-_HEADER = struct.Struct("!2sBB8sHQIIH")
-HEADER_LEN = _HEADER.size  # 32
-_SAME = 26  # bytes 0..26 say who sent a frame and what it says, if it is a heartbeat
-_SEQ = struct.Struct("!I")
 
 
 class FrameType(IntEnum):
@@ -75,9 +48,6 @@ class Flag(IntEnum):
     HAS_EPOCH = 16
     ACKS_ARE_RECORD = 32  # (encoding) acks = record less the sender: the acks are not sent
     VOTE_IS_RECORD = 64  # (encoding) vote = record: the vote is not sent
-
-
-_ENCODING = Flag.ACKS_ARE_RECORD | Flag.VOTE_IS_RECORD
 
 
 class Rejection(StrEnum):
@@ -169,297 +139,3 @@ class MapChunk:
 
 
 Frame = Heartbeat | MapChunk
-
-# state flags cdigest enum eleader edigest acks record vote nrules
-_HB_FIXED = struct.Struct("!BB8sIHQ8s32s")  # ... epoch digest, record
-
-
-class Repeat(NamedTuple):
-    """A peer's heartbeat as parsed in full, for the receive fast path: a later frame with
-    the same first bytes (sender, incarnation, content number) says the same, and only its
-    sequence number, beat and echoes are new; they are read straight from the bytes."""
-
-    head: bytes  # bytes 0..26: magic, version, type, cluster, sender, incarnation, content
-    beat_at: int
-    echo_at: int  # where the receiving host's echo sits; 0 when it is not acknowledged
-    size: int  # the whole frame, tag included
-
-
-def repeat_of(frame: bytes, hb: Heartbeat, host: int) -> Repeat:
-    """The :class:`Repeat` of an authenticated heartbeat frame and ``hb``, what it decoded
-    to, as received by ``host``: the beat and the echoes (one per acknowledged host, in id
-    order) end the payload."""
-    (plen,) = struct.unpack_from("!H", frame, HEADER_LEN - 2)
-    tag_at = HEADER_LEN + plen
-    beat_at = tag_at - 1 - len(hb.acks)
-    echo_at = beat_at + 1 + sum(1 for h in hb.acks if h < host) if host in hb.acks else 0
-    return Repeat(frame[:_SAME], beat_at, echo_at, tag_at + TAG_LEN)
-
-
-_RULE = struct.Struct("!BBH")
-_SILENCE = struct.Struct("!HI")
-_CHUNK = struct.Struct("!IHQ8sHH")
-
-
-@functools.lru_cache(maxsize=64)
-def host_bitmap(hosts: frozenset[int]) -> bytes:
-    """A set of hosts as 32 bytes, bit h-1 for host h (cached: a heartbeat carries three,
-    and they seldom change)."""
-    bits = 0
-    for h in hosts:
-        bits |= 1 << (h - 1)
-    return bits.to_bytes(32, "little")
-
-
-def hosts_from_bitmap(raw: bytes) -> frozenset[int]:
-    bits = int.from_bytes(raw, "little")
-    out = []
-    while bits:
-        low = bits & -bits
-        out.append(low.bit_length())
-        bits ^= low
-    return frozenset(out)
-
-
-class _Malformed(Exception):
-    pass
-
-
-class Codec:
-    """Encodes and authenticates frames for one cluster and key.
-
-    HMAC-SHA256 with the key's inner and outer pads hashed once: per frame it then costs
-    two hash copies, half of what ``hmac.digest`` spends setting the key up every time.
-    """
-
-    def __init__(self, cluster: bytes, key: bytes) -> None:
-        self.cluster = cluster
-        self.key = key
-        block = hashlib.sha256(key).digest() if len(key) > 64 else key
-        block = block.ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
-
-    def __reduce__(self) -> tuple[type[Codec], tuple[bytes, bytes]]:
-        # hash states do not pickle: a copied engine (the benchmark replays one) rebuilds them
-        return (Codec, (self.cluster, self.key))
-
-    def tag(self, message: bytes) -> bytes:
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
-
-    def _seal(
-        self, ftype: FrameType, host: int, inc: int, seq: int, payload: bytes, said: int = 0
-    ) -> bytes:
-        head = _HEADER.pack(MAGIC, VERSION, ftype, self.cluster, host, inc, said, seq, len(payload))
-        body = head + payload
-        return body + self.tag(body)
-
-    def encode(self, frame: Frame) -> bytes:
-        if isinstance(frame, Heartbeat):
-            return self._seal(
-                FrameType.HEARTBEAT,
-                frame.host_id,
-                frame.incarnation,
-                frame.seq,
-                _encode_heartbeat(frame),
-                frame.said,
-            )
-        payload = (
-            _CHUNK.pack(
-                frame.epoch.number,
-                frame.epoch.leader,
-                frame.epoch.origin,
-                frame.epoch_digest,
-                frame.index,
-                frame.count,
-            )
-            + frame.data
-        )
-        return self._seal(FrameType.MAP_CHUNK, frame.host_id, frame.incarnation, frame.seq, payload)
-
-    def decode(self, data: bytes) -> Frame | Rejection:
-        """A frame, or why not. Total: never raises."""
-        env = self.open(data)
-        return env if isinstance(env, Rejection) else parse(env)
-
-    def open_repeat(self, data: bytes, rep: Repeat) -> int | None:
-        """The sequence number of ``data`` if it repeats ``rep``'s heartbeat (see
-        :class:`Repeat`) and is authentic; -1 if it matches but its tag is wrong (that is
-        all the full check could find); None if it differs: parse it in full."""
-        if len(data) != rep.size or data[:_SAME] != rep.head:
-            return None
-        end = rep.size - TAG_LEN
-        if not hmac.compare_digest(self.tag(data[:end]), data[end:]):
-            return -1
-        return _SEQ.unpack_from(data, _SAME)[0]  # type: ignore[no-any-return]
-
-    def open(self, data: bytes) -> Envelope | Rejection:
-        """Check the header and the tag; the payload stays unparsed (see :func:`parse`)."""
-        if len(data) < HEADER_LEN + TAG_LEN:
-            return Rejection.TOO_SHORT
-        magic, version, ftype, cid, host, inc, said, seq, plen = _HEADER.unpack_from(data)
-        if magic != MAGIC:
-            return Rejection.BAD_MAGIC
-        if version != VERSION:
-            return Rejection.BAD_VERSION
-        if cid != self.cluster:
-            return Rejection.FOREIGN_CLUSTER
-        end = HEADER_LEN + plen
-        if len(data) < end + TAG_LEN:
-            return Rejection.BAD_LENGTH
-        # trailing bytes past the tag (Ethernet padding) are ignored
-        if not hmac.compare_digest(self.tag(data[:end]), data[end : end + TAG_LEN]):
-            return Rejection.BAD_AUTH
-        if not 1 <= host <= MAX_HOST:
-            return Rejection.MALFORMED
-        if ftype != 1 and ftype != 2:
-            return Rejection.UNKNOWN_TYPE
-        return Envelope(ftype, host, inc, seq, data[HEADER_LEN:end], said)
-
-
-class Envelope(NamedTuple):
-    """An authenticated frame whose payload is not parsed yet."""
-
-    ftype: int  # a FrameType value
-    host_id: int
-    incarnation: int
-    seq: int
-    payload: bytes
-    said: int = 0
-
-
-def parse(env: Envelope) -> Frame | Rejection:
-    """The frame inside an authenticated envelope, or MALFORMED. Never raises."""
-    try:
-        if env.ftype == FrameType.HEARTBEAT:
-            return _decode_heartbeat(env)
-        return _decode_chunk(env.payload, env.host_id, env.incarnation, env.seq)
-    except (_Malformed, struct.error, ValueError):
-        return Rejection.MALFORMED
-
-
-def _encode_heartbeat(hb: Heartbeat) -> bytes:
-    ekey = hb.epoch or NO_KEY
-    flags = hb.flags & ~_ENCODING
-    acks_are_record = hb.acks == hb.record - {hb.host_id}
-    if acks_are_record:
-        flags |= Flag.ACKS_ARE_RECORD
-    if hb.vote == hb.record:
-        flags |= Flag.VOTE_IS_RECORD
-    out = [
-        _HB_FIXED.pack(
-            hb.state,
-            flags,
-            hb.config_digest,
-            ekey.number,
-            ekey.leader,
-            ekey.origin,
-            hb.epoch_digest,
-            host_bitmap(hb.record),
-        )
-    ]
-    if not acks_are_record:
-        out.append(host_bitmap(hb.acks))
-    if hb.vote != hb.record:
-        out.append(host_bitmap(hb.vote))
-    out.append(struct.pack("!B", len(hb.rules)))
-    out += [_RULE.pack(r.weight, r.state, r.priority) for r in hb.rules]
-    out.append(struct.pack("!B", len(hb.silences)))
-    out += [_SILENCE.pack(h, min(ms, 0xFFFFFFFF)) for h, ms in hb.silences]
-    if hb.dedicated_ip is None:
-        out.append(b"\x00")
-    else:
-        out.append(struct.pack("!B", hb.dedicated_ip.version) + hb.dedicated_ip.packed)
-    if len(hb.echoes) != len(hb.acks):
-        raise ValueError("one echo per acknowledged host")
-    out.append(bytes([hb.beat, *hb.echoes]))
-    return b"".join(out)
-
-
-def _decode_heartbeat(env: Envelope) -> Heartbeat:
-    p = env.payload
-    state, flags, cdig, enum_, elead, eorig, edig, rec_raw = _HB_FIXED.unpack_from(p)
-    off = _HB_FIXED.size
-    record = hosts_from_bitmap(rec_raw)
-    if flags & Flag.ACKS_ARE_RECORD:
-        acks = record - {env.host_id}
-    else:
-        acks = hosts_from_bitmap(p[off : off + 32])
-        off += 32
-    if flags & Flag.VOTE_IS_RECORD:
-        vote = record
-    else:
-        vote = hosts_from_bitmap(p[off : off + 32])
-        off += 32
-    (nrules,) = struct.unpack_from("!B", p, off)
-    off += 1
-    if nrules > MAX_RULES:
-        raise _Malformed
-    rules = []
-    for _ in range(nrules):
-        w, st, pr = _RULE.unpack_from(p, off)
-        off += _RULE.size
-        if w > 100 or not 1 <= pr <= MAX_HOST:
-            raise _Malformed
-        rules.append(RuleReport(w, RuleState(st), pr))
-    (nsil,) = struct.unpack_from("!B", p, off)
-    off += 1
-    silences = []
-    for _ in range(nsil):
-        h, ms = _SILENCE.unpack_from(p, off)
-        off += _SILENCE.size
-        if not 1 <= h <= MAX_HOST:
-            raise _Malformed
-        silences.append((h, ms))
-    (fam,) = struct.unpack_from("!B", p, off)
-    off += 1
-    dip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    if fam == 4:
-        dip = ipaddress.IPv4Address(p[off : off + 4])
-        off += 4
-    elif fam == 6:
-        dip = ipaddress.IPv6Address(p[off : off + 16])
-        off += 16
-    elif fam != 0:
-        raise _Malformed
-    if off + 1 + len(acks) != len(p):
-        raise _Malformed
-    beat, echoes = p[off], tuple(p[off + 1 :])
-    if any(a > MAX_HOST for a in acks):
-        raise _Malformed
-    has_epoch = bool(flags & Flag.HAS_EPOCH)
-    if has_epoch and not 1 <= elead <= MAX_HOST:
-        raise _Malformed
-    return Heartbeat(
-        host_id=env.host_id,
-        incarnation=env.incarnation,
-        seq=env.seq,
-        state=HostState(state),
-        flags=flags & ~_ENCODING,
-        config_digest=cdig,
-        epoch=EpochKey(enum_, elead, eorig) if has_epoch else None,
-        epoch_digest=edig,
-        acks=acks,
-        rules=tuple(rules),
-        silences=tuple(silences),
-        record=record,
-        vote=vote,
-        dedicated_ip=dip,
-        beat=beat,
-        echoes=echoes,
-        said=env.said,
-    )
-
-
-def _decode_chunk(p: bytes, host: int, inc: int, seq: int) -> MapChunk:
-    enum_, elead, eorig, edig, index, count = _CHUNK.unpack_from(p)
-    if not 1 <= elead <= MAX_HOST or count == 0 or index >= count or count > 4096:
-        raise _Malformed
-    data = p[_CHUNK.size :]
-    if not data or len(data) > CHUNK_DATA:
-        raise _Malformed
-    return MapChunk(host, inc, seq, EpochKey(enum_, elead, eorig), edig, index, count, data)

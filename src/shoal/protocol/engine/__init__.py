@@ -7,6 +7,7 @@ Each part owns one kind of state or one rule, and none reaches back into the eng
 * :mod:`.host_state` — the host state and the operator verbs, as one table;
 * :mod:`.verbs` — a verb or a reload, carried out;
 * :mod:`.intake` — frames in: authentication, replay, repeats, what a heartbeat says;
+* :mod:`.agreement` — lead or follow: the epoch decided, created, adopted, READY;
 * :mod:`.sending` — frames out: the heartbeat composed, map chunks;
 * :mod:`.phase` and :mod:`.holding` — the epoch held, its phase, the tokens, record, vote;
 * :mod:`.peers` — the peers, liveness, replay, and what is derived from them;

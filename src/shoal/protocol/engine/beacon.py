@@ -14,10 +14,11 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
+from shoal.protocol.codec import Codec
 from shoal.protocol.engine.epochs import chunks_of
 from shoal.protocol.engine.peers import NEVER, Peer, Roster
 from shoal.protocol.epoch import EpochState
-from shoal.protocol.frames import Codec, EpochKey, Heartbeat, MapChunk
+from shoal.protocol.frames import EpochKey, Heartbeat, MapChunk
 
 MAX_SILENCES = 128  # fenced hosts whose silence one heartbeat reports
 UNKNOWN_SILENCE = 0xFFFFFFFF  # never heard (a heartbeat's silence field)

@@ -11,19 +11,21 @@ is a read-only picture for the control protocol and the views. Time is always pa
 
 The engine owns no protocol rule itself: it wires the parts that do (see the package's
 docstring) and runs them in one order at every step: silences, drain, election, lead or
-follow, lease, tokens, host state, send. Three of its parts are bases of the class rather
+follow, lease, tokens, host state, send. Four of its parts are bases of the class rather
 than objects, each declaring what of the engine it reads: the receive path
 (:class:`~.intake.FrameIntake`, which runs for every frame), the verbs
-(:class:`~.verbs.OperatorInputs`) and what is sent (:class:`~.sending.Sending`).
+(:class:`~.verbs.OperatorInputs`), lead or follow (:class:`~.agreement.Agreement`) and what
+is sent (:class:`~.sending.Sending`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import operator
 
 from shoal.config import InitialState, PartitionPolicy, ShoalConfig
 from shoal.dataplane.contract import Install, RuleState
+from shoal.protocol.codec import Codec
+from shoal.protocol.engine.agreement import Agreement
 from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.epochs import EpochStore
 from shoal.protocol.engine.holding import Holding
@@ -34,25 +36,17 @@ from shoal.protocol.engine.host_state import (
     Observed,
 )
 from shoal.protocol.engine.intake import FrameIntake
-from shoal.protocol.engine.leader import Create, Leader, Seat, elect
-from shoal.protocol.engine.peers import NEVER, Peer, Roster
+from shoal.protocol.engine.leader import Leader, elect
+from shoal.protocol.engine.peers import NEVER, Roster
 from shoal.protocol.engine.phase import Phase
-from shoal.protocol.engine.ready import blocker
 from shoal.protocol.engine.sending import Sending
 from shoal.protocol.engine.snapshot import PeerView, Snapshot
 from shoal.protocol.engine.tenure import Tenure
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.engine.verbs import OperatorInputs
-from shoal.protocol.epoch import EpochState, next_epoch
+from shoal.protocol.epoch import EpochState
 from shoal.protocol.events import Event, EventId
-from shoal.protocol.frames import (
-    Codec,
-    EpochKey,
-    Flag,
-    HostState,
-    RuleReport,
-    cluster_id,
-)
+from shoal.protocol.frames import EpochKey, HostState, RuleReport, cluster_id
 
 INITIAL = {
     InitialState.STARTED: HostState.CONVERGING,
@@ -61,7 +55,7 @@ INITIAL = {
 }
 
 
-class Engine(FrameIntake, OperatorInputs, Sending):
+class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
     """One host's convergence state machine."""
 
     def __init__(
@@ -317,126 +311,6 @@ class Engine(FrameIntake, OperatorInputs, Sending):
     def _leader(self, now: float) -> int | None:
         mine = self.holding.epoch.key if self.holding.epoch is not None else None
         return elect(self.roster.candidates(now), self.me, self._eligible_self(now), mine)
-
-    def _reports(self) -> tuple[RuleReport, ...]:
-        """This host's parameters per rule (the same tuple until they change: every step
-        and heartbeat reads them)."""
-        cfg, states = self.cfg, self.rule_states
-        memo = self._reports_memo
-        if memo is not None and memo[0] is cfg and memo[1] is states:
-            return memo[2]
-        out = []
-        for i, rule in enumerate(self.rules):
-            hr = cfg.host_rule(rule.key)
-            out.append(RuleReport(hr.weight, states[i], cfg.priority(rule.key)))
-        self._reports_memo = (cfg, states, tuple(out))
-        return self._reports_memo[2]
-
-    def _lead(self, now: float) -> None:
-        cur = self.holding.epoch
-        key = (cur and cur.key, self.record, self.vote, self.rule_states, self.cfg)
-        if cur is not None and self.leader.unchanged(key, self.roster, now):
-            # nothing the fingerprint is made of changed since it last matched
-            self._declare_ready(now)
-            return
-        seat = Seat(
-            self.me,
-            self.incarnation,
-            self.record,
-            self.vote,
-            self._reports(),
-            self.holding.ready,
-            self.quorum,
-            self.started_at,
-            self.eligible_since,
-            self.timing,
-            self.rules,
-            self.cfg.cluster.buckets,
-        )
-        d = self.leader.decide(seat, cur, key, self.roster, self.epochs, now)
-        if d.no_quorum is not None:
-            live, members = d.no_quorum
-            self._emit(EventId.NO_QUORUM, now, live=live, members=members)
-        if d.create is not None:
-            self._create(d.create, now)
-        elif d.ready:
-            self._declare_ready(now)
-
-    def _create(self, c: Create, now: float) -> None:
-        cand = c.cand
-        if cand is None:
-            key = EpochKey(self.epochs.max_seen + 1, self.me, self.incarnation)
-            buckets = self.cfg.cluster.buckets
-            cand = next_epoch(
-                c.cur, key, c.target, c.fenced, c.bases, (), c.reports, self.rules, buckets
-            )
-        self.epochs_created += 1
-        moved = 0
-        if c.cur is not None:
-            for a, b in zip(c.cur.maps, cand.maps, strict=True):
-                if a is not None and b is not None:
-                    moved += sum(map(operator.ne, a, b))
-        members = sorted(c.target)
-        self._emit(EventId.EPOCH_CREATED, now, epoch=str(cand.key), members=members, moved=moved)
-        self.epochs.remember(cand)
-        self._adopt(cand, now)
-        self.beacon.send_map(cand, now)
-        self._declare_ready(now)
-
-    def _follow(self, leader: Peer, now: float) -> None:
-        hb = leader.hb
-        assert hb is not None
-        if hb.epoch is None:
-            return
-        e = self.holding.epoch
-        if e is None or hb.epoch != e.key:
-            state = self.epochs.get(hb.epoch)
-            if state is None or state.digest() != hb.epoch_digest:
-                return  # wait for the chunks; the leader resends when it sees us behind
-            if not self.holding.may_adopt(state, self.quorum):
-                return
-            self._adopt(state, now)
-        if hb.has(Flag.READY) and not self.holding.ready and self._fresh_ready(leader):
-            self._ready(now)
-
-    def _fresh_ready(self, leader: Peer) -> bool:
-        """A member acts on its leader's READY only once the leader has heard it since it
-        last started: a READY seen just after a restart may come from before the leader
-        gave this host's share away."""
-        e = self.holding.epoch
-        return e is None or self.me not in e.members or leader.ack_at >= self.eligible_since
-
-    def _adopt(self, state: EpochState, now: float) -> None:
-        self.holding.adopt(state, self.host.state in ELIGIBLE, self._eligible_self(now), now)
-
-    def _declare_ready(self, now: float) -> None:
-        """Leader: READY once releases are reported and fences have passed."""
-        e = self.holding.epoch
-        if e is None or self.holding.ready:
-            return
-        h = self.holding
-        why = blocker(
-            e,
-            self.me,
-            self.roster,
-            h.own_bounds,
-            self.eligible_since,
-            self.digest,
-            self.timing,
-            now,
-        )
-        if why is None:
-            self._ready(now)
-        elif why < float("inf"):
-            self.wake = min(self.wake, why)
-
-    def _ready(self, now: float) -> None:
-        """The epoch is READY: the record moves, and this host acquires at the end of the
-        step if its lease runs then (a lapse before this acquisition says nothing of it)."""
-        self.holding.on_ready(self.host.state in ELIGIBLE, self._eligible_self(now), now)
-        lease = self.lease_until
-        if self.holding.acquiring and lease is not None and lease <= now:
-            self.lease_until = None
 
     def _refresh_state(self, now: float) -> None:
         """Converged: started, a member of a READY epoch, holding exactly its share."""

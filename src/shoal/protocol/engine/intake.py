@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from shoal.config import PortRule, ShoalConfig
+from shoal.protocol.codec import Codec, Envelope, Repeat, parse, repeat_of
 from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.epochs import EpochStore
 from shoal.protocol.engine.holding import Holding
@@ -24,17 +25,7 @@ from shoal.protocol.engine.ready import fence_report
 from shoal.protocol.engine.tenure import Tenure, later
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.events import EventId
-from shoal.protocol.frames import (
-    HEADER_LEN,
-    Codec,
-    Envelope,
-    Heartbeat,
-    MapChunk,
-    Rejection,
-    Repeat,
-    parse,
-    repeat_of,
-)
+from shoal.protocol.frames import HEADER_LEN, Heartbeat, MapChunk, Rejection
 
 
 class FrameIntake:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from shoal.protocol.codec import Envelope, Repeat
 from shoal.protocol.engine.host_state import SERVING
 from shoal.protocol.epoch import EpochState
-from shoal.protocol.frames import Envelope, EpochKey, Heartbeat, HostState, Rejection, Repeat
+from shoal.protocol.frames import EpochKey, Heartbeat, HostState, Rejection
 
 NEVER = float("-inf")
 WINDOW = 30  # frames of a peer that may arrive out of order; 30 bits keep it one machine word
