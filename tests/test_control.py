@@ -7,15 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shoal.config import ShoalConfig
+from shoal.daemon.control import MAX_REQUEST, VERBS
 from shoal.daemon.shell import Daemon
-from shoal.dataplane.contract import Install, RuleCounters, RuleState
+from shoal.dataplane.contract import Backend, Install, RuleCounters, RuleState
 from shoal.protocol.frames import HostState
 from tests.conftest import EXAMPLES
 
@@ -56,8 +59,7 @@ class RecordingSocket:
         raise BlockingIOError
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Daemon]:
+def _daemon(tmp_path: Path, factory: Callable[[ShoalConfig], Backend] = RecordingBackend) -> Daemon:
     config = tmp_path / "host1.toml"
     config.write_text((EXAMPLES / "host1.toml").read_text())
     d = Daemon(
@@ -65,11 +67,18 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         tmp_path / "control.sock",
         tmp_path / "state",
         setup_adapter=False,
-        backend_factory=RecordingBackend,
+        backend_factory=factory,
     )
     d.loop = asyncio.new_event_loop()
     d.sock = RecordingSocket()  # type: ignore[assignment]
     d.dest = b"\xff" * 6
+    return d
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    d = _daemon(tmp_path)
+    assert d.loop is not None
     try:
         yield d
     finally:
@@ -86,6 +95,8 @@ def run(d: Daemon, seconds: float) -> None:
     """Let the daemon's engine step on its own clock, as the event loop would."""
     end = d.now() + seconds
     while d.now() < end:
+        if d.timer is not None:
+            d.timer.cancel()  # on_timer is called here in its place
         d.on_timer()
 
 
@@ -133,9 +144,9 @@ def test_all_rules_on_one_vip(daemon: Daemon) -> None:
     resp = daemon.handle({"cmd": "drain", "port": "all", "vip": vip})
     assert resp["ok"], resp
     states = backend(daemon).installs[-1].rule_states
-    for rule, st in zip(rules, states, strict=True):
+    for rule, state in zip(rules, states, strict=True):
         covers = rule.vip == "all" or str(rule.vip) == vip
-        assert (st is RuleState.DRAINING) is covers
+        assert (state is RuleState.DRAINING) is covers
 
 
 def test_query_params_and_display(daemon: Daemon) -> None:
@@ -170,3 +181,123 @@ def test_reload_refuses_a_new_host_id_and_a_bad_file(daemon: Daemon) -> None:
     assert resp["kept"] == "running configuration" and daemon.engine.me == 1
     daemon.config_path.write_text(good)
     assert daemon.reload() == {"ok": True, "message": "host parameters applied"}
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, Path]]:
+    tmp = tmp_path_factory.mktemp("fuzz")
+    d = _daemon(tmp)
+    assert d.loop is not None
+    try:
+        yield d, tmp / "c.sock"
+    finally:
+        d.loop.close()
+
+
+async def _ask_all(d: Daemon, path: Path, lines: list[bytes]) -> list[dict[str, Any]]:
+    """Serve the control socket as the daemon does and send each line on its own connection."""
+    server = await asyncio.start_unix_server(d.on_client, path=str(path), limit=MAX_REQUEST)
+    answers = []
+    try:
+        for line in lines:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+            writer.write(line)
+            if not line.endswith(b"\n"):
+                writer.write_eof()
+            await writer.drain()
+            answers.append(json.loads(await reader.readline()))
+            writer.close()
+    finally:
+        server.close()
+    return answers
+
+
+BAD_INPUT = [
+    (b'{"cmd": "query", "vip": "' + b"9" * 70_000 + b'"}\n', "over the limit of 4096 bytes"),
+    (b"[" * 60_000 + b"]" * 60_000 + b"\n", "over the limit"),
+    (b"[" * 2_000 + b"]" * 2_000 + b"\n", "nested too deep"),
+    (b'{"cmd": "drainstop", "timeout": NaN}\n', "NaN is not a number JSON allows"),
+    (b'{"cmd": "drainstop", "timeout": -Infinity}\n', "-Infinity is not a number JSON allows"),
+    (b'{"cmd": "drain", "port": [80]}\n', "port: list where a string or a number belongs"),
+    (b'{"cmd": "stop", "timout": 5}\n', "unknown field 'timout'"),
+    (b'"stop"\n', "a JSON object is expected, not str"),
+    (b"\xff\xfe\n", "request: not JSON"),
+    (b'{"cmd": "stop"', "cut short (no newline)"),
+]
+
+
+def test_the_control_socket_answers_bad_input_and_changes_nothing(
+    daemon: Daemon, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Too long, too deep, NaN, the wrong types, unknown fields, cut short: each answered
+    with an error that names it, nothing changed, no traceback."""
+    run(daemon, 0.6)
+    assert daemon.loop is not None
+    installs = len(backend(daemon).installs)
+    lines = [line for line, _ in BAD_INPUT] + [b'{"cmd": "query"}\n']
+    answers = daemon.loop.run_until_complete(_ask_all(daemon, tmp_path / "c.sock", lines))
+    for (line, error), answer in zip(BAD_INPUT, answers, strict=False):
+        assert answer["ok"] is False and error in answer["error"], (line[:40], answer)
+    assert answers[-1]["ok"] and answers[-1]["hosts"][0]["state"] == "converged (default)"
+    assert daemon.engine.state is HostState.CONVERGED
+    assert len(backend(daemon).installs) == installs
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner),
+            max_leaves=20,
+        ).map(lambda doc: json.dumps(doc).encode()),
+        st.fixed_dictionaries(
+            {"cmd": st.sampled_from(sorted(VERBS))},
+            optional={
+                "port": st.one_of(st.integers(), st.text(max_size=6), st.floats()),
+                "vip": st.one_of(st.text(max_size=12), st.integers()),
+                "timeout": st.one_of(st.floats(), st.integers(), st.text(max_size=4)),
+            },
+        ).map(lambda doc: json.dumps(doc).encode()),
+    )
+)
+def test_any_request_is_answered_without_a_traceback(
+    fuzzed: tuple[Daemon, Path], line: bytes
+) -> None:
+    """Fuzz: whatever a client sends (one line), the daemon answers with JSON, and the
+    next command still works."""
+    d, path = fuzzed
+    assert d.loop is not None
+    one = line.replace(b"\n", b" ") + b"\n"
+    answer, after = d.loop.run_until_complete(_ask_all(d, path, [one, b'{"cmd": "params"}\n']))
+    assert isinstance(answer["ok"], bool) and (answer["ok"] or answer["error"])
+    assert after["ok"]
+
+
+class BrokenCounters(RecordingBackend):
+    def counters(self) -> list[RuleCounters]:
+        raise RuntimeError("counter map gone")
+
+
+def test_a_request_failing_inside_is_answered_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A fault inside the daemon while it answers (here the backend's counters) is the
+    request's error and one logged line; the daemon goes on."""
+    d = _daemon(tmp_path, BrokenCounters)
+    assert d.loop is not None
+    try:
+        run(d, 0.6)
+        lines = [b'{"cmd": "params"}\n', b'{"cmd": "query"}\n']
+        params, query = d.loop.run_until_complete(_ask_all(d, tmp_path / "c.sock", lines))
+    finally:
+        d.loop.close()
+    assert params == {
+        "ok": False,
+        "error": "params: failed inside the daemon (RuntimeError('counter map gone'))",
+    }
+    assert query["ok"]
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and '"name": "control_failed"' in err

@@ -1,5 +1,10 @@
 """The control protocol: one JSON request per connection on the daemon's unix socket
-(root only), one JSON answer. ``{"cmd": "query"}`` → ``{"ok": true, "hosts": [...]}``."""
+(root only), one JSON answer. ``{"cmd": "query"}`` → ``{"ok": true, "hosts": [...]}``.
+
+A request is untrusted input: at most :data:`MAX_REQUEST` bytes, one flat JSON object of
+known fields holding strings, numbers, booleans or null (no NaN or infinity). Anything else is
+answered with an error naming what was wrong, and changes nothing.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +36,34 @@ VERBS = {
     "params",
     "reload",
 }
+
+
+MAX_REQUEST = 4096  # bytes, the newline included: the longest real request is under 200
+FIELDS = frozenset({"cmd", "port", "vip", "timeout"})
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_request(line: bytes) -> dict[str, Any] | str:
+    """The request in ``line``, or why it is refused (never raises)."""
+    if len(line) > MAX_REQUEST:
+        return f"request: {len(line)} bytes, over the limit of {MAX_REQUEST}"
+    try:
+        req = json.loads(line, parse_constant=_no_constant)
+    except RecursionError:
+        return "request: nested too deep"
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"request: not JSON ({e})"
+    if not isinstance(req, dict):
+        return f"request: a JSON object is expected, not {type(req).__name__}"
+    for key, value in req.items():
+        if key not in FIELDS:
+            return f"request: unknown field {key!r} (known: {', '.join(sorted(FIELDS))})"
+        if isinstance(value, dict | list):
+            return f"{key}: {type(value).__name__} where a string or a number belongs"
+    return req
 
 
 def query(d: Daemon, snap: Snapshot) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
 from shoal.config import ConfigError, ShoalConfig, load_config
+from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
 from shoal.dataplane.contract import Backend
@@ -227,15 +228,22 @@ class Daemon:
     # ---------------------------------------------------------------- control
 
     async def on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request, one answer. Bad input is answered, never raised: a request too
+        long, cut short, malformed or failing inside gets an error and an event, no traceback."""
         try:
-            line = await asyncio.wait_for(reader.readline(), 5)
             try:
-                req = json.loads(line)
-                if not isinstance(req, dict):
-                    raise ValueError("a request is a JSON object")
-                resp = self.handle(req)
-            except (ValueError, TypeError, KeyError) as e:
-                resp = {"ok": False, "error": f"bad request: {e}"}
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), 5)
+                req = parse_request(line)
+            except asyncio.LimitOverrunError:
+                req = f"request: over the limit of {MAX_REQUEST} bytes"
+            except asyncio.IncompleteReadError as e:
+                if not e.partial:
+                    return
+                req = "request: cut short (no newline)"
+            if isinstance(req, str):
+                resp: dict[str, Any] = {"ok": False, "error": req}
+            else:
+                resp = self.guarded(req)
             writer.write((json.dumps(resp) + "\n").encode())
             await writer.drain()
         except (TimeoutError, ConnectionError):
@@ -243,9 +251,16 @@ class Daemon:
         finally:
             writer.close()
 
-    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
-        from shoal.daemon.control import dispatch
+    def guarded(self, req: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`handle`, with a failure inside answered and logged in one line."""
+        try:
+            return self.handle(req)
+        except Exception as e:  # the daemon outlives any one request
+            problem = {"name": "control_failed", "cmd": str(req.get("cmd")), "error": repr(e)}
+            sys.stderr.write(json.dumps(problem) + "\n")
+            return {"ok": False, "error": f"{req.get('cmd')}: failed inside the daemon ({e!r})"}
 
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         out = dispatch(self, req)
         self.count_connections()
         self.after()
@@ -316,7 +331,9 @@ class Daemon:
         self.control.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.control.unlink()
-        server = await asyncio.start_unix_server(self.on_client, path=str(self.control))
+        server = await asyncio.start_unix_server(
+            self.on_client, path=str(self.control), limit=MAX_REQUEST
+        )
         os.chmod(self.control, 0o600)
         self.loop.add_reader(self.sock.fileno(), self.on_readable)
         for sig in (signal.SIGTERM, signal.SIGINT):
