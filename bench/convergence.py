@@ -24,7 +24,7 @@ import random
 import statistics
 import time
 
-from shoal.protocol.codec import Codec
+from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.frames import TAG_LEN
 from shoal.sim.checkers import InvariantViolation
@@ -167,7 +167,7 @@ def cpu_and_bytes(
 
 def _hmacs(inputs: list[tuple[bytes | None, float]]) -> float:
     """Seconds HMAC-SHA256 of each of these frames takes on this machine now."""
-    codec = Codec(b"\0" * 8, KEY)
+    codec = Codec(b"\0" * 8, Keys(KEY))
     frames = [f[:-TAG_LEN] for f, _ in inputs if f is not None]
     t0 = time.perf_counter()
     for f in frames:

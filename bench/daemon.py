@@ -32,6 +32,7 @@ from pathlib import Path
 
 from shoal.cluster_mac import ClusterMode
 from shoal.config import load_config
+from shoal.keys import read_keys
 from shoal.lab.topology import Lab, pyenv
 from shoal.protocol.codec import Codec
 from shoal.protocol.frames import ETHERTYPE, Flag, Heartbeat, HostState, cluster_id
@@ -45,7 +46,7 @@ def generate(config: Path, hosts: int, seconds: float, interface: str) -> None:
     cfg = load_config(config)
     cl = cfg.cluster
     assert cl.mode is ClusterMode.UNICAST
-    codec = Codec(cluster_id(cl.primary_vip), cl.secret(config.parent))
+    codec = Codec(cluster_id(cl.primary_vip), read_keys(cl, config))
     digest = cl.heartbeat_digest()
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETHERTYPE))
     sock.bind((interface, ETHERTYPE))

@@ -234,6 +234,7 @@ def update_latency(sink: str, tmp: Path) -> dict[str, dict[str, float]]:
     for b in (4096, 16384):
         cfg = tmp / f"b{b}.toml"
         cfg.write_text(config_text(b))
+        cfg.chmod(0o600)  # it holds the cluster key
         res = subprocess.run(
             ["ip", "netns", "exec", sink, sys.executable, "-c", UPDATE_CODE, str(cfg)],
             capture_output=True,
@@ -273,6 +274,7 @@ def main() -> None:
         sh("sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0", ns=sink)
         cfg = tmp / "host1.toml"
         cfg.write_text(config_text(4096))
+        cfg.chmod(0o600)  # it holds the cluster key
         syn, ack = tmp / "syn.cfg", tmp / "ack.cfg"
         trafgen_conf(syn, "syn")
         trafgen_conf(ack, "ack")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shoal.lab.topology import veth
-from tests.conftest import EXAMPLES, example_doc, needs_root
+from tests.conftest import EXAMPLES, example_doc, needs_root, write_private
 from tests.nethelp import namespaces, sh
 
 pytestmark = [needs_root(), pytest.mark.root]
@@ -67,8 +67,7 @@ def run_adapter(ns: str, action: str, config: Path, state: Path) -> None:
 @pytest.mark.parametrize("mode", ["unicast", "multicast", "igmp"])
 def test_setup_then_teardown_restores_the_host(tmp_path: Path, mode: str) -> None:
     text = (EXAMPLES / "host1.toml").read_text().replace('mode = "unicast"', f'mode = "{mode}"')
-    config = tmp_path / "h1.toml"
-    config.write_text(text)
+    config = write_private(tmp_path / "h1.toml", text)
     with namespaces("h", "peer") as ns:
         veth("eth0", ns["h"], "eth0", ns["peer"])
         sh("ip", "addr", "add", "198.18.0.11/24", "dev", "eth0", ns=ns["h"])  # already there
@@ -95,10 +94,9 @@ def test_setup_then_teardown_restores_the_host(tmp_path: Path, mode: str) -> Non
 
 def test_missing_interface_is_named(tmp_path: Path) -> None:
     doc = example_doc()
-    config = tmp_path / "h1.toml"
-    config.write_text(
-        (EXAMPLES / "host1.toml").read_text().replace('interface = "eth0"', 'interface = "nope0"')
-    )
+    text = (EXAMPLES / "host1.toml").read_text()
+    text = text.replace('interface = "eth0"', 'interface = "nope0"')
+    config = write_private(tmp_path / "h1.toml", text)
     assert doc  # the example parses
     with namespaces("h") as ns:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))

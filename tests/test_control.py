@@ -19,8 +19,9 @@ from shoal.config import ShoalConfig
 from shoal.daemon.control import MAX_REQUEST, VERBS
 from shoal.daemon.shell import Daemon
 from shoal.dataplane.contract import Backend, Install, RuleCounters, RuleState
-from shoal.protocol.frames import HostState
-from tests.conftest import EXAMPLES
+from shoal.protocol.codec import Codec, Keys
+from shoal.protocol.frames import HostState, Rejection
+from tests.conftest import EXAMPLES, write_private
 
 
 class RecordingBackend:
@@ -60,8 +61,7 @@ class RecordingSocket:
 
 
 def _daemon(tmp_path: Path, factory: Callable[[ShoalConfig], Backend] = RecordingBackend) -> Daemon:
-    config = tmp_path / "host1.toml"
-    config.write_text((EXAMPLES / "host1.toml").read_text())
+    config = write_private(tmp_path / "host1.toml", (EXAMPLES / "host1.toml").read_text())
     d = Daemon(
         config,
         tmp_path / "control.sock",
@@ -301,3 +301,30 @@ def test_a_request_failing_inside_is_answered_in_one_line(
     assert query["ok"]
     err = capsys.readouterr().err
     assert "Traceback" not in err and '"name": "control_failed"' in err
+
+
+def _signed_by(d: Daemon, key: bytes) -> bool:
+    """Whether the daemon's last frame on the wire opens with ``key`` alone."""
+    frame = d.sock.sent[-1]  # type: ignore[attr-defined]
+    return not isinstance(Codec(d.engine.codec.cluster, Keys(key)).decode(frame), Rejection)
+
+
+def test_a_reload_applies_a_new_key_or_refuses_it(daemon: Daemon) -> None:
+    """A changed key is said and used at once; a host file left open to others is refused
+    and the running key kept: never "applied" with the old key still signing."""
+    run(daemon, 0.6)
+    old, new = b"example-only-change-me-0123456789", b"rotated-key-0123456789abcdef"
+    assert _signed_by(daemon, old)
+    good = daemon.config_path.read_text()
+    write_private(daemon.config_path, good.replace(old.decode(), new.decode()))
+    resp = daemon.reload()
+    assert resp["ok"] and "cluster key changed" in resp["message"], resp
+    run(daemon, 0.3)
+    assert _signed_by(daemon, new) and not _signed_by(daemon, old)
+    daemon.config_path.write_text(good)
+    daemon.config_path.chmod(0o644)
+    resp = daemon.reload()
+    assert not resp["ok"] and "has mode 0644, open to others" in resp["error"]
+    assert resp["kept"] == "running configuration"
+    run(daemon, 0.3)
+    assert _signed_by(daemon, new)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from shoal.lab.topology import Lab
-from tests.conftest import EXAMPLES, needs_root
+from tests.conftest import EXAMPLES, needs_root, write_private
 from tests.nethelp import namespaces, sh
 
 pytestmark = [needs_root(), pytest.mark.root]
@@ -257,12 +257,12 @@ def test_wrong_key_and_replayed_frames_are_counted(lab: Lab) -> None:
     before = json.loads(shoal(lab, "h1", "params", "--json").stdout)["counters"]
     code = (
         "import ipaddress, socket, time\n"
-        "from shoal.protocol.codec import Codec\n"
+        "from shoal.protocol.codec import Codec, Keys\n"
         "from shoal.protocol.frames import Heartbeat, HostState, cluster_id\n"
         "s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x886F))\n"
         "s.bind(('eth0', 0x886F))\n"
         "dst = ('eth0', 0x886F, 0, 0, b'\\xff' * 6)\n"
-        "forger = Codec(cluster_id(ipaddress.ip_address('198.18.0.100')), b'w' * 32)\n"
+        "forger = Codec(cluster_id(ipaddress.ip_address('198.18.0.100')), Keys(b'w' * 32))\n"
         "for i in range(10):\n"
         "    hb = Heartbeat(7, 1, i + 1, HostState.CONVERGED, 0, b'x' * 8, None, b'\\0' * 8,\n"
         "                   frozenset(), ())\n"
@@ -343,13 +343,14 @@ def test_garbage_on_the_control_socket_is_answered_and_survived(lab: Lab) -> Non
 def test_a_daemon_that_cannot_start_says_why(tmp_path: Path) -> None:
     """A failure at start (here the control socket's directory cannot be made) is one line
     naming it and exit code 1, not a traceback."""
+    config = write_private(tmp_path / "host1.toml", (EXAMPLES / "host1.toml").read_text())
     with namespaces("start") as ns:
         sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1", ns=ns["start"])
         sh("ip", "link", "set", "eth0", "up", ns=ns["start"])
         res = subprocess.run(
             [
                 "ip", "netns", "exec", ns["start"], sys.executable, "-m", "shoal.cli", "daemon",
-                "--config", str(EXAMPLES / "host1.toml"), "--no-adapter",
+                "--config", str(config), "--no-adapter",
                 "--control", "/proc/shoal-nowhere/h1.sock", "--state-dir", str(tmp_path),
             ],
             capture_output=True,

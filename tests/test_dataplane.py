@@ -22,7 +22,7 @@ from shoal.config import parse_config
 from shoal.lab.topology import pyenv, run_module, veth
 from shoal.lab.verify import random_map
 from shoal.verdict import ClusterView, Outcome, Packet, decide
-from tests.conftest import example_doc, needs_root
+from tests.conftest import example_doc, needs_root, write_private
 from tests.nethelp import HELPER, namespaces, python_in, sh
 
 CLUSTER_MAC = "02:bf:c6:12:00:64"
@@ -52,8 +52,7 @@ def _config(host: int, tmp: Path) -> Path:
         for r in rules:
             lines.append(f"[[{section}.rules]]")
             lines += [f"{k} = {_toml(v)}" for k, v in r.items()]
-    text.write_text("\n".join(lines) + "\n")
-    return text
+    return write_private(text, "\n".join(lines) + "\n")
 
 
 def _toml(v: object) -> str:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shoal.dataplane.contract import RuleState
-from shoal.protocol.codec import Codec, repeat_of
+from shoal.protocol.codec import Codec, Keys, repeat_of
 from shoal.protocol.frames import (
     MTU_PAYLOAD,
     EpochKey,
@@ -24,7 +24,7 @@ from shoal.protocol.frames import (
 
 CID = cluster_id(ipaddress.ip_address("198.18.0.100"))
 KEY = b"k" * 32
-CODEC = Codec(CID, KEY)
+CODEC = Codec(CID, Keys(KEY))
 
 hosts = st.integers(1, 256)
 keys = st.builds(EpochKey, st.integers(1, 2**32 - 1), hosts, st.integers(0, 2**64 - 1))
@@ -140,11 +140,11 @@ def _frame() -> bytes:
 
 
 def test_wrong_key_is_rejected() -> None:
-    assert Codec(CID, b"x" * 32).decode(_frame()) is Rejection.BAD_AUTH
+    assert Codec(CID, Keys(b"x" * 32)).decode(_frame()) is Rejection.BAD_AUTH
 
 
 def test_other_cluster_is_rejected() -> None:
-    other = Codec(cluster_id(ipaddress.ip_address("198.18.0.101")), KEY)
+    other = Codec(cluster_id(ipaddress.ip_address("198.18.0.101")), Keys(KEY))
     wire = other.encode(
         Heartbeat(3, 7, 9, HostState.CONVERGED, 0, b"d" * 8, None, b"\0" * 8, frozenset(), ())
     )
@@ -216,3 +216,19 @@ def test_heartbeat_sizes() -> None:
         dedicated_ip=ipaddress.ip_address("2001:db8::12"),
     )
     assert len(CODEC.encode(largest)) == 1363 <= MTU_PAYLOAD
+
+
+def test_accepted_keys_open_frames_and_are_counted() -> None:
+    """During a rotation a frame signed with any configured key is authentic; only those
+    an accepted key opened are counted; a key not configured is still rejected."""
+    old, new, other = b"o" * 32, b"n" * 32, b"x" * 32
+    hb = CODEC.decode(_frame())
+    assert isinstance(hb, Heartbeat)
+    rotating = Codec(CID, Keys(new, (old,)))
+    assert rotating.decode(Codec(CID, Keys(new)).encode(hb)) == hb
+    assert rotating.by_accepted == 0
+    assert rotating.decode(Codec(CID, Keys(old)).encode(hb)) == hb
+    assert rotating.by_accepted == 1
+    assert rotating.decode(Codec(CID, Keys(other)).encode(hb)) is Rejection.BAD_AUTH
+    rotating.rekey(CID, Keys(new))
+    assert rotating.decode(Codec(CID, Keys(old)).encode(hb)) is Rejection.BAD_AUTH

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from shoal.protocol.codec import Keys
 from shoal.protocol.engine import Command, Engine, Phase
 from shoal.protocol.engine.host_state import (
     MOVES,
@@ -80,7 +81,7 @@ def engine_in(state: HostState) -> tuple[Engine, float]:
     """A one-host cluster's engine brought into ``state`` through its inputs."""
     cfg = cluster_configs(1)[0]
     now = 0.0
-    e = Engine(cfg, KEY, 1, now)
+    e = Engine(cfg, Keys(KEY), 1, now)
 
     def run(until: float) -> None:
         nonlocal now

@@ -12,6 +12,7 @@ from typing import Any
 from shoal.dataplane.backend import NftBackend
 from shoal.dataplane.contract import DataplaneError, Install, RuleState, bucket_token
 from shoal.dataplane.nft import NftError
+from shoal.protocol.codec import Keys
 from shoal.protocol.engine import Engine
 from shoal.protocol.frames import HostState
 from shoal.runtime import HostRuntime, Output
@@ -147,7 +148,7 @@ def test_the_kernel_lease_never_outruns_the_engine_and_is_renewed_before_it_ends
     once less than half a lease and a period are left, to no later than the engine's."""
     cfg = cluster_configs(1)[0]
     now = [0.0]
-    engine = Engine(cfg, KEY, 1, now[0])
+    engine = Engine(cfg, Keys(KEY), 1, now[0])
     kernel = CountingKernel(now)
     rt = HostRuntime(engine, kernel, lambda record, vote: None)
     steps = 0
@@ -177,7 +178,7 @@ def test_a_refused_renewal_is_reported_and_tried_again() -> None:
     and the next input renews it."""
     cfg = cluster_configs(1)[0]
     now = [0.0]
-    engine = Engine(cfg, KEY, 1, now[0])
+    engine = Engine(cfg, Keys(KEY), 1, now[0])
     kernel = RefusingRenewals(now)
     rt = HostRuntime(engine, kernel, lambda record, vote: None)
     problems: list[str] = []

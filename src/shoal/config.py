@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from shoal.cluster_mac import ClusterMode
+from shoal.keys import KeyProblems, read_keys
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -175,6 +176,7 @@ class ClusterConfig(BaseModel):
     mode: ClusterMode = ClusterMode.UNICAST
     key: SecretStr | None = None
     key_file: Path | None = None
+    accept_key_files: list[Path] = Field(default_factory=list, max_length=4)
     hash_seed: int | None = Field(default=None, ge=0, le=0xFFFFFFFF)
     buckets: int = Field(default=4096, ge=16, le=65536)
     profile: Profile = Profile.DEFAULT
@@ -240,14 +242,6 @@ class ClusterConfig(BaseModel):
             return self.hash_seed
         digest = hashlib.sha256(b"shoal-seed:" + self.primary_vip.packed).digest()
         return int.from_bytes(digest[:4], "big")
-
-    def secret(self, base: Path | None = None) -> bytes:
-        """The cluster key bytes (reads ``key_file`` relative to ``base``)."""
-        if self.key is not None:
-            return self.key.get_secret_value().encode()
-        assert self.key_file is not None
-        path = self.key_file if base is None else base / self.key_file
-        return path.read_bytes().strip()
 
     def digest_document(self) -> dict[str, Any]:
         """Everything hosts must agree on, in canonical form."""
@@ -418,7 +412,7 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ShoalConfig:
 
 
 def load_config(path: Path) -> ShoalConfig:
-    """Read and validate one host's TOML file; the key file, if any, must be readable."""
+    """Read and validate one host's TOML file, its keys included (see :mod:`shoal.keys`)."""
     try:
         data = tomllib.loads(path.read_text())
     except OSError as err:
@@ -427,11 +421,9 @@ def load_config(path: Path) -> ShoalConfig:
         raise ConfigError(str(path), [f"not valid TOML: {err}"]) from None
     cfg = parse_config(data, str(path))
     try:
-        cfg.cluster.secret(path.parent)
-    except OSError as err:
-        raise ConfigError(
-            str(path), [f"cluster.key_file: cannot read {cfg.cluster.key_file}: {err.strerror}"]
-        ) from None
+        read_keys(cfg.cluster, path)
+    except KeyProblems as err:
+        raise ConfigError(str(path), err.problems) from None
     return cfg
 
 

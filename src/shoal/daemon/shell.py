@@ -29,6 +29,7 @@ from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
 from shoal.dataplane.contract import Backend
+from shoal.keys import KeyProblems, read_keys
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event
 from shoal.protocol.frames import ETHERTYPE, HostState
@@ -84,7 +85,7 @@ class Daemon:
                 vote = frozenset(saved.get("vote", saved["record"]))
         self.engine = Engine(
             self.cfg,
-            self.cfg.cluster.secret(config_path.parent),
+            read_keys(self.cfg.cluster, config_path),
             time.time_ns(),
             self.now(),
             record=record,
@@ -273,7 +274,11 @@ class Daemon:
             return {"ok": False, "error": "; ".join(e.problems), "kept": "running configuration"}
         if cfg.host.host_id != self.cfg.host.host_id or cfg.interface != self.cfg.interface:
             return {"ok": False, "error": "host.host_id and the interface need a restart"}
-        what = self.engine.reload(cfg, self.now())
+        try:
+            keys = read_keys(cfg.cluster, self.config_path)
+        except KeyProblems as e:  # changed since load_config read it
+            return {"ok": False, "error": "; ".join(e.problems), "kept": "running configuration"}
+        what = self.engine.reload(cfg, self.now(), keys)
         if cfg.cluster.digest() != self.cfg.cluster.digest():
             self.backend.remove()
             self.runtime.replace_backend(self.backend_factory(cfg))

@@ -190,6 +190,8 @@ dedicated_ips = [{", ".join(dips)}]
 rule = "ssh"
 handling_priority = {h}
 {weight}""")
+            self.config_path(h).chmod(0o600)  # it holds the cluster key
+
 
     def up(self, service: bool = True) -> None:
         if not NAME_RE.match(self.name):

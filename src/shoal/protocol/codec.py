@@ -118,24 +118,47 @@ class _Malformed(Exception):
     pass
 
 
+class Keys(NamedTuple):
+    """The cluster key that signs this host's frames, and the keys also accepted on
+    receipt: during a rotation the new one first, then the old one, until every host moved."""
+
+    signing: bytes
+    accepted: tuple[bytes, ...] = ()
+
+
+def _pads(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
+    """HMAC-SHA256's inner and outer hash states for ``key``, set up once."""
+    block = hashlib.sha256(key).digest() if len(key) > 64 else key
+    block = block.ljust(64, b"\0")
+    return hashlib.sha256(bytes(b ^ 0x36 for b in block)), hashlib.sha256(
+        bytes(b ^ 0x5C for b in block)
+    )
+
+
 class Codec:
-    """Encodes and authenticates frames for one cluster and key.
+    """Encodes and authenticates frames for one cluster and its keys.
 
     HMAC-SHA256 with the key's inner and outer pads hashed once: per frame it then costs
-    two hash copies, half of what ``hmac.digest`` spends setting the key up every time.
+    two hash copies, half of what ``hmac.digest`` spends setting the key up every time. A
+    frame is authentic under the signing key or any accepted key; the frames only an
+    accepted key opened are counted (:attr:`by_accepted`): while it is not 0, some host
+    still signs with a key this one will drop at the end of a rotation.
     """
 
-    def __init__(self, cluster: bytes, key: bytes) -> None:
-        self.cluster = cluster
-        self.key = key
-        block = hashlib.sha256(key).digest() if len(key) > 64 else key
-        block = block.ljust(64, b"\0")
-        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+    def __init__(self, cluster: bytes, keys: Keys) -> None:
+        self.rekey(cluster, keys)
 
-    def __reduce__(self) -> tuple[type[Codec], tuple[bytes, bytes]]:
+    def rekey(self, cluster: bytes, keys: Keys) -> None:
+        """Use another cluster id or other keys from now on (a reload)."""
+        self.cluster = cluster
+        self.keys = keys
+        self._inner, self._outer = _pads(keys.signing)
+        self._also = [_pads(k) for k in keys.accepted if k != keys.signing]
+        self.by_accepted = 0
+
+    def __reduce__(self) -> tuple[type[Codec], tuple[bytes, Keys]]:
         # hash states do not pickle: a copied engine (the benchmark replays one) rebuilds them
-        return (Codec, (self.cluster, self.key))
+        return (Codec, (self.cluster, self.keys))
 
     def tag(self, message: bytes) -> bytes:
         inner = self._inner.copy()
@@ -143,6 +166,19 @@ class Codec:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()
+
+    def authentic(self, message: bytes, tag: bytes) -> bool:
+        if hmac.compare_digest(self.tag(message), tag):
+            return True
+        for inner, outer in self._also:
+            i = inner.copy()
+            i.update(message)
+            o = outer.copy()
+            o.update(i.digest())
+            if hmac.compare_digest(o.digest(), tag):
+                self.by_accepted += 1
+                return True
+        return False
 
     def _seal(
         self, ftype: FrameType, host: int, inc: int, seq: int, payload: bytes, said: int = 0
@@ -186,7 +222,7 @@ class Codec:
         if len(data) != rep.size or data[:_SAME] != rep.head:
             return None
         end = rep.size - TAG_LEN
-        if not hmac.compare_digest(self.tag(data[:end]), data[end:]):
+        if not self.authentic(data[:end], data[end:]):
             return -1
         return _SEQ.unpack_from(data, _SAME)[0]  # type: ignore[no-any-return]
 
@@ -205,7 +241,7 @@ class Codec:
         if len(data) < end + TAG_LEN:
             return Rejection.BAD_LENGTH
         # trailing bytes past the tag (Ethernet padding) are ignored
-        if not hmac.compare_digest(self.tag(data[:end]), data[end : end + TAG_LEN]):
+        if not self.authentic(data[:end], data[end : end + TAG_LEN]):
             return Rejection.BAD_AUTH
         if not 1 <= host <= MAX_HOST:
             return Rejection.MALFORMED

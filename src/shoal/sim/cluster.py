@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from shoal.config import FilteringMode, PartitionPolicy, ShoalConfig
 from shoal.dataplane.contract import DataplaneError, Install, RuleCounters, bucket_token
+from shoal.protocol.codec import Keys
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event
 from shoal.protocol.frames import HostState
@@ -136,7 +137,7 @@ class SimCluster:
         h.incarnation += 1
         h.tick_at = float("inf")
         h.engine = self.engine(
-            h.config, self.key, h.incarnation, self.now, record=h.record, vote=h.vote
+            h.config, Keys(self.key), h.incarnation, self.now, record=h.record, vote=h.vote
         )
         h.kernel.attach()
         h.runtime = self.runtime(h.engine, h.kernel, h.save)

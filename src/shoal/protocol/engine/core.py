@@ -24,7 +24,7 @@ import ipaddress
 
 from shoal.config import InitialState, PartitionPolicy, ShoalConfig
 from shoal.dataplane.contract import Install, RuleState
-from shoal.protocol.codec import Codec
+from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.engine.agreement import Agreement
 from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.epochs import EpochStore
@@ -61,7 +61,7 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
     def __init__(
         self,
         config: ShoalConfig,
-        key: bytes,
+        keys: Keys,
         incarnation: int,
         now: float,
         record: frozenset[int] = frozenset(),
@@ -76,7 +76,7 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
         self.incarnation = incarnation
         self._use_timing(Timing(cl.period_ms / 1000.0, cl.tolerance))
         self.rules = cl.effective_rules
-        self.codec = Codec(cluster_id(cl.primary_vip), key)
+        self.codec = Codec(cluster_id(cl.primary_vip), keys)
         self.digest = cl.heartbeat_digest()
         self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
         dips = config.host.dedicated_ips
@@ -171,12 +171,14 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
 
     @property
     def counters(self) -> dict[str, int]:
-        """Frames sent and received, epochs created, and frames dropped by reason."""
+        """Frames sent and received, epochs created, frames dropped by reason, and frames
+        only an accepted (not the signing) key opened since the keys last changed."""
         return {
             **self.rejected,
             "frames_sent": self.beacon.frames_sent,
             "frames_received": self.frames_received,
             "epochs_created": self.epochs_created,
+            "opened_by_accepted_key": self.codec.by_accepted,
         }
 
     def snapshot(self, now: float) -> Snapshot:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from shoal.config import FilteringMode, PartitionPolicy, PortRule, ShoalConfig
 from shoal.dataplane.contract import RuleState
+from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import RULE_COMMANDS, Act, Command, HostStateMachine
@@ -21,7 +22,7 @@ from shoal.protocol.engine.leader import Leader
 from shoal.protocol.engine.peers import Peer, Roster
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.events import EventId
-from shoal.protocol.frames import Heartbeat
+from shoal.protocol.frames import Heartbeat, cluster_id
 
 RULE_TARGETS = {
     Command.ENABLE: (RuleState.ENABLED, EventId.RULE_ENABLED),
@@ -34,6 +35,11 @@ RULE_TARGETS = {
 class CommandResult:
     ok: bool
     message: str
+
+
+def _keys_text(keys: Keys) -> str:
+    n = len(keys.accepted)
+    return "signing with the new key" + (f", {n} more accepted" if n else ", no other accepted")
 
 
 class OperatorInputs:
@@ -52,6 +58,7 @@ class OperatorInputs:
     roster: Roster
     peers: dict[int, Peer]
     beacon: Beacon
+    codec: Codec
     started_at: float
     eligible_since: float
     drain_deadline: float | None
@@ -79,10 +86,17 @@ class OperatorInputs:
             self._emit(EventId.RULE_COMMAND_REFUSED, now, command=cmd.value, reason=result.message)
         return result
 
-    def reload(self, config: ShoalConfig, now: float) -> str:
-        """Apply a new configuration of this host; returns what changed."""
+    def reload(self, config: ShoalConfig, now: float, keys: Keys | None = None) -> str:
+        """Apply a new configuration of this host (and ``keys``, when given); returns what
+        changed. The cluster id and the keys are applied with it: nothing the file says is
+        reported applied and left out."""
         if config.host.host_id != self.me:
             raise ValueError("host.host_id cannot change on reload; restart the daemon")
+        keys = self.codec.keys if keys is None else keys
+        rekeyed = keys != self.codec.keys
+        cid = cluster_id(config.cluster.primary_vip)
+        if rekeyed or cid != self.codec.cluster:
+            self.codec.rekey(cid, keys)
         new_digest = config.cluster.heartbeat_digest()
         old_rules = self.rules
         self.cfg = config
@@ -108,6 +122,8 @@ class OperatorInputs:
             what = "cluster parameters changed: reconverging"
         else:
             what = "host parameters applied"
+        if rekeyed:
+            what += f"; cluster key changed ({_keys_text(keys)})"
         self._emit(EventId.RELOADED, now, what=what)
         self.beacon.dirty = True
         self._step(now)
