@@ -11,12 +11,14 @@ from hypothesis import strategies as st
 from shoal.dataplane.contract import RuleState
 from shoal.protocol.codec import Codec, Keys, repeat_of
 from shoal.protocol.frames import (
+    MAX_PROOFS,
     MTU_PAYLOAD,
     EpochKey,
     Flag,
     Heartbeat,
     HostState,
     MapChunk,
+    Proof,
     Rejection,
     RuleReport,
     cluster_id,
@@ -55,6 +57,7 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
         beat=draw(st.integers(0, 255)),
         echoes=tuple(draw(st.lists(st.integers(0, 255), min_size=len(acks), max_size=len(acks)))),
         said=draw(st.integers(0, 2**32 - 1)),
+        asks=draw(st.frozensets(hosts)),
     )
 
 
@@ -214,8 +217,9 @@ def test_heartbeat_sizes() -> None:
         vote=frozenset(range(1, 100)),
         silences=tuple((h, 5) for h in range(3, 131)),
         dedicated_ip=ipaddress.ip_address("2001:db8::12"),
+        asks=frozenset(range(1, 257)),
     )
-    assert len(CODEC.encode(largest)) == 1363 <= MTU_PAYLOAD
+    assert len(CODEC.encode(largest)) == 1395 <= MTU_PAYLOAD
 
 
 def test_accepted_keys_open_frames_and_are_counted() -> None:
@@ -232,3 +236,22 @@ def test_accepted_keys_open_frames_and_are_counted() -> None:
     assert rotating.decode(Codec(CID, Keys(other)).encode(hb)) is Rejection.BAD_AUTH
     rotating.rekey(CID, Keys(new))
     assert rotating.decode(Codec(CID, Keys(old)).encode(hb)) is Rejection.BAD_AUTH
+
+
+@settings(max_examples=200)
+@given(
+    host=hosts,
+    inc=st.integers(0, 2**64 - 1),
+    seq=st.integers(0, 2**32 - 1),
+    heard=st.lists(
+        st.tuples(hosts, st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1)),
+        min_size=1,
+        max_size=MAX_PROOFS,
+    ),
+)
+def test_proof_round_trip_within_mtu(
+    host: int, inc: int, seq: int, heard: list[tuple[int, int, int]]
+) -> None:
+    proof = Proof(host, inc, seq, tuple(heard))
+    wire = CODEC.encode(proof)
+    assert len(wire) <= MTU_PAYLOAD and CODEC.decode(wire) == proof

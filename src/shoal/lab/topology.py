@@ -192,7 +192,6 @@ handling_priority = {h}
 {weight}""")
             self.config_path(h).chmod(0o600)  # it holds the cluster key
 
-
     def up(self, service: bool = True) -> None:
         if not NAME_RE.match(self.name):
             raise LabError(f"lab name {self.name!r}: use 1 to 8 lower-case letters or digits")

@@ -41,6 +41,7 @@ from shoal.protocol.frames import (
     CHUNK_DATA,
     HEADER_LEN,
     MAX_HOST,
+    MAX_PROOFS,
     MAX_RULES,
     NO_KEY,
     TAG_LEN,
@@ -52,6 +53,7 @@ from shoal.protocol.frames import (
     Heartbeat,
     HostState,
     MapChunk,
+    Proof,
     Rejection,
     RuleReport,
 )
@@ -61,7 +63,8 @@ _HEADER = struct.Struct("!2sBB8sHQIIH")
 assert _HEADER.size == HEADER_LEN
 _SAME = 26  # bytes 0..26 say who sent a frame and what it says, if it is a heartbeat
 _SEQ = struct.Struct("!I")
-_ENCODING = Flag.ACKS_ARE_RECORD | Flag.VOTE_IS_RECORD
+_ENCODING = Flag.ACKS_ARE_RECORD | Flag.VOTE_IS_RECORD | Flag.ASKS
+_HEARD = struct.Struct("!HQI")
 
 # state flags cdigest enum eleader edigest acks record vote nrules
 _HB_FIXED = struct.Struct("!BB8sIHQ8s32s")  # ... epoch digest, record
@@ -197,6 +200,11 @@ class Codec:
                 _encode_heartbeat(frame),
                 frame.said,
             )
+        if isinstance(frame, Proof):
+            if not 0 < len(frame.heard) <= MAX_PROOFS:
+                raise ValueError(f"a proof names 1 to {MAX_PROOFS} hosts")
+            payload = bytes([len(frame.heard)]) + b"".join(_HEARD.pack(*x) for x in frame.heard)
+            return self._seal(FrameType.PROOF, frame.host_id, frame.incarnation, frame.seq, payload)
         payload = (
             _CHUNK.pack(
                 frame.epoch.number,
@@ -245,7 +253,7 @@ class Codec:
             return Rejection.BAD_AUTH
         if not 1 <= host <= MAX_HOST:
             return Rejection.MALFORMED
-        if ftype != 1 and ftype != 2:
+        if not 1 <= ftype <= 3:
             return Rejection.UNKNOWN_TYPE
         return Envelope(ftype, host, inc, seq, data[HEADER_LEN:end], said)
 
@@ -266,6 +274,8 @@ def parse(env: Envelope) -> Frame | Rejection:
     try:
         if env.ftype == FrameType.HEARTBEAT:
             return _decode_heartbeat(env)
+        if env.ftype == FrameType.PROOF:
+            return _decode_proof(env)
         return _decode_chunk(env.payload, env.host_id, env.incarnation, env.seq)
     except (_Malformed, struct.error, ValueError):
         return Rejection.MALFORMED
@@ -279,6 +289,8 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
         flags |= Flag.ACKS_ARE_RECORD
     if hb.vote == hb.record:
         flags |= Flag.VOTE_IS_RECORD
+    if hb.asks:
+        flags |= Flag.ASKS
     out = [
         _HB_FIXED.pack(
             hb.state,
@@ -295,6 +307,8 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
         out.append(host_bitmap(hb.acks))
     if hb.vote != hb.record:
         out.append(host_bitmap(hb.vote))
+    if hb.asks:
+        out.append(host_bitmap(hb.asks))
     out.append(struct.pack("!B", len(hb.rules)))
     out += [_RULE.pack(r.weight, r.state, r.priority) for r in hb.rules]
     out.append(struct.pack("!B", len(hb.silences)))
@@ -324,6 +338,12 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
     else:
         vote = hosts_from_bitmap(p[off : off + 32])
         off += 32
+    asks: frozenset[int] = frozenset()
+    if flags & Flag.ASKS:
+        asks = hosts_from_bitmap(p[off : off + 32])
+        off += 32
+        if not asks:
+            raise _Malformed  # the flag says a bitmap follows only when someone is asked
     (nrules,) = struct.unpack_from("!B", p, off)
     off += 1
     if nrules > MAX_RULES:
@@ -381,7 +401,19 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
         beat=beat,
         echoes=echoes,
         said=env.said,
+        asks=asks,
     )
+
+
+def _decode_proof(env: Envelope) -> Proof:
+    p = env.payload
+    n = p[0] if p else 0
+    if not 0 < n <= MAX_PROOFS or len(p) != 1 + n * _HEARD.size:
+        raise _Malformed
+    heard = tuple(_HEARD.unpack_from(p, 1 + i * _HEARD.size) for i in range(n))
+    if any(not 1 <= h <= MAX_HOST for h, _, _ in heard):
+        raise _Malformed
+    return Proof(env.host_id, env.incarnation, env.seq, heard)
 
 
 def _decode_chunk(p: bytes, host: int, inc: int, seq: int) -> MapChunk:

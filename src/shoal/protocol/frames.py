@@ -16,7 +16,7 @@ from typing import NamedTuple
 from shoal.dataplane.contract import RuleState
 
 ETHERTYPE = 0x886F
-VERSION = 4
+VERSION = 5
 HEADER_LEN = 32
 TAG_LEN = 32
 MTU_PAYLOAD = 1500
@@ -28,6 +28,7 @@ CHUNK_DATA = 1200  # map bytes per chunk: header + 16 + 1200 + tag stays under 1
 class FrameType(IntEnum):
     HEARTBEAT = 1
     MAP_CHUNK = 2
+    PROOF = 3
 
 
 class HostState(IntEnum):
@@ -48,6 +49,7 @@ class Flag(IntEnum):
     HAS_EPOCH = 16
     ACKS_ARE_RECORD = 32  # (encoding) acks = record less the sender: the acks are not sent
     VOTE_IS_RECORD = 64  # (encoding) vote = record: the vote is not sent
+    ASKS = 128  # (encoding) the asks bitmap follows: some host is to prove it is alive
 
 
 class Rejection(StrEnum):
@@ -62,6 +64,7 @@ class Rejection(StrEnum):
     UNKNOWN_TYPE = "unknown_type"
     MALFORMED = "malformed"
     REPLAY = "replay"
+    UNPROVEN = "unproven"  # its sender has not yet proven it is alive now (see Proof)
     OWN = "own"
 
 
@@ -119,6 +122,7 @@ class Heartbeat:
     beat: int = 0  # this heartbeat's number, modulo 256
     echoes: tuple[int, ...] = ()  # per acked host (ascending): the newest beat heard from it
     said: int = 0  # the content number (header): the sender's count of changes to the rest
+    asks: frozenset[int] = frozenset()  # hosts heard that have not proven they are alive now
 
     def has(self, flag: Flag) -> bool:
         return bool(self.flags & flag)
@@ -138,4 +142,19 @@ class MapChunk:
     data: bytes = field(repr=False)
 
 
-Frame = Heartbeat | MapChunk
+@dataclass(frozen=True)
+class Proof:
+    """The sender is alive now: it heard each ``(host, incarnation, seq)`` of ``heard``, a
+    heartbeat of that host asking it for this proof. Only a frame made after a host sent the
+    heartbeat numbered ``seq`` in that run can name it, so a proof naming one this host sent
+    since it began to ask cannot be a recording from before."""
+
+    host_id: int
+    incarnation: int
+    seq: int
+    heard: tuple[tuple[int, int, int], ...]
+
+
+MAX_PROOFS = 100  # heartbeats answered in one proof frame: 32 + 1 + 1400 + 32 < 1500
+
+Frame = Heartbeat | MapChunk | Proof

@@ -7,6 +7,8 @@
 * **balanced** — every epoch gives each member its weighted share of each rule's buckets,
   within one bucket;
 * **minimal** — every epoch moves the fewest buckets its parent allows;
+* **ghosts** — a host whose daemon is down counts as live at no host that started, or
+  began to hear it afresh, after it went down: whatever a neighbour replays;
 * **covered** — after the faults are repaired, every token has an owner and every host
   converged (checked by the scenario, which knows when that is).
 
@@ -22,8 +24,41 @@ from typing import Protocol
 from shoal.bucket_map import counts, ideal_bounds, minimum_moves
 from shoal.config import FilteringMode, ShoalConfig
 from shoal.dataplane.contract import RuleState
+from shoal.protocol.engine import Engine
 from shoal.protocol.epoch import EpochState
 from shoal.protocol.frames import EpochKey
+
+
+class Host(Protocol):
+    @property
+    def engine(self) -> Engine | None: ...
+    @property
+    def down_since(self) -> float | None: ...
+    @property
+    def booted_at(self) -> float: ...
+
+
+def ghosts(hosts: Mapping[int, Host], now: float, in_flight: float) -> str:
+    """A host that is down and live at an engine that knew nothing of it when it went
+    down: one started since, or one whose record of it began since (it had forgotten it, or
+    it was another run of that host), later than its frames can be in flight. Only a replay
+    can have made it live there."""
+    for x, g in hosts.items():
+        if g.down_since is None:
+            continue
+        for y, h in hosts.items():
+            e = h.engine
+            if e is None or y == x:
+                continue
+            p = e.peers.get(x)
+            since = g.down_since + in_flight
+            fresh = h.booted_at > since or (p is not None and p.first_heard > since)
+            if p is not None and fresh and e.roster.alive(p, now):
+                return (
+                    f"ghosts: host {x}, down since {g.down_since:.3f}, is live at host {y} "
+                    f"(last heard {p.last_heard:.3f})"
+                )
+    return ""
 
 
 class InvariantViolation(AssertionError):

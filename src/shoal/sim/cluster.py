@@ -24,7 +24,14 @@ from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event
 from shoal.protocol.frames import HostState
 from shoal.runtime import HostRuntime
-from shoal.sim.checkers import EpochLedger, InvariantViolation, exclusive, exclusive_all
+from shoal.sim.adversary import Recorder
+from shoal.sim.checkers import (
+    EpochLedger,
+    InvariantViolation,
+    exclusive,
+    exclusive_all,
+    ghosts,
+)
 
 
 @dataclass
@@ -76,6 +83,8 @@ class SimHost:
     record: frozenset[int] = frozenset()  # on disk: survives crashes
     vote: frozenset[int] = frozenset()  # on disk too
     frames_withheld: int = 0  # frames an install refusal kept from the wire
+    down_since: float | None = None  # its daemon is not running since then
+    booted_at: float = 0.0  # its daemon's last start
 
     def save(self, record: frozenset[int], vote: frozenset[int]) -> None:
         self.record, self.vote = record, vote
@@ -125,6 +134,7 @@ class SimCluster:
         self.observers: list[Callable[[SimCluster], None]] = []
         self.events: list[tuple[int, Event]] = []  # (host, event), as the daemons log them
         self.wire = hashlib.sha256()  # every frame sent: when, by whom, its bytes
+        self.recorder: Recorder | None = None  # a neighbour recording frames, to replay them
         for h in self.hosts.values():
             self._boot(h)
 
@@ -135,6 +145,8 @@ class SimCluster:
 
     def _boot(self, h: SimHost) -> None:
         h.incarnation += 1
+        h.down_since = None
+        h.booted_at = self.now
         h.tick_at = float("inf")
         h.engine = self.engine(
             h.config, Keys(self.key), h.incarnation, self.now, record=h.record, vote=h.vote
@@ -146,6 +158,8 @@ class SimCluster:
     def crash_host(self, hid: int) -> None:
         """Power off: daemon and kernel both gone."""
         h = self.hosts[hid]
+        if h.engine is not None:
+            h.down_since = self.now
         h.engine = h.runtime = None
         h.kernel = self._kernel(alive=False)
 
@@ -159,6 +173,8 @@ class SimCluster:
     def crash_daemon(self, hid: int) -> None:
         """kill -9 of the daemon: the kernel keeps its tokens and lease."""
         h = self.hosts[hid]
+        if h.engine is not None:
+            h.down_since = self.now
         h.engine = h.runtime = None
 
     def restart_daemon(self, hid: int) -> None:
@@ -214,6 +230,9 @@ class SimCluster:
                     continue
                 h.tick_at = float("inf")
                 self._tick(h, h.engine)
+            elif kind == "replay":
+                assert isinstance(data, bytes)
+                self._deliver(h, h.engine, data)
             else:
                 assert isinstance(data, tuple)
                 inc, frame = data
@@ -268,11 +287,18 @@ class SimCluster:
             if g.engine.started_at + e.detect > self.now:
                 continue  # not yet heard, perhaps: it just started
             p = e.peers.get(x)
-            if p is None or p.last_heard + e.detect <= self.now:
+            if p is None or not e.roster.alive(p, self.now):
                 return True
         return False
 
+    def inject(self, at: float, frame: bytes) -> None:
+        """A frame from no host of the cluster (a neighbour's) reaches every host at ``at``."""
+        for dst in self.hosts.values():
+            self._push(at, "replay", dst.host_id, frame)
+
     def _broadcast(self, src: SimHost, frame: bytes) -> None:
+        if self.recorder is not None:
+            self.recorder.record(src.host_id, frame)
         self.frames_sent += 1
         self.wire.update(b"%.9f %d " % (self.now, src.host_id))
         self.wire.update(frame)
@@ -310,6 +336,11 @@ class SimCluster:
         with every pair of kernels as they are."""
         self.check_exclusive = True
         why = exclusive_all(self._kernels(), self.now)
+        if why:
+            raise self.fail(why)
+
+    def check_ghosts(self) -> None:
+        why = ghosts(self.hosts, self.now, self.faults.max_delay_fraction * self.period)
         if why:
             raise self.fail(why)
 

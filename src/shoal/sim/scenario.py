@@ -14,6 +14,7 @@ from typing import Any
 
 from shoal.config import ShoalConfig, parse_config
 from shoal.protocol.engine import Command
+from shoal.sim.adversary import Recorder
 from shoal.sim.checkers import InvariantViolation
 from shoal.sim.cluster import SimCluster
 
@@ -77,6 +78,27 @@ def mismatched(cfg: ShoalConfig) -> ShoalConfig:
     return parse_config(doc)
 
 
+FAULTS = [
+    "crash",
+    "restart",
+    "daemon",
+    "daemon_restart",
+    "partition",
+    "heal",
+    "loss",
+    "stop",
+    "start",
+    "drainstop",
+    "suspend",
+    "resume",
+    "rule",
+    "weight",
+    "mismatch",
+    "match",
+]
+ODDS = [3, 3, 3, 3, 2, 3, 1, 1, 2, 2, 1, 1, 2, 2, 1, 1]
+
+
 @dataclass
 class Scenario:
     seed: int
@@ -98,6 +120,7 @@ def run_scenario(
     observers: Iterable[Callable[[SimCluster], None]] = (),
     policy: str = "quorum",
     cluster: type[SimCluster] = SimCluster,
+    replay: bool = False,
 ) -> Scenario:
     """Run one random scenario; raises InvariantViolation naming the seed on a breach.
     ``observers`` are called after every input an engine handled. With ``policy``
@@ -106,7 +129,10 @@ def run_scenario(
     (see :meth:`SimCluster._cut_off`); from then on both sides may, by design, until the
     repaired cluster converged (at most 60 periods after the repair), and from then on
     exclusivity is checked again for 20 more periods. ``cluster``: a subclass of the
-    simulator, to look at each input or run another engine."""
+    simulator, to look at each input or run another engine. ``replay``: a neighbour records
+    every frame and, as one more kind of fault, replays a host's recorded frames to every host
+    for a while (most often a host that is down); no host down may then count as live
+    anywhere (the ``ghosts`` checker, after every input)."""
     rng = random.Random(seed)
     n = hosts or rng.randint(2, max_hosts)
     buckets = rng.choice([16, 60, 64, 256])
@@ -114,6 +140,9 @@ def run_scenario(
     configs = cluster_configs(n, buckets, weights=weights, policy=policy)
     sim = cluster(configs, KEY, seed)
     sim.observers.extend(observers)
+    if replay:
+        sim.recorder = Recorder()
+        sim.observers.append(SimCluster.check_ghosts)
     p = sim.period
     sc = Scenario(seed, n, buckets, duration_periods * p)
     sim.faults.loss = rng.choice([0.0, 0.0, 0.01, 0.05, 0.2])
@@ -144,28 +173,21 @@ def run_scenario(
         if t >= end - 10 * p:
             break
         h = rng.choice(ids)
-        kind = rng.choices(
-            [
-                "crash",
-                "restart",
-                "daemon",
-                "daemon_restart",
-                "partition",
-                "heal",
-                "loss",
-                "stop",
-                "start",
-                "drainstop",
-                "suspend",
-                "resume",
-                "rule",
-                "weight",
-                "mismatch",
-                "match",
-            ],
-            weights=[3, 3, 3, 3, 2, 3, 1, 1, 2, 2, 1, 1, 2, 2, 1, 1],
-        )[0]
-        if kind == "crash":
+        kinds, odds = FAULTS, ODDS
+        if replay:
+            kinds, odds = [*FAULTS, "replay"], [*ODDS, 6]
+        kind = rng.choices(kinds, weights=odds)[0]
+        if kind == "replay":
+            down = [i for i in ids if sim.hosts[i].down_since is not None]
+            who = rng.choice(down) if down and rng.random() < 0.8 else h
+            seconds = rng.uniform(2, 30) * p
+
+            def replay_now(who: int = who, seconds: float = seconds) -> None:
+                assert sim.recorder is not None
+                sim.recorder.replay(sim, who, sim.now, seconds, rng)
+
+            act(t, f"replay host {who}'s frames for {seconds:.2f} s", replay_now)
+        elif kind == "crash":
             act(t, f"crash host {h}", partial(sim.crash_host, h))
         elif kind == "restart":
             act(t, f"restart host {h}", partial(sim.restart_host, h))

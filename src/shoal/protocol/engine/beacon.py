@@ -18,7 +18,7 @@ from shoal.protocol.codec import Codec
 from shoal.protocol.engine.epochs import chunks_of
 from shoal.protocol.engine.peers import NEVER, Peer, Roster
 from shoal.protocol.epoch import EpochState
-from shoal.protocol.frames import EpochKey, Heartbeat, MapChunk
+from shoal.protocol.frames import EpochKey, Heartbeat, MapChunk, Proof
 
 MAX_SILENCES = 128  # fenced hosts whose silence one heartbeat reports
 UNKNOWN_SILENCE = 0xFFFFFFFF  # never heard (a heartbeat's silence field)
@@ -96,6 +96,13 @@ class Beacon:
             self.frames.append(self.codec.encode(ch))
             self.frames_sent += 1
         self.last_map_sent[state.key] = now
+
+    def send_proof(self, heard: list[tuple[int, int, int]]) -> None:
+        """Prove this host is alive now to each asking heartbeat (host, incarnation,
+        sequence number) of ``heard``."""
+        proof = Proof(self.me, self.incarnation, self._next_seq(), tuple(heard))
+        self.frames.append(self.codec.encode(proof))
+        self.frames_sent += 1
 
     def to_acknowledge(
         self, acked: frozenset[int], roster: Roster, window: float, now: float

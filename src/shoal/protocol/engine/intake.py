@@ -17,6 +17,7 @@ from shoal.config import PortRule, ShoalConfig
 from shoal.protocol.codec import Codec, Envelope, Repeat, parse, repeat_of
 from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.epochs import EpochStore
+from shoal.protocol.engine.freshness import Freshness
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import ELIGIBLE
 from shoal.protocol.engine.leader import votes
@@ -25,7 +26,7 @@ from shoal.protocol.engine.ready import fence_report
 from shoal.protocol.engine.tenure import Tenure, later
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.events import EventId
-from shoal.protocol.frames import HEADER_LEN, Heartbeat, MapChunk, Rejection
+from shoal.protocol.frames import HEADER_LEN, FrameType, Heartbeat, MapChunk, Proof, Rejection
 
 
 class FrameIntake:
@@ -34,7 +35,7 @@ class FrameIntake:
     # owned here (set by _start_intake)
     rejected: dict[str, int]
     frames_received: int
-    own_id_seen: list[float]  # when frames of another run with this host's id came
+    freshness: Freshness  # what this host asks of its peers and owes them
     duplicate_until: float  # this host takes nothing until then: its id is used twice
 
     # the engine's, read and written here
@@ -66,7 +67,7 @@ class FrameIntake:
     def _start_intake(self) -> None:
         self.rejected = {r.value: 0 for r in Rejection}
         self.frames_received = 0
-        self.own_id_seen = []
+        self.freshness = Freshness()
         self.duplicate_until = float("-inf")
 
     def receive(self, data: bytes, now: float) -> Rejection | None:
@@ -89,44 +90,116 @@ class FrameIntake:
         env = self.codec.open(data)
         if isinstance(env, Rejection):
             return self._reject(env)
+        if env.ftype == FrameType.PROOF:
+            return self._on_proof(env, now)
+        if env.host_id == self.me:
+            return self._reject(self._own(env, now))
         why = self._admit(env, now)
         if why is not None:
+            if why is Rejection.UNPROVEN or why is Rejection.REPLAY:
+                self._answer_other_run(env, now)
             return self._reject(why)
         frame = parse(env)
         if isinstance(frame, Rejection):
             return self._reject(frame)
         if isinstance(frame, Heartbeat):
             p = self.peers[env.host_id]
+            if frame.asks and self.me in frame.asks:
+                self._owe(frame, now)
+            if not p.proven:
+                self._ask(p.host_id, now)
+                return self._reject(Rejection.UNPROVEN)
             if self._on_heartbeat(frame, now):
                 p.hb_seq = env.seq
                 same = frame.config_digest == self.digest
                 p.repeat = repeat_of(data, frame, self.me) if same else None
-        else:
+        elif isinstance(frame, MapChunk):
             self._on_chunk(frame)
         self._step(now, timers=False)
         return None
 
+    def _own(self, env: Envelope, now: float) -> Rejection:
+        """A frame with this host's id: its own, an earlier run's (in flight, or replayed),
+        or a second host's with this id. Only a proof tells the last two apart: ask for
+        one, and answer theirs."""
+        if env.incarnation != self.incarnation:
+            self._ask(self.me, now)
+            frame = parse(env)
+            if isinstance(frame, Heartbeat) and self.me in frame.asks:
+                self._owe(frame, now)
+        return Rejection.OWN
+
     def _admit(self, frame: Envelope, now: float) -> Rejection | None:
         h = frame.host_id
         self._heard(now)
-        if h == self.me:
-            if frame.incarnation == self.incarnation:
-                return Rejection.OWN
-            # frames of an earlier run of this host may still be in flight: only a steady
-            # stream from another incarnation means a second host uses this id
-            self.own_id_seen = [t for t in self.own_id_seen if now - t < self.timing.detect]
-            self.own_id_seen.append(now)
-            if len(self.own_id_seen) >= 3:
-                if self.duplicate_until < now:
-                    self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
-                self.duplicate_until = now + self.timing.detect
-                self.holding.release_all("host id used twice")
-                self._publish()  # heard between steps: the kernel must let go at once
-            return Rejection.OWN
-        why, duplicate = self.roster.admit(frame, now, self.timing.detect)
-        if duplicate:
-            self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
+        why = self.roster.admit(frame, now, proof=False)
+        if why is Rejection.UNPROVEN or why is Rejection.REPLAY:
+            p = self.peers[h]
+            if frame.incarnation != p.incarnation:
+                self._ask(h, now)  # a new run of the peer, or an old one still alive
         return why
+
+    def _answer_other_run(self, env: Envelope, now: float) -> None:
+        """A heartbeat of another run of a peer than the one this host holds (a restart,
+        or an older run still alive) may ask this host for a proof: it cannot prove itself
+        here before this host proved itself there."""
+        if env.incarnation == self.peers[env.host_id].incarnation:
+            return  # a replay of the run this host holds: it knows this host already
+        frame = parse(env)
+        if isinstance(frame, Heartbeat) and self.me in frame.asks:
+            self._owe(frame, now)
+
+    def _ask(self, host: int, now: float) -> None:
+        """Ask ``host`` to prove it is alive, in the heartbeats of the detection time."""
+        if self.freshness.ask(host, now + self.detect, self.beacon.seq + 1):
+            self.beacon.dirty = True
+            self._publish()
+
+    def _owe(self, hb: Heartbeat, now: float) -> None:
+        """``hb``'s sender asks this host for a proof: send it now."""
+        period = self.timing.period
+        if self.freshness.asked(hb.host_id, hb.incarnation, hb.seq, now, period / 2):
+            for heard in self.freshness.take(now):
+                self.beacon.send_proof(heard)
+            self._publish()
+
+    def _on_proof(self, env: Envelope, now: float) -> Rejection | None:
+        """A peer proves it is alive now, if the proof names this host's incarnation."""
+        proof = parse(env)
+        if isinstance(proof, Rejection):
+            return self._reject(proof)
+        assert isinstance(proof, Proof)
+        h = env.host_id
+        mine = [s for x, inc, s in proof.heard if x == self.me and inc == self.incarnation]
+        if not mine or not self.freshness.answers(h, max(mine)):
+            return None  # for another host, an earlier run of this one, or not asked since
+
+        if h == self.me:
+            if env.incarnation != self.incarnation:
+                self._duplicate_self(now)
+            return self._reject(Rejection.OWN)
+        self._heard(now)
+        p = self.peers.get(h)
+        if p is not None and env.incarnation < p.incarnation:
+            if self.roster.duplicate(p, now, self.timing.detect):
+                self._emit(EventId.DUPLICATE_HOST_ID, now, peer=h)
+            self._step(now, timers=False)
+            return None
+        why = self.roster.admit(env, now, proof=True)
+        if why is not None:
+            return self._reject(why)
+        if self.freshness.proven(h):
+            self.beacon.dirty = True
+        self._publish()
+        return None
+
+    def _duplicate_self(self, now: float) -> None:
+        """Another run of this host's id proved it is alive: take nothing for a while."""
+        if self.duplicate_until < now:
+            self._emit(EventId.DUPLICATE_HOST_ID, now, peer=self.me)
+        self.duplicate_until = now + self.timing.detect
+        self.holding.release_all("host id used twice")
+        self._publish()  # heard between steps: the kernel must let go at once
 
     def _heard(self, now: float) -> None:
         """A host was heard: the soonest silence deadline is now + detect at the latest."""
@@ -152,9 +225,12 @@ class FrameIntake:
         p.beat = data[rep.beat_at]
         if rep.echo_at:
             self._echoed(p, data[rep.echo_at], now)
-        if p.fence_epoch is not None:
+        e = self.holding.epoch
+        if e is not None and e.fenced:
+            # as a full decode would: this host may have adopted the epoch the peer holds
+            # since its heartbeat was last parsed, and its silences now bound the fence
             assert p.hb is not None
-            fence_report(self.holding.epoch, p, p.hb, now)
+            fence_report(e, p, p.hb, now)
 
     def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
         """Record a heartbeat; False when it is older than the one already held."""

@@ -39,6 +39,7 @@ class Peer:
     window: int  # replay window: bit i set = last_seq - i seen
     first_heard: float
     last_heard: float
+    proven: bool = False  # it proved it is alive in this incarnation (see freshness)
     hb: Heartbeat | None = None
     votes: tuple[frozenset[int], ...] = ()  # of hb (see leader.votes), kept with it
     repeat: Repeat | None = None  # of hb, when it has this host's digest (receive fast path)
@@ -49,7 +50,6 @@ class Peer:
     beat: int = -1  # the beat of its newest heartbeat
     fence_epoch: EpochKey | None = None
     fence_bounds: dict[int, float] = field(default_factory=dict)
-    stale: int = 0
     duplicate_until: float = NEVER
     mismatch_reported: bool = False
     joined_reported: bool = False
@@ -128,32 +128,46 @@ class Roster:
 
     # -------------------------------------------------------------- replay
 
-    def admit(self, frame: Envelope, now: float, hold: float) -> tuple[Rejection | None, bool]:
-        """The replay check of a frame of another host: (why it is dropped, if it is;
-        whether a second host is now seen using this id, blocked for ``hold``)."""
+    def admit(self, frame: Envelope, now: float, proof: bool) -> Rejection | None:
+        """The replay check of a frame of another host (``proof``: a proof naming this
+        host's incarnation). A new incarnation of a proven peer is taken on only with a
+        proof: until then the peer stays as it was, and the frame is ``unproven``."""
         h = frame.host_id
         p = self.peers.get(h)
-        if p is None or frame.incarnation > p.incarnation:
-            self.peers[h] = Peer(h, frame.incarnation, frame.seq, 1, now, now)
+        if p is None or (frame.incarnation > p.incarnation and (proof or not p.proven)):
+            # from a proof on, every frame numbered before it counts as seen: it may have
+            # been recorded before this host could tell
+            seen = WINDOW_MASK if proof else 1
+            self.peers[h] = Peer(h, frame.incarnation, frame.seq, seen, now, now, proof)
             self.generation += 1
             self.view += 1
-            return None, False
+            return None
+        if frame.incarnation > p.incarnation:
+            return Rejection.UNPROVEN
         if frame.incarnation < p.incarnation:
-            p.stale += 1
-            if p.stale >= 3 and p.duplicate_until < now:
-                p.duplicate_until = now + hold
-                self.view += 1
-                self.expiry_check = min(self.expiry_check, after(p.duplicate_until))
-                return Rejection.REPLAY, True
-            return Rejection.REPLAY, False
+            return Rejection.REPLAY
         diff = frame.seq - p.last_seq
         if diff > 0:
             p.advance(frame.seq)
         elif -diff >= WINDOW or p.window >> -diff & 1:
-            return Rejection.REPLAY, False
+            return Rejection.REPLAY
         else:
             p.window |= 1 << -diff
-        return None, False
+        if proof and not p.proven:
+            p.proven = True
+            p.first_heard = now  # what was heard before the proof proved nothing
+            p.window = WINDOW_MASK
+            self.view += 1
+        return None
+
+    def duplicate(self, p: Peer, now: float, hold: float) -> bool:
+        """Another run of ``p``'s id proved it is alive: two hosts use it; neither may be a
+        member for ``hold``. True when it was not blocked already."""
+        new = p.duplicate_until < now
+        p.duplicate_until = now + hold
+        self.view += 1
+        self.expiry_check = min(self.expiry_check, after(p.duplicate_until))
+        return new
 
     # --------------------------------------------------------------- sweep
 

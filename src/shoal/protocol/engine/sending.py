@@ -13,6 +13,7 @@ import ipaddress
 from typing import TYPE_CHECKING
 
 from shoal.protocol.engine.beacon import Beacon, acknowledged, silences
+from shoal.protocol.engine.freshness import Freshness
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import HostStateMachine
 from shoal.protocol.engine.peers import NEVER, Peer, Roster, behind_on, other_cluster
@@ -41,6 +42,7 @@ class Sending:
     leading: bool
     leader_id: int | None
     heal_reported: set[EpochKey]
+    freshness: Freshness
     _send_memo: tuple[int, tuple[object, ...], bool] | None
 
     if TYPE_CHECKING:
@@ -115,6 +117,7 @@ class Sending:
             dedicated_ip=self.dedicated_ip,
             record=self.record,
             vote=self.vote,
+            asks=self.freshness.asks(now),
         )
         self.beacon.send_heartbeat(said, acked_peers, now, self.timing.period)
         if self.tenure.count is not None:
