@@ -59,6 +59,12 @@ class RecordingSocket:
     def recv(self, size: int) -> bytes:
         raise BlockingIOError
 
+    def setsockopt(self, level: int, option: int, value: bytes) -> None:
+        pass  # a kernel filter: nothing to filter here
+
+    def getsockopt(self, level: int, option: int, size: int) -> bytes:
+        return bytes(size)  # packet statistics: nothing dropped
+
 
 def _daemon(tmp_path: Path, factory: Callable[[ShoalConfig], Backend] = RecordingBackend) -> Daemon:
     config = write_private(tmp_path / "host1.toml", (EXAMPLES / "host1.toml").read_text())
@@ -71,6 +77,8 @@ def _daemon(tmp_path: Path, factory: Callable[[ShoalConfig], Backend] = Recordin
     )
     d.loop = asyncio.new_event_loop()
     d.sock = RecordingSocket()  # type: ignore[assignment]
+    d.other = RecordingSocket()  # type: ignore[assignment]
+    d.filtered = (-1, d.engine.codec.cluster)
     d.dest = b"\xff" * 6
     return d
 
@@ -164,6 +172,7 @@ def test_query_params_and_display(daemon: Daemon) -> None:
     assert p["state"] == "converged (default)" and p["leader"] == 1
     assert p["owned_tokens"] > 0 and 0 < p["lease_left_ms"] <= p["lease_ms"]
     assert set(p["reads"]) == {"wakeups", "batches"}
+    assert p["socket_drops"] == {"known": 0, "other": 0}
     shown = daemon.handle({"cmd": "display"})
     assert shown["ok"] and any("converged as default host" in e["text"] for e in shown["events"])
     json.dumps(p), json.dumps(shown)  # what the socket sends

@@ -268,9 +268,14 @@ def test_forged_replayed_and_random_frames_change_nothing() -> None:
     f_engine = forged.hosts[2].engine
     assert f_engine is not None
     f_engine._send_heartbeat(sim.now)
+    # host 2's run and an old number: dropped as a replay before its tag is even checked
+    assert e1.receive(f_engine.take_frames()[0], sim.now) is Rejection.REPLAY
+    f_engine.beacon.seq = e2.beacon.seq + 1  # a number host 1 has not seen: the tag decides
+    f_engine.incarnation = f_engine.beacon.incarnation = e2.incarnation
+    f_engine._send_heartbeat(sim.now)
     assert e1.receive(f_engine.take_frames()[0], sim.now) is Rejection.BAD_AUTH
     assert e1.receive(b"\x00" * 90, sim.now) is Rejection.BAD_MAGIC
-    assert (e1.counters["replay"], e1.counters["bad_auth"], e1.counters["bad_magic"]) == (1, 1, 1)
+    assert (e1.counters["replay"], e1.counters["bad_auth"], e1.counters["bad_magic"]) == (2, 1, 1)
     before = (e1.epoch, e1.installed)
     sim.run_until(sim.now + 5 * P)
     assert (e1.epoch, e1.installed) == before

@@ -247,7 +247,7 @@ class SelfLeasing(Engine):
         self.tenure.__class__ = LeaseFromLastStep
 
 
-@pytest.mark.parametrize("seed", [522, 559, 601, 980])
+@pytest.mark.parametrize("seed", [114, 260, 274, 377])
 def test_available_policy_leases_count_from_an_echoed_beat(seed: int) -> None:
     """With the available policy a host granted itself a lease from its last step, which
     may come a period after the last heartbeat anyone heard from it; when it went silent

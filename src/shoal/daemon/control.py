@@ -145,8 +145,9 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
         "leader": snap.leader,
         "owned_tokens": snap.owned_tokens,
         "lease_left_ms": None if snap.lease_left is None else round(snap.lease_left * 1000),
-        "counters": snap.counters,
+        "counters": d.counters(),
         "reads": dict(d.reads),
+        "socket_drops": d.socket_drops(),
         "rules": [asdict(c) for c in d.backend.counters()],
     }
 

@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import socket
-import struct
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 
 from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
 from shoal.config import ConfigError, ShoalConfig, load_config
+from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
@@ -32,13 +32,10 @@ from shoal.dataplane.contract import Backend
 from shoal.keys import KeyProblems, read_keys
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event
-from shoal.protocol.frames import ETHERTYPE, HostState
+from shoal.protocol.frames import ETHERTYPE, HostState, cluster_id
 from shoal.runtime import HostRuntime, Output
 
-SOL_PACKET = 263
-PACKET_ADD_MEMBERSHIP = 1
-PACKET_IGNORE_OUTGOING = 23
-PACKET_MR_MULTICAST = 0
+KNOWN_BUDGET = 4096  # frames read from the known socket per batch (a burst, not a flood)
 BROADCAST = b"\xff" * 6
 RECENT_EVENTS = 200
 BackendFactory = Callable[[ShoalConfig], Backend]
@@ -73,6 +70,8 @@ class Daemon:
         self.last_wake = 0.0
         self.held: asyncio.TimerHandle | None = None  # the next batch, reader off meanwhile
         self.reads = {"wakeups": 0, "batches": 0}  # socket reads: one per frame, or batched
+        self.dropped = {"known": 0, "other": 0}  # frames the sockets' queues had no room for
+        self.screen: wire.Screen | None = None  # junk dropped and counted in the kernel
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
@@ -109,24 +108,55 @@ class Daemon:
 
     # ------------------------------------------------------------- the wire
 
-    def open_socket(self) -> socket.socket:
+    def open_sockets(self) -> None:
+        """The known and the other socket (see :mod:`shoal.daemon.wire`); heartbeats go
+        out on the known one."""
         cl = self.cfg.cluster
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETHERTYPE))
-        sock.bind((self.cfg.interface, ETHERTYPE))
-        sock.setblocking(False)
-        try:
-            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)  # not our own frames
-        except OSError as e:
-            sock.close()
-            raise OSError(f"PACKET_IGNORE_OUTGOING refused ({e}): shoal needs Linux 4.20+") from e
         if cl.mode is ClusterMode.UNICAST:
             self.dest = BROADCAST
         else:
             self.dest = cluster_mac_bytes(cl.primary_vip, cl.mode)
-            ifindex = socket.if_nametoindex(self.cfg.interface)
-            mreq = struct.pack("iHH8s", ifindex, PACKET_MR_MULTICAST, 6, self.dest)
-            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
-        return sock
+        group = None if cl.mode is ClusterMode.UNICAST else self.dest
+        cid = cluster_id(cl.primary_vip)
+        self.screen = wire.Screen(self.cfg.interface)
+        self.screen.install(cid)
+        self.sock = wire.open_socket(self.cfg.interface, cid, True, group)
+        try:
+            self.other = wire.open_socket(self.cfg.interface, cid, False, group)
+        except OSError:
+            self.sock.close()
+            self.other.close()
+            if self.screen is not None:
+                self.screen.remove()
+            raise
+        self.filtered = (-1, cid)
+
+    def refilter(self) -> None:
+        """Program both filters anew when the known runs (or the cluster id) changed."""
+        version, runs = self.engine.known_runs()
+        cid = self.engine.codec.cluster
+        if (version, cid) == self.filtered:
+            return
+        if cid != self.filtered[1] and self.screen is not None:
+            self.screen.install(cid)
+        wire.attach(self.sock, wire.program(cid, runs, True))
+        wire.attach(self.other, wire.program(cid, runs, False))
+        self.filtered = (version, cid)
+
+    def counters(self) -> dict[str, int]:
+        """The engine's counters, with the frames the kernel screened out added to their
+        reasons."""
+        out = dict(self.engine.counters)
+        if self.screen is not None:
+            for name, n in self.screen.counts().items():
+                out[name] = out.get(name, 0) + n
+        return out
+
+    def socket_drops(self) -> dict[str, int]:
+        """Frames each socket's queue had no room for, since the start."""
+        self.dropped["known"] += wire.drops(self.sock)
+        self.dropped["other"] += wire.drops(self.other)
+        return dict(self.dropped)
 
     @property
     def hold(self) -> float:
@@ -146,6 +176,7 @@ class Daemon:
             # and take them in batches, one every hold, while they keep coming
             assert self.loop is not None
             self.loop.remove_reader(self.sock.fileno())
+            self.loop.remove_reader(self.other.fileno())
             self.held = self.loop.call_later(self.hold, self.drain)
         self.last_wake = now
 
@@ -161,16 +192,25 @@ class Daemon:
         else:
             self.held = None
             self.loop.add_reader(self.sock.fileno(), self.on_readable)
+            self.loop.add_reader(self.other.fileno(), self.on_readable)
 
     def receive(self) -> int:
-        """Hand the engine what the socket holds (at most a burst's worth); how many."""
+        """Hand the engine what the known socket holds, then at most a budget of what the
+        other one holds; how many."""
+        n = self._read(self.sock, KNOWN_BUDGET) + self._read(self.other, wire.OTHER_BUDGET)
+        if n:
+            self.refilter()
+        return n
+
+    def _read(self, sock: socket.socket, budget: int) -> int:
         n = 0
-        for _ in range(256):
+        receive, now = self.engine.receive, self.now
+        for _ in range(budget):
             try:
-                data = self.sock.recv(2048)
+                data = sock.recv(2048)
             except (BlockingIOError, InterruptedError):
                 break
-            self.engine.receive(data, self.now())
+            receive(data, now())
             n += 1
         return n
 
@@ -332,7 +372,7 @@ class Daemon:
         self.loop = asyncio.get_running_loop()
         self.realtime()
         self.backend.attach()
-        self.sock = self.open_socket()
+        self.open_sockets()
         self.control.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.control.unlink()
@@ -341,6 +381,7 @@ class Daemon:
         )
         os.chmod(self.control, 0o600)
         self.loop.add_reader(self.sock.fileno(), self.on_readable)
+        self.loop.add_reader(self.other.fileno(), self.on_readable)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop_event.set)
         self.loop.add_signal_handler(signal.SIGUSR2, self.hand_over)
@@ -353,6 +394,7 @@ class Daemon:
             if self.held is not None:
                 self.held.cancel()
             self.loop.remove_reader(self.sock.fileno())
+            self.loop.remove_reader(self.other.fileno())
             if not self.handover:
                 self.engine.command(Command.STOP, self.now())
                 self.send(self.engine.take_frames())
@@ -360,6 +402,9 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 self.control.unlink()
             self.sock.close()
+            self.other.close()
+            if self.screen is not None:
+                self.screen.remove()
 
     def hand_over(self) -> None:
         """SIGUSR2: exit for a restart or an upgrade, leaving the kernel's rules, lease and

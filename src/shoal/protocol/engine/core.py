@@ -105,6 +105,7 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
         self._reports_memo: (
             tuple[ShoalConfig, tuple[RuleState, ...], tuple[RuleReport, ...]] | None
         ) = None
+        self._runs_memo: tuple[int, frozenset[tuple[int, int]]] | None = None
         self.started_at = now
         self.eligible_since = now  # the last start: a READY must be fresher than this
         self.leading = False
@@ -180,6 +181,15 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
             "epochs_created": self.epochs_created,
             "opened_by_accepted_key": self.codec.by_accepted,
         }
+
+    def known_runs(self) -> tuple[int, frozenset[tuple[int, int]]]:
+        """The runs (host id, incarnation) of the peers proven alive, and a version that
+        moves whenever they change."""
+        roster = self.roster
+        memo = self._runs_memo
+        if memo is None or memo[0] != roster.runs:
+            memo = self._runs_memo = (roster.runs, roster.known_runs())
+        return memo
 
     def snapshot(self, now: float) -> Snapshot:
         e = self.epoch

@@ -11,6 +11,7 @@ it reads of the engine is declared below, and it calls back only :meth:`_step`,
 
 from __future__ import annotations
 
+import struct
 from typing import TYPE_CHECKING
 
 from shoal.config import PortRule, ShoalConfig
@@ -21,12 +22,14 @@ from shoal.protocol.engine.freshness import Freshness
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import ELIGIBLE
 from shoal.protocol.engine.leader import votes
-from shoal.protocol.engine.peers import Peer, Roster
+from shoal.protocol.engine.peers import WINDOW, Peer, Roster
 from shoal.protocol.engine.ready import fence_report
 from shoal.protocol.engine.tenure import Tenure, later
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.events import EventId
 from shoal.protocol.frames import HEADER_LEN, FrameType, Heartbeat, MapChunk, Proof, Rejection
+
+_RUN = struct.Struct("!Q4xI")  # incarnation, (content number), sequence number at byte 14
 
 
 class FrameIntake:
@@ -79,14 +82,21 @@ class FrameIntake:
         """
         self.frames_received += 1
         p = self.peers.get(data[12] << 8 | data[13]) if len(data) > HEADER_LEN else None
-        if p is not None and (rep := p.repeat) is not None:
-            seq = self.codec.open_repeat(data, rep)
-            if seq is not None:
-                if seq > p.last_seq:  # (older ones meet the replay window below)
-                    self._repeated(p, rep, data, seq, now)
-                    return None
-                if seq < 0:
-                    return self._reject(Rejection.BAD_AUTH)
+        if p is not None:
+            inc, seq = _RUN.unpack_from(data, 14)
+            if inc == p.incarnation:
+                back = p.last_seq - seq
+                if back >= WINDOW or (back >= 0 and p.window >> back & 1):
+                    # seen already, or older than the window: a replay costs no HMAC
+                    return self._reject(Rejection.REPLAY)
+            if (rep := p.repeat) is not None:
+                seq = self.codec.open_repeat(data, rep)
+                if seq is not None:
+                    if seq > p.last_seq:  # (older ones meet the replay window below)
+                        self._repeated(p, rep, data, seq, now)
+                        return None
+                    if seq < 0:
+                        return self._reject(Rejection.BAD_AUTH)
         env = self.codec.open(data)
         if isinstance(env, Rejection):
             return self._reject(env)

@@ -91,6 +91,7 @@ class Roster:
         self.detect = detect
         self.view = 0  # what is known of the peers changed: derived results are stale
         self.generation = 0  # peers replaced or forgotten: a lease count rebuilds
+        self.runs = 0  # a run (host, incarnation) proven, replaced or forgotten
         self.expiry_check = float("inf")  # the soonest a heard host's silence is detected
         self._next_sweep = NEVER
         self._swept_at = now
@@ -140,6 +141,7 @@ class Roster:
             seen = WINDOW_MASK if proof else 1
             self.peers[h] = Peer(h, frame.incarnation, frame.seq, seen, now, now, proof)
             self.generation += 1
+            self.runs += 1
             self.view += 1
             return None
         if frame.incarnation > p.incarnation:
@@ -157,8 +159,14 @@ class Roster:
             p.proven = True
             p.first_heard = now  # what was heard before the proof proved nothing
             p.window = WINDOW_MASK
+            self.runs += 1
             self.view += 1
         return None
+
+    def known_runs(self) -> frozenset[tuple[int, int]]:
+        """The runs (host, incarnation) proven alive: their frames are the ones to read
+        first (see :mod:`shoal.daemon.wire`)."""
+        return frozenset((p.host_id, p.incarnation) for p in self.peers.values() if p.proven)
 
     def duplicate(self, p: Peer, now: float, hold: float) -> bool:
         """Another run of ``p``'s id proved it is alive: two hosts use it; neither may be a
@@ -206,6 +214,7 @@ class Roster:
             if now - p.last_heard > FORGET_AFTER:
                 del self.peers[p.host_id]
                 self.generation += 1
+                self.runs += 1
                 self.view += 1
         self.expiry_check = soonest
         return left

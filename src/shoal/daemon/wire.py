@@ -1,0 +1,178 @@
+"""The cluster's frames on the interface: the AF_PACKET sockets and the kernel filters that
+keep a flood from drowning the heartbeats of the hosts this one knows.
+
+Every frame for the cluster reaches every host, and so does whatever a neighbour sends with
+EtherType 0x886F. What cannot be this cluster's (too short, another magic, protocol version or
+cluster id) is dropped by an nftables ``netdev ingress`` chain and counted there by reason
+(:class:`Screen`): random junk and other clusters' frames never reach a socket. Two sockets
+share the EtherType, each with a classic BPF filter run by the kernel before a frame is
+queued (it checks the header again, should the screen be missing):
+
+* the *known* socket takes frames that name a run (host id and incarnation) this host holds
+  proof for; the *other* socket takes the rest (hosts joining or restarting, and forgeries
+  with made-up senders). The daemon drains the known socket first and in full, the other
+  one at most :data:`OTHER_BUDGET` frames a batch: a flood of forged senders fills the
+  other socket's queue, never the known one's.
+
+A neighbour that copies a known run's header into its forgeries reaches the known socket;
+those frames cost an HMAC each and are dropped, and a replay of a recorded frame is dropped
+before its HMAC (the engine's replay window). The filters are rebuilt when the known runs
+change; a replacement is atomic in the kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+from collections.abc import Iterable
+
+from shoal.dataplane.nft import Nft
+from shoal.protocol.frames import ETHERTYPE, HEADER_LEN, MAX_HOST, TAG_LEN, VERSION, Rejection
+
+SOL_PACKET = 263
+PACKET_ADD_MEMBERSHIP = 1
+PACKET_STATISTICS = 6
+PACKET_IGNORE_OUTGOING = 23
+PACKET_MR_MULTICAST = 0
+SO_ATTACH_FILTER = 26
+SO_RCVBUFFORCE = 33
+RCVBUF = 4 << 20  # bytes of queue per socket: a burst of a few thousand frames
+OTHER_BUDGET = 256  # frames read from the other socket per batch
+
+# classic BPF opcodes
+_LD_W_ABS, _LD_H_ABS, _LD_B_ABS, _LD_LEN = 0x20, 0x28, 0x30, 0x80
+_JEQ, _JGE, _RET = 0x15, 0x35, 0x06
+_TAKE, _DROP = 0xFFFF, 0
+_INSN = struct.Struct("=HBBI")
+MAX_INSNS = 4096
+Run = tuple[int, int]  # (host id, incarnation)
+Insn = tuple[int, int, int, int]  # code, jump if true, jump if false, value
+
+
+def program(
+    cluster: bytes, known: Iterable[Run], take_known: bool
+) -> list[tuple[int, int, int, int]]:
+    """The filter of one socket: drop what cannot be this cluster's; then take the frames of
+    ``known`` runs (``take_known``) or all the others."""
+    hi, lo = struct.unpack("!II", cluster)
+    checks = [  # (load, offset, jump, value): each passes, or the frame is dropped
+        (_LD_LEN, 0, _JGE, HEADER_LEN + TAG_LEN),
+        (_LD_H_ABS, 0, _JEQ, 0x5348),  # magic "SH"
+        (_LD_B_ABS, 2, _JEQ, VERSION),
+        (_LD_W_ABS, 4, _JEQ, hi),  # cluster id
+        (_LD_W_ABS, 8, _JEQ, lo),
+    ]
+    out: list[Insn] = []
+    for load, off, jump, k in checks:
+        out += [(load, 0, 0, off), (jump, 1, 0, k), (_RET, 0, 0, _DROP)]
+    match, miss = (_TAKE, _DROP) if take_known else (_DROP, _TAKE)
+    for host, inc in sorted(known):
+        out += [
+            (_LD_H_ABS, 0, 0, 12),
+            (_JEQ, 0, 5, host),
+            (_LD_W_ABS, 0, 0, 14),
+            (_JEQ, 0, 3, inc >> 32),
+            (_LD_W_ABS, 0, 0, 18),
+            (_JEQ, 0, 1, inc & 0xFFFFFFFF),
+            (_RET, 0, 0, match),
+        ]
+    out.append((_RET, 0, 0, miss))
+    if len(out) > MAX_INSNS:
+        raise ValueError(f"a filter of {len(out)} instructions is over the kernel's {MAX_INSNS}")
+    return out
+
+
+def attach(sock: socket.socket, insns: list[Insn]) -> None:
+    """Put ``insns`` on ``sock`` (replacing its filter atomically)."""
+    code = b"".join(_INSN.pack(*i) for i in insns)
+    buf = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("HL", len(insns), ctypes.addressof(buf))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def drops(sock: socket.socket) -> int:
+    """Frames the kernel dropped on ``sock`` for want of queue since the last call."""
+    raw = sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, 8)
+    return int(struct.unpack("II", raw)[1])
+
+
+def open_socket(
+    interface: str, cluster: bytes, take_known: bool, multicast: bytes | None
+) -> socket.socket:
+    """A socket for the cluster's EtherType on ``interface``, filtered (no run known yet),
+    with a deep queue; joined to ``multicast`` when heartbeats go to a multicast MAC."""
+    sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETHERTYPE))
+    try:
+        # filtered before bound: nothing unfiltered is ever queued
+        attach(sock, program(cluster, (), take_known))
+        sock.bind((interface, ETHERTYPE))
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)  # not our own frames
+        except OSError as e:
+            raise OSError(f"PACKET_IGNORE_OUTGOING refused ({e}): shoal needs Linux 4.20+") from e
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+        if multicast is not None:
+            ifindex = socket.if_nametoindex(interface)
+            mreq = struct.pack("iHH8s", ifindex, PACKET_MR_MULTICAST, 6, multicast)
+            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, mreq)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+assert MAX_HOST * 7 + 20 < MAX_INSNS  # every host known still fits one filter
+
+SCREENED = (
+    Rejection.TOO_SHORT,
+    Rejection.BAD_MAGIC,
+    Rejection.BAD_VERSION,
+    Rejection.FOREIGN_CLUSTER,
+)
+
+
+class Screen:
+    """The nftables chain that drops and counts, on ``interface``, the EtherType 0x886F
+    frames that cannot be this cluster's."""
+
+    def __init__(self, interface: str) -> None:
+        self.interface = interface
+        self.table = "shoal_wire_" + "".join(c if c.isalnum() else "_" for c in interface)
+        self.nft = Nft()
+
+    def install(self, cluster: bytes) -> None:
+        """Create the table, or replace it in one transaction (a new cluster id)."""
+        counters = "".join(f"  counter {r.value} {{}}\n" for r in SCREENED)
+        short = HEADER_LEN + TAG_LEN
+        rules = (
+            f"    meta length < {short} counter name {Rejection.TOO_SHORT.value} drop\n"
+            f"    @nh,0,16 != 0x5348 counter name {Rejection.BAD_MAGIC.value} drop\n"
+            f"    @nh,16,8 != {VERSION} counter name {Rejection.BAD_VERSION.value} drop\n"
+            f"    @nh,32,64 != 0x{cluster.hex()} counter name "
+            f"{Rejection.FOREIGN_CLUSTER.value} drop\n"
+        )
+        self.nft.run(
+            f"table netdev {self.table} {{}}\ndelete table netdev {self.table}\n"
+            f"table netdev {self.table} {{\n{counters}"
+            f"  chain ingress {{\n"
+            f'    type filter hook ingress device "{self.interface}" priority -400; '
+            f"policy accept;\n"
+            f"    ether type != 0x{ETHERTYPE:04x} accept\n{rules}  }}\n}}\n"
+        )
+
+    def counts(self) -> dict[str, int]:
+        """Frames dropped so far, by reason."""
+        doc = self.nft.json([{"list": {"counters": {"family": "netdev", "table": self.table}}}])
+        return {
+            c["counter"]["name"]: int(c["counter"]["packets"])
+            for c in doc.get("nftables", [])
+            if "counter" in c
+        }
+
+    def remove(self) -> None:
+        self.nft.run(f"table netdev {self.table} {{}}\ndelete table netdev {self.table}\n")
