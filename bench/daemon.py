@@ -35,14 +35,15 @@ from shoal.config import load_config
 from shoal.keys import read_keys
 from shoal.lab.topology import Lab, pyenv
 from shoal.protocol.codec import Codec
-from shoal.protocol.frames import ETHERTYPE, Flag, Heartbeat, HostState, cluster_id
+from shoal.protocol.frames import ETHERTYPE, Flag, Heartbeat, HostState, Proof, cluster_id
 
 HOSTS = [2, 32, 128, 256]
 
 
 def generate(config: Path, hosts: int, seconds: float, interface: str) -> None:
-    """Send the heartbeats of hosts 2..``hosts`` (stopped) for ``seconds``; print the
-    count. Runs inside host 2's namespace."""
+    """Send the heartbeats of hosts 2..``hosts`` (stopped) for ``seconds``, and the proofs
+    host 1 asks of them (as live hosts would); print the count. Runs inside host 2's
+    namespace."""
     cfg = load_config(config)
     cl = cfg.cluster
     assert cl.mode is ClusterMode.UNICAST
@@ -64,9 +65,17 @@ def generate(config: Path, hosts: int, seconds: float, interface: str) -> None:
     end = start + seconds
     while due[0][0] < end:
         at, h = heapq.heappop(due)
-        wait = at - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
+        while (wait := at - time.monotonic()) > 0:
+            sock.settimeout(wait)
+            try:
+                got = codec.decode(sock.recv(2048))
+            except TimeoutError:
+                break
+            if isinstance(got, Heartbeat) and got.host_id == 1 and got.asks:
+                for x in sorted(got.asks & set(peers)):  # host 1 asks: prove it alive
+                    seq[x] += 1
+                    proof = Proof(x, inc, seq[x], ((1, got.incarnation, got.seq),))
+                    sock.sendto(codec.encode(proof), (interface, ETHERTYPE, 0, 0, b"\xff" * 6))
         seq[h] += 1
         hb = Heartbeat(
             host_id=h,

@@ -11,6 +11,7 @@ Each part owns one kind of state or one rule, and none reaches back into the eng
 * :mod:`.sending` — frames out: the heartbeat composed, map chunks;
 * :mod:`.phase` and :mod:`.holding` — the epoch held, its phase, the tokens, record, vote;
 * :mod:`.peers` — the peers, liveness, replay, and what is derived from them;
+* :mod:`.freshness` — proofs that a peer is alive now: what this host asks and owes;
 * :mod:`.epochs` — the epochs known and arriving in map chunks;
 * :mod:`.leader` — the election, forming a cluster, the next epoch;
 * :mod:`.ready` — the READY rule and the fence;

@@ -95,6 +95,7 @@ class Agreement:
             self.timing,
             self.rules,
             self.cfg.cluster.buckets,
+            self.roster.pending(now, 3 * self.timing.detect),
         )
         d = self.leader.decide(seat, cur, key, self.roster, self.epochs, now)
         if d.no_quorum is not None:

@@ -121,7 +121,9 @@ class FrameIntake:
                 return self._reject(Rejection.UNPROVEN)
             if self._on_heartbeat(frame, now):
                 p.hb_seq = env.seq
-                same = frame.config_digest == self.digest
+                # a heartbeat that asks this host for a proof is read in full each time:
+                # the proof answering it may have been lost
+                same = frame.config_digest == self.digest and self.me not in frame.asks
                 p.repeat = repeat_of(data, frame, self.me) if same else None
         elif isinstance(frame, MapChunk):
             self._on_chunk(frame)

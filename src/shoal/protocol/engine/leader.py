@@ -140,6 +140,7 @@ class Seat:
     timing: Timing
     rules: list[PortRule]
     buckets: int
+    pending: bool = False  # a host heard is not yet proven alive (see freshness)
 
     @property
     def votes(self) -> tuple[frozenset[int], ...]:
@@ -315,8 +316,8 @@ class Leader:
         now: float,
     ) -> Decision:
         """No epoch yet: form a cluster of ``target``, once it is safe to."""
-        if now - seat.started_at < seat.timing.detect:
-            return WAIT  # listen for an existing cluster first
+        if now - seat.started_at < seat.timing.detect or seat.pending:
+            return WAIT  # listen for an existing cluster first, and prove who is heard
         # a peer last heard stopped may have been started at the same moment: hear each
         # once more, from a heartbeat sent after this host's start (a frame is less than
         # half a period on the way), or two hosts could each form a cluster alone

@@ -163,6 +163,13 @@ class Roster:
             self.view += 1
         return None
 
+    def pending(self, now: float, patience: float) -> bool:
+        """A run heard since less than ``patience`` whose heartbeat this host has not taken
+        yet (it is not proven, or its first heartbeat since the proof has not come): it may
+        well be a host starting at the same time, so no cluster is formed without it yet. A
+        replay of a dead host delays a new cluster that long, no longer."""
+        return any(p.hb is None and p.first_heard > now - patience for p in self.peers.values())
+
     def known_runs(self) -> frozenset[tuple[int, int]]:
         """The runs (host, incarnation) proven alive: their frames are the ones to read
         first (see :mod:`shoal.daemon.wire`)."""
