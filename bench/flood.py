@@ -103,6 +103,18 @@ def snapshot(lab: Lab) -> dict[int, dict[str, Any]]:
     return out
 
 
+def settle(lab: Lab) -> None:
+    """Wait until the daemons drained what a flood left in their queues (their counters stop
+    moving), so that it is not counted in the next row."""
+    last: object = None
+    for _ in range(40):
+        now = [sorted(v["counters"].items()) for v in snapshot(lab).values()]
+        if now == last:
+            return
+        last = now
+        time.sleep(0.5)
+
+
 def row(lab: Lab, kind: str, seconds: float, cid: bytes, recorded: list[bytes]) -> dict[str, Any]:
     ax = lab.ns("ax")
     path = lab.dir / f"flood-{kind}.cfg"
@@ -133,6 +145,7 @@ def row(lab: Lab, kind: str, seconds: float, cid: bytes, recorded: list[bytes]) 
     elapsed = time.monotonic() - t0
     sent = tx_packets(ax) - tx0
     cpu = {h: round(100 * (cpu_seconds(p) - cpu0[h]) / elapsed, 1) for h, p in pids.items()}
+    settle(lab)  # what is still queued is counted in this row, not the next
     after = snapshot(lab)
     events: dict[str, int] = {"host_left": 0, "lease_lost": 0}
     for h in range(1, lab.hosts + 1):
@@ -146,7 +159,7 @@ def row(lab: Lab, kind: str, seconds: float, cid: bytes, recorded: list[bytes]) 
         a, b = after[h]["counters"], before[h]["counters"]
         epochs += a["epochs_created"] - b["epochs_created"]
         for k in ("too_short", "bad_magic", "bad_version", "foreign_cluster", "bad_auth",
-                  "replay", "unproven", "malformed"):  # fmt: skip
+                  "replay", "unproven", "malformed", "own"):  # fmt: skip
             rejected[k] = rejected.get(k, 0) + a.get(k, 0) - b.get(k, 0)
         for k in drops:
             drops[k] += after[h]["drops"][k] - before[h]["drops"][k]

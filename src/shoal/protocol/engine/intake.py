@@ -81,7 +81,10 @@ class FrameIntake:
         every frame, so it is recognised from its bytes, without decoding them.
         """
         self.frames_received += 1
-        p = self.peers.get(data[12] << 8 | data[13]) if len(data) > HEADER_LEN else None
+        host = data[12] << 8 | data[13] if len(data) > HEADER_LEN else 0
+        p = self.peers.get(host) if host else None
+        if host == self.me and _RUN.unpack_from(data, 14)[0] == self.incarnation:
+            return self._reject(Rejection.OWN)  # this run's own frame: a copy, no HMAC spent
         if p is not None:
             inc, seq = _RUN.unpack_from(data, 14)
             if inc == p.incarnation:
