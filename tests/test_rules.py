@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import pytest
 
-from shoal.protocol.engine import Engine
+from shoal.protocol.engine import Command, Engine
 from shoal.protocol.engine.ready import blocker
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.events import EventId
+from shoal.protocol.frames import Heartbeat
 from shoal.sim.checkers import InvariantViolation
 from shoal.sim.cluster import SimCluster
 from shoal.sim.scenario import KEY, cluster_configs
@@ -141,6 +142,52 @@ def test_the_fence_waits_for_a_silent_hosts_lease() -> None:
     assert sim.converged({1, 2}) and sim.covered()
     with pytest.raises(InvariantViolation, match="exclusive"):
         silent_while_heard(NoFence)
+
+
+class ForgetsWhoLeft(Engine):
+    """A broken leader: it forgets when a host outside its epoch stopped acknowledging
+    another (as every engine did before the rule below)."""
+
+    def _on_heartbeat(self, hb: Heartbeat, now: float) -> bool:
+        out = super()._on_heartbeat(hb, now)
+        self.peers[hb.host_id].acks_left.clear()
+        return out
+
+
+def leaves_as_the_leader_fences(engine: type[Engine], verb: Command) -> SimCluster:
+    """Host 1 (the leader) stops hearing host 3 while host 2 still does and acknowledges
+    it; the moment host 1 makes an epoch without host 3, host 2 leaves it (``verb``). Host
+    2 is then no member whose silence the fence waits on, yet its acknowledgements kept host
+    3's lease alive until it left."""
+    sim = cluster(3, engine=engine)
+    first = sim.hosts[1].engine
+    assert first is not None and first.epoch is not None
+    before = first.epoch.key
+    sim.faults.cut = {(3, 1)}
+    left: list[float] = []
+
+    def watch(s: SimCluster) -> None:
+        e = s.hosts[1].engine
+        if not left and e is not None and e.epoch is not None and e.epoch.key != before:
+            left.append(s.now)
+            s.command(2, verb)
+
+    sim.observers.append(watch)
+    sim.run_until(sim.now + 30 * P)
+    assert left
+    return sim
+
+
+@pytest.mark.parametrize("verb", [Command.SUSPEND, Command.STOP])
+def test_the_fence_waits_for_a_host_that_left_while_acknowledging(verb: Command) -> None:
+    """Found by the simulator: the fence counted only the new epoch's members, so host 1
+    took host 3's buckets while host 3's kernel still accepted on a lease host 2 had just
+    renewed. The fence now also waits a lease after host 2's heartbeats stopped
+    acknowledging host 3; the leader that forgets it is caught."""
+    sim = leaves_as_the_leader_fences(Engine, verb)
+    assert sim.converged({1})
+    with pytest.raises(InvariantViolation, match="exclusive"):
+        leaves_as_the_leader_fences(ForgetsWhoLeft, verb)
 
 
 # -------------------------------------------------------------------------- quorum

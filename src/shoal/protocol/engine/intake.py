@@ -257,6 +257,11 @@ class FrameIntake:
         e = self.holding.epoch
         if p.beat < 0 and e is not None and hb.host_id in e.members:
             self.beacon.dirty = True  # a member heard for the first time: acknowledge it now
+        if p.hb is not None and p.hb.acks != hb.acks:
+            # its acknowledgements may keep a host's lease alive: when it dropped one, every
+            # frame that still carried it was sent before this one came (the fence's bound)
+            for h in p.hb.acks - hb.acks:
+                p.acks_left[h] = now
         p.hb = hb
         p.votes = votes(hb.record, hb.vote)
         p.beat = hb.beat

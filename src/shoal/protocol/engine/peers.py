@@ -50,9 +50,18 @@ class Peer:
     beat: int = -1  # the beat of its newest heartbeat
     fence_epoch: EpochKey | None = None
     fence_bounds: dict[int, float] = field(default_factory=dict)
+    acks_left: dict[int, float] = field(default_factory=dict)  # host -> when it stopped acking it
     duplicate_until: float = NEVER
     mismatch_reported: bool = False
     joined_reported: bool = False
+
+    def acked_until(self, host: int) -> float:
+        """The latest time an acknowledgement of ``host`` by this peer can have been sent
+        (bounded by arrivals here): now-ish while its heartbeat acknowledges it, else when
+        its first heartbeat without it came."""
+        if self.hb is not None and host in self.hb.acks:
+            return self.last_heard
+        return self.acks_left.get(host, NEVER)
 
     def advance(self, seq: int) -> None:
         """A frame numbered past the newest one seen: slide the replay window to it."""

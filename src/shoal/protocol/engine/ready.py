@@ -7,9 +7,11 @@ READY once (:func:`blocker`):
   after it heard this leader since the leader's last start;
 * every live non-member (not fenced) surely takes nothing in it (:func:`released_for`);
 * every host removed without saying so (crashed, cut off: *fenced*) has surely lost its
-  lease: no member's acknowledgement can still be keeping it alive. Each member reports
-  for how long it has not heard each fenced host (its silences); the fence passes a lease
-  and a margin after the latest such bound (:func:`fence_report`).
+  lease: no acknowledgement can still be keeping it alive. Each member reports for how long
+  it has not heard each fenced host (its silences, :func:`fence_report`); a host outside
+  the epoch that acknowledged it (one that just left: suspended, stopped) is bounded by
+  when its heartbeats stopped acknowledging it, as seen here; the fence passes a lease and
+  a margin after the latest such bound.
 """
 
 from __future__ import annotations
@@ -108,6 +110,11 @@ def blocker(
             if pq.fence_epoch != e.key or c not in pq.fence_bounds:
                 return wait
             bound = max(bound, pq.fence_bounds[c])
+        for p in peers.values():
+            # a host outside the epoch (one that left it: suspended, stopped) may still
+            # have acknowledged the fenced host lately, and so kept its lease alive
+            if p.host_id not in e.members and p.host_id != c:
+                bound = max(bound, p.acked_until(c))
         if now < bound + timing.margin + timing.lease:
             return bound + timing.margin + timing.lease
     return None
