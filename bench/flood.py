@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -34,55 +33,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from shoal.daemon.control import call
-from shoal.lab.topology import Lab, batch, pyenv, sh
-from shoal.protocol.frames import VERSION, cluster_id
-
-KINDS = ["random", "foreign", "bad_hmac", "replay", "syn"]
-CLUSTER_MAC = "02:bf:c6:12:00:64"
-SRC = "0x02, 0x00, 0x00, 0x00, 0x00, 0x99"
-BCAST = "0xff, 0xff, 0xff, 0xff, 0xff, 0xff"
-
-RECORD = """
-import socket, sys, time
-s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x886F))
-s.bind(("eth0", 0x886F))
-s.settimeout(0.2)
-kept, end = [], time.monotonic() + float(sys.argv[1])
-while time.monotonic() < end and len(kept) < 400:
-    try:
-        data = s.recv(2048)
-    except TimeoutError:
-        continue
-    if data[:2] == b"SH" and (data[12] << 8 | data[13]) in (2, 3):
-        kept.append(data.hex())
-print("\\n".join(kept))
-"""
-
-
-def _bytes(data: bytes) -> str:
-    return ", ".join(f"0x{b:02x}" for b in data)
-
-
-def conf(kind: str, cid: bytes, recorded: list[bytes]) -> str:
-    """trafgen's configuration for one kind of flood."""
-    head = f"{BCAST}, {SRC}, 0x88, 0x6f"
-    if kind == "random":
-        return f"{{ {head}, drnd(100) }}\n"
-    if kind == "foreign":
-        return f"{{ {head}, 'S', 'H', {VERSION}, 1, drnd(8), drnd(20), 0x00, 0x50, drnd(112) }}\n"
-    if kind == "bad_hmac":
-        return (
-            f"{{ {head}, 'S', 'H', {VERSION}, 1, {_bytes(cid)}, 0x00, drnd(1), drnd(16), "
-            "0x00, 0x50, drnd(112) }\n"
-        )
-    if kind == "replay":
-        return "".join(f"{{ {head}, {_bytes(f)} }}\n" for f in recorded)
-    assert kind == "syn"
-    return (
-        f"{{ eth(da={CLUSTER_MAC}, sa=02:00:00:00:00:99), "
-        "ipv4(sa=198.19.2.2, da=198.18.0.100, ttl=64), "
-        "tcp(sp=drnd(), dp=80, syn, seq=drnd(), win=64240) }\n"
-    )
+from shoal.lab import hostile
+from shoal.lab.topology import Lab, sh
+from shoal.protocol.frames import cluster_id
 
 
 def cpu_seconds(pid: int) -> float:
@@ -119,18 +72,11 @@ def row(lab: Lab, kind: str, seconds: float, cid: bytes, recorded: list[bytes]) 
     ax = lab.ns("ax")
     path = lab.dir / f"flood-{kind}.cfg"
     if kind != "quiet":
-        path.write_text(conf(kind, cid, recorded))
+        path.write_text(hostile.trafgen_conf(kind, cid, recorded))
     pids = {h: lab.pids[f"daemon-h{h}"] for h in range(1, lab.hosts + 1)}
     before, cpu0 = snapshot(lab), {h: cpu_seconds(p) for h, p in pids.items()}
     tx0, t0, wall0 = tx_packets(ax), time.monotonic(), time.time()
-    gen = None
-    if kind != "quiet":
-        gen = subprocess.Popen(
-            ["ip", "netns", "exec", ax, "timeout", "-s", "INT", str(seconds),
-             "trafgen", "-o", "eth0", "-i", str(path), "-P", "1", "-q"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+    gen = hostile.flood(ax, path, seconds) if kind != "quiet" else None
     short = 0
     polls = 0
     while time.monotonic() - t0 < seconds:
@@ -182,21 +128,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(hostile.KINDS))
     args = ap.parse_args()
     kinds = [k for k in args.kinds.split(",") if k]
     for k in kinds:
-        if k not in KINDS:
-            ap.error(f"--kinds: {k!r} is not one of {', '.join(KINDS)}")
+        if k not in hostile.KINDS:
+            ap.error(f"--kinds: {k!r} is not one of {', '.join(hostile.KINDS)}")
     lab = Lab(name="f" + uuid.uuid4().hex[:6], hosts=3)
     rows = []
     try:
         lab.up()
-        ax = lab.ns("ax")
-        sh("ip", "netns", "add", ax)
-        batch(lab.ns("sw"), [f"link add p-ax type veth peer name eth0 netns {ax}",
-                             "link set p-ax master br0 up"])  # fmt: skip
-        batch(ax, ["link set lo up", "link set eth0 up"])
+        hostile.neighbour(lab)
         deadline = time.monotonic() + 15
         while True:  # converged: every host sees three
             qs = [call(lab.control(h), {"cmd": "query"})["hosts"] for h in (1, 2, 3)]
@@ -205,11 +147,7 @@ def main() -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"the lab did not converge: {qs}")
             time.sleep(0.2)
-        rec = subprocess.run(
-            ["ip", "netns", "exec", ax, sys.executable, "-c", RECORD, "3"],
-            capture_output=True, text=True, timeout=30, env=pyenv(), check=True,
-        )  # fmt: skip
-        recorded = [bytes.fromhex(x) for x in rec.stdout.split()]
+        recorded = hostile.record(lab.ns("ax"), [2, 3], 3)
         cid = cluster_id(lab.config(1).cluster.primary_vip)
         rows.append(row(lab, "quiet", args.seconds, cid, recorded))
         for k in kinds:

@@ -14,29 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from shoal.daemon.control import call
 from shoal.lab import clients as C
+from shoal.lab import hostile
 from shoal.lab.topology import Lab, pyenv
+from shoal.protocol.frames import cluster_id
 from tests.conftest import needs_root
 from tests.test_daemon import ALL, shoal, states, wait_for
 
 pytestmark = [needs_root(), pytest.mark.root]
-
-RECORD = """
-import socket, sys, time
-s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x886F))
-s.bind(("eth0", 0x886F))
-s.settimeout(0.2)
-host, seconds, out = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-kept, end = [], time.monotonic() + seconds
-while time.monotonic() < end:
-    try:
-        data = s.recv(2048)
-    except TimeoutError:
-        continue
-    if data[:2] == b"SH" and (data[12] << 8 | data[13]) == host:
-        kept.append(data.hex())
-open(out, "w").write("\\n".join(kept))
-"""
 
 REPLAY = """
 import socket, sys, time
@@ -85,10 +71,10 @@ def test_a_dead_hosts_heartbeats_replayed_after_a_restart_change_nothing(
     (every query on hosts 1 and 2 during the replay), no epoch is made, and host 1 counts
     the replayed frames as unproven or replays."""
     wait_for(lab, ALL)
+    frames = hostile.record(lab.ns("rt"), [3], 3)
+    assert len(frames) >= 20
     capture = tmp_path / "h3.frames"
-    rec = _python(lab, RECORD, "3", "3", str(capture))
-    assert rec.wait(timeout=30) == 0
-    assert len(capture.read_text().split()) >= 20  # heartbeats, and frames of every kind
+    capture.write_text("\n".join(f.hex() for f in frames))
     C.signal_daemon(lab, 3, signal.SIGKILL)
     wait_for(lab, {1: "converged (default)", 2: "converged"})
     C.signal_daemon(lab, 1, signal.SIGTERM)
@@ -168,3 +154,37 @@ def test_the_key_is_rotated_without_an_outage(lab: Lab) -> None:
     (lab.dir / "old.key").unlink()
     for host in ("h1", "h2", "h3"):
         assert _counters(lab, host)["bad_auth"] == 0
+
+
+@pytest.mark.parametrize("kind", ["bad_hmac", "replay"])
+def test_a_flood_at_full_rate_evicts_no_host(lab: Lab, kind: str) -> None:
+    """The finding: forged frames at about 40,000 a second or more made hosts evict each
+    other. A neighbour now floods at trafgen's full rate (forgeries with made-up senders, or
+    frames it recorded): every host sees every host converged throughout, none is evicted
+    and no lease is lost; the frames are counted as rejected."""
+    wait_for(lab, ALL)
+    ax = hostile.neighbour(lab)
+    recorded = hostile.record(ax, [2, 3], 2)
+    conf = lab.dir / "flood.cfg"
+    cid = cluster_id(lab.config(1).cluster.primary_vip)
+    conf.write_text(hostile.trafgen_conf(kind, cid, recorded))
+    before = _counters(lab, "h1")
+    start = time.time()
+    gen = hostile.flood(ax, conf, 5)
+    try:
+        while gen.poll() is None:
+            for h in (1, 2, 3):
+                seen = call(lab.control(h), {"cmd": "query"})["hosts"]
+                assert [x["state"] for x in seen if x["state"].startswith("converged")] == [
+                    x["state"] for x in seen
+                ] and len(seen) == 3, (h, seen)
+            time.sleep(0.2)
+    finally:
+        gen.wait(timeout=30)
+    for h in (1, 2, 3):
+        events = call(lab.control(h), {"cmd": "display"})["events"]
+        bad = [e for e in events if e["at"] >= start and e["name"] in ("host_left", "lease_lost")]
+        assert not bad, (h, bad)
+    after = _counters(lab, "h1")
+    dropped = sum(after[k] - before[k] for k in ("bad_auth", "replay", "own"))
+    assert dropped > 10_000
