@@ -8,10 +8,10 @@ READY once (:func:`blocker`):
 * every live non-member (not fenced) surely takes nothing in it (:func:`released_for`);
 * every host removed without saying so (crashed, cut off: *fenced*) has surely lost its
   lease: no acknowledgement can still be keeping it alive. Each member reports for how long
-  it has not heard each fenced host (its silences, :func:`fence_report`); a host outside
-  the epoch that acknowledged it (one that just left: suspended, stopped) is bounded by
-  when its heartbeats stopped acknowledging it, as seen here; the fence passes a lease and
-  a margin after the latest such bound.
+  it has not heard each fenced host (its silences, :func:`fence_report`); a host that left
+  the cluster (suspended, stopped: it lent its vote) and acknowledged it is bounded by when
+  its heartbeats stopped acknowledging it, as seen here; the fence passes a lease and a
+  margin after the latest such bound.
 """
 
 from __future__ import annotations
@@ -111,9 +111,13 @@ def blocker(
                 return wait
             bound = max(bound, pq.fence_bounds[c])
         for p in peers.values():
-            # a host outside the epoch (one that left it: suspended, stopped) may still
-            # have acknowledged the fenced host lately, and so kept its lease alive
-            if p.host_id not in e.members and p.host_id != c:
+            # a host that left (stopped, suspended, draining) lent the others its vote, so
+            # the members alone may be no quorum of the fenced host's epoch: until it
+            # left, its acknowledgements may have kept the fenced host's lease alive.
+            # Members and leavers together are a quorum of that epoch; the acknowledgements
+            # of any other host cannot make one, and are not waited for
+            hb = p.hb
+            if hb is not None and hb.state not in ELIGIBLE and p.host_id not in e.members:
                 bound = max(bound, p.acked_until(c))
         if now < bound + timing.margin + timing.lease:
             return bound + timing.margin + timing.lease
