@@ -78,12 +78,13 @@ class LeaverLendsItsVote(Engine):
         self.holding.left = lambda members: members - {me}  # type: ignore[method-assign]
 
 
-@pytest.mark.parametrize("seed", [3134, 9881])
+@pytest.mark.parametrize("seed", [10045])
 def test_a_host_that_formed_a_cluster_alone_and_stopped_is_outvoted(seed: int) -> None:
-    """Two hosts: host 1, cut off, forms a cluster alone (lowest id), then stops; once they
+    """Found by the benchmark's 10,000 scenarios. Two hosts: host 1, cut off, forms a
+    cluster alone (lowest id), then stops; once they
     meet again host 2 took host 1's stopped heartbeat as leave to form its own while host 1
-    started and formed one alone again: both took every token (found by the benchmark's
-    10,000 scenarios). A leaver that was the only member now keeps itself in its record.
+    started and formed one alone again: both took every token. A leaver that was the only
+    member now keeps itself in its record.
     Each seed must still catch the engine without that rule: if the simulator's draws
     change and it no longer does, this test says so instead of testing something else."""
     run_scenario(seed)
@@ -105,8 +106,8 @@ def leaders(sim: SimCluster) -> Iterator[Engine]:
 
 
 def test_a_leader_outside_the_epoch_it_leads_makes_it_ready() -> None:
-    """16 hosts, much churn: host 1, fenced out of epoch 30/5 by a partition, comes back as
-    the lowest id and leads that epoch without being a member of it. The epoch already has
+    """16 hosts, much churn: a host fenced out of an epoch by a partition comes back as the
+    lowest id and leads that epoch without being a member of it. The epoch already has
     as many bases as an epoch may carry, so host 1 can only make it READY before replacing
     it; it used to undo each READY at once for want of a lease (which guards tokens, and a
     non-member takes none), and the whole cluster stayed converging for good."""
@@ -117,7 +118,7 @@ def test_a_leader_outside_the_epoch_it_leads_makes_it_ready() -> None:
             if e.epoch and e.epoch_ready and e.me not in e.epoch.members:
                 seen.append(sim.now)
 
-    assert run_scenario(125, hosts=16, observers=[watch]).steps
+    assert run_scenario(10, hosts=16, observers=[watch]).steps
     assert seen, "the scenario no longer leads an epoch from outside it: pick another seed"
 
 
@@ -247,7 +248,7 @@ class SelfLeasing(Engine):
         self.tenure.__class__ = LeaseFromLastStep
 
 
-@pytest.mark.parametrize("seed", [114, 260, 274, 377])
+@pytest.mark.parametrize("seed", [114, 187, 260, 274])
 def test_available_policy_leases_count_from_an_echoed_beat(seed: int) -> None:
     """With the available policy a host granted itself a lease from its last step, which
     may come a period after the last heartbeat anyone heard from it; when it went silent
@@ -262,11 +263,12 @@ def test_available_policy_leases_count_from_an_echoed_beat(seed: int) -> None:
 
 
 def test_an_epoch_that_can_never_be_ready_is_replaced_past_the_bases_limit() -> None:
-    """16 hosts, much churn across partitions: one side made epochs 7/1 to 22/15, none of
-    them READY, while the other side made 6/3 READY. Hosts 8 and 12, members of 22/15, hold
-    6/3 and will not adopt 22/15 (it does not outvote 6/3), so it can never be READY; and
-    22/15 carried the most bases an epoch should (16), past which its leader only waited
-    for READY. Every host stayed converging. A leader now replaces such an epoch anyway."""
+    """16 hosts, much churn across partitions: one side made a chain of epochs, none of them
+    READY, while the other side made one READY. Members of the last of the chain held the
+    READY one and would not adopt the chain's (it does not outvote theirs), so it could
+    never be READY; and it carried the most bases an epoch should (16), past which its
+    leader only waited for READY. Every host stayed converging. A leader now replaces such
+    an epoch anyway."""
     bases: list[int] = []
 
     def watch(sim: SimCluster) -> None:
@@ -274,5 +276,5 @@ def test_an_epoch_that_can_never_be_ready_is_replaced_past_the_bases_limit() -> 
             if e.epoch and len(e.epoch.bases) > MAX_BASES:
                 bases.append(len(e.epoch.bases))
 
-    assert run_scenario(1889, hosts=16, observers=[watch]).steps
+    assert run_scenario(101, hosts=16, observers=[watch]).steps
     assert bases, "the scenario no longer outgrows the bases limit: pick another seed"
