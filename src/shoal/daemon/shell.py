@@ -28,7 +28,7 @@ from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
-from shoal.dataplane.contract import Backend
+from shoal.dataplane.contract import Backend, DataplaneError
 from shoal.keys import KeyProblems, read_keys
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event
@@ -137,10 +137,16 @@ class Daemon:
         cid = self.engine.codec.cluster
         if (version, cid) == self.filtered:
             return
-        if cid != self.filtered[1] and self.screen is not None:
-            self.screen.install(cid)
-        wire.attach(self.sock, wire.program(cid, runs, True))
-        wire.attach(self.other, wire.program(cid, runs, False))
+        try:
+            if cid != self.filtered[1] and self.screen is not None:
+                self.screen.install(cid)
+            wire.attach(self.sock, wire.program(cid, runs, True))
+            wire.attach(self.other, wire.program(cid, runs, False))
+        except (OSError, DataplaneError) as e:
+            # the filters in place stay (new runs are read from the other socket): worse
+            # under a flood, never wrong; tried again when the runs change
+            problem = {"name": "filter_refused", "runs": len(runs), "error": str(e)}
+            sys.stderr.write(json.dumps(problem) + "\n")
         self.filtered = (version, cid)
 
     def counters(self) -> dict[str, int]:
