@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shoal.config import ShoalConfig
+from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, VERBS
 from shoal.daemon.shell import Daemon
 from shoal.dataplane.contract import Backend, Install, RuleCounters, RuleState
@@ -337,3 +338,33 @@ def test_a_reload_applies_a_new_key_or_refuses_it(daemon: Daemon) -> None:
     assert resp["kept"] == "running configuration"
     run(daemon, 0.3)
     assert _signed_by(daemon, new)
+
+
+class RefusingSocket(RecordingSocket):
+    def setsockopt(self, level: int, option: int, value: bytes) -> None:
+        raise OSError(12, "Cannot allocate memory")
+
+
+def test_a_refused_socket_filter_is_logged_and_the_daemon_goes_on(
+    daemon: Daemon, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The kernel may refuse a new filter (its option memory): the old one stays, one line
+    says so, and the daemon keeps stepping."""
+    run(daemon, 0.6)
+    daemon.sock = RefusingSocket()  # type: ignore[assignment]
+    daemon.filtered = (-2, daemon.engine.codec.cluster)
+    daemon.refilter()
+    run(daemon, 0.3)
+    assert daemon.engine.state is HostState.CONVERGED
+    assert '"name": "filter_refused"' in capsys.readouterr().err
+
+
+def test_a_filter_names_runs_only_up_to_its_limit() -> None:
+    """Up to MAX_RUNS runs, one block each; past it, the known socket takes every frame of
+    the cluster and the other none (a filter that size is refused by the kernel)."""
+    few = [(h, 10**18 + h) for h in range(2, 2 + wire.MAX_RUNS)]
+    many = [(h, 10**18 + h) for h in range(2, 3 + wire.MAX_RUNS)]
+    assert len(wire.program(b"12345678", few, True)) == 15 + 7 * wire.MAX_RUNS + 1
+    assert wire.program(b"12345678", many, True)[-1] == (0x06, 0, 0, 0xFFFF)
+    assert wire.program(b"12345678", many, False)[-1] == (0x06, 0, 0, 0)
+    assert len(wire.program(b"12345678", many, True)) == 16
