@@ -14,15 +14,17 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from shoal.config import ShoalConfig
+from shoal.config import ConfigError, ShoalConfig, parse_config
 from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, VERBS
 from shoal.daemon.shell import Daemon
 from shoal.dataplane.contract import Backend, Install, RuleCounters, RuleState
 from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.frames import HostState, Rejection
-from tests.conftest import EXAMPLES, write_private
+from tests.conftest import EXAMPLES, example_doc, write_private
 
 
 class RecordingBackend:
@@ -368,3 +370,41 @@ def test_a_filter_names_runs_only_up_to_its_limit() -> None:
     assert wire.program(b"12345678", many, True)[-1] == (0x06, 0, 0, 0xFFFF)
     assert wire.program(b"12345678", many, False)[-1] == (0x06, 0, 0, 0)
     assert len(wire.program(b"12345678", many, True)) == 16
+
+
+def test_metrics_show_this_host_and_its_convergence(daemon: Daemon) -> None:
+    """What a scrape returns, parsed as Prometheus parses it: the state, leader and
+    default host, the epoch, the hosts by state, every bucket of the web rule owned by the
+    only host, the frames counted, and one convergence timed."""
+    run(daemon, 0.6)
+    daemon.publish_metrics()
+    text = generate_latest(daemon.metrics.registry).decode()
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    assert got[("shoal_host_state", (("state", "converged"),))] == 1
+    assert got[("shoal_host_state", (("state", "stopped"),))] == 0
+    assert got[("shoal_leader", ())] == 1 and got[("shoal_default_host", ())] == 1
+    assert got[("shoal_hosts", (("state", "converged"),))] == 1
+    assert got[("shoal_epoch", ())] >= 1
+    assert got[("shoal_rule_buckets_owned", (("rule", "web"),))] == daemon.cfg.cluster.buckets
+    assert got[("shoal_frames_sent_total", ())] > 0
+    assert got[("shoal_convergence_duration_seconds_count", ())] == 1
+    assert 0 < got[("shoal_convergence_duration_seconds_sum", ())] < 1
+
+
+def test_a_metrics_address_is_validated_by_name() -> None:
+    doc = example_doc()
+    for bad, why in [
+        ("198.18.0.11", "is not ADDRESS:PORT"),
+        ("198.18.0.11:0", "is not ADDRESS:PORT"),
+        ("nowhere:9474", "'nowhere' is not an IP address"),
+    ]:
+        doc["host"]["metrics_address"] = bad
+        with pytest.raises(ConfigError) as err:
+            parse_config(doc, "h.toml")
+        assert "host.metrics_address" in str(err.value) and why in str(err.value)
+    doc["host"]["metrics_address"] = "[2001:db8::11]:9474"
+    assert parse_config(doc, "h.toml").host.metrics_endpoint == ("2001:db8::11", 9474)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shoal.lab.topology import Lab
+from shoal.lab.topology import METRICS_PORT, Lab
 from tests.conftest import EXAMPLES, needs_root, write_private
 from tests.nethelp import namespaces, sh
 
@@ -398,3 +398,35 @@ def test_daemons_in_the_multicast_modes_serve_ipv6_clients_and_fail_over(mode: s
         assert "-" not in after and "h3" not in after, after
     finally:
         lab.down()
+
+
+def test_metrics_pass_promtool_and_follow_a_crash(lab: Lab) -> None:
+    """Every host serves its metrics on its dedicated address; Debian's promtool accepts
+    them; and after host 3's daemon dies, host 1 reports two converged hosts."""
+    wait_for(lab, ALL)
+
+    def scrape(host: int) -> str:
+        url = f"http://198.18.0.{10 + host}:{METRICS_PORT}/metrics"
+        res = subprocess.run(
+            ["ip", "netns", "exec", lab.ns("rt"), "curl", "-sf", "--max-time", "5", url],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert res.returncode == 0, (host, res.stderr)
+        return res.stdout
+
+    for host in (1, 2, 3):
+        text = scrape(host)
+        check = subprocess.run(
+            ["promtool", "check", "metrics"], input=text, capture_output=True, text=True,
+            timeout=30,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert 'shoal_hosts{state="converged"} 3.0' in text
+    os.killpg(lab.pids["daemon-h3"], signal.SIGKILL)
+    until(
+        "host 1's metrics count two converged hosts",
+        lambda: 'shoal_hosts{state="converged"} 2.0' in scrape(1),
+        seconds=10,
+    )
+    lab.restart_daemon(3)
+    wait_for(lab, ALL)

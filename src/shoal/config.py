@@ -306,6 +306,32 @@ class HostConfig(BaseModel):
     initial_state: InitialState = InitialState.STARTED
     interface: str | None = Field(default=None, min_length=1, max_length=15)
     rules: list[HostRule] = Field(default_factory=list)
+    # Prometheus metrics on "ADDRESS:PORT" ("[ADDRESS]:PORT" for IPv6); off when unset
+    metrics_address: str | None = None
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, v: str | None) -> str | None:
+        if v is not None:
+            split_endpoint(v)
+        return v
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        return None if self.metrics_address is None else split_endpoint(self.metrics_address)
+
+
+def split_endpoint(text: str) -> tuple[str, int]:
+    """``"198.18.0.11:9474"`` or ``"[2001:db8::11]:9474"`` as (address, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not ADDRESS:PORT with a port 1..65535")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{text!r}: {host!r} is not an IP address") from None
+    return host, int(port)
 
 
 class ShoalConfig(BaseModel):

@@ -26,6 +26,7 @@ from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
 from shoal.config import ConfigError, ShoalConfig, load_config
 from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
+from shoal.daemon.metrics import Metrics, Reading, owned_per_rule
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
 from shoal.dataplane.contract import Backend, DataplaneError
@@ -72,6 +73,7 @@ class Daemon:
         self.reads = {"wakeups": 0, "batches": 0}  # socket reads: one per frame, or batched
         self.dropped = {"known": 0, "other": 0}  # frames the sockets' queues had no room for
         self.screen: wire.Screen | None = None  # junk dropped and counted in the kernel
+        self.metrics = Metrics()
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
@@ -99,6 +101,7 @@ class Daemon:
         return time.monotonic()
 
     def log(self, ev: Event) -> None:
+        self.metrics.saw(ev)
         doc = ev.as_dict()
         doc["at"] = round(time.time(), 3)
         self.events.append(doc)
@@ -237,6 +240,23 @@ class Daemon:
         self.count_connections()
         self.engine.tick(self.now())
         self.after()
+        if self.cfg.host.metrics_address is not None and self.metrics.due(self.now()):
+            self.publish_metrics()
+
+    def publish_metrics(self) -> None:
+        """A new reading for the metrics server's thread (see :mod:`shoal.daemon.metrics`)."""
+        e = self.engine
+        snap = e.snapshot(self.now())
+        rules = tuple(r.key for r in self.cfg.cluster.effective_rules)
+        reading = Reading(
+            snapshot=snap,
+            rules=rules,
+            owned=owned_per_rule(e.install.tokens, len(rules)),
+            counters=self.counters(),
+            rule_counters=tuple(self.backend.counters()),
+            socket_drops=self.socket_drops(),
+        )
+        self.metrics.publish(reading, self.now())
 
     @property
     def backend(self) -> Backend:
@@ -320,6 +340,8 @@ class Daemon:
             return {"ok": False, "error": "; ".join(e.problems), "kept": "running configuration"}
         if cfg.host.host_id != self.cfg.host.host_id or cfg.interface != self.cfg.interface:
             return {"ok": False, "error": "host.host_id and the interface need a restart"}
+        if cfg.host.metrics_address != self.cfg.host.metrics_address:
+            return {"ok": False, "error": "host.metrics_address needs a restart"}
         try:
             keys = read_keys(cfg.cluster, self.config_path)
         except KeyProblems as e:  # changed since load_config read it
@@ -393,9 +415,14 @@ class Daemon:
         self.loop.add_signal_handler(signal.SIGUSR2, self.hand_over)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self.log_reload())
         self.after()
+        endpoint = self.cfg.host.metrics_endpoint
+        if endpoint is not None:
+            self.publish_metrics()
+            self.metrics.serve(*endpoint)
         try:
             await self.stop_event.wait()
         finally:
+            self.metrics.stop()
             server.close()
             if self.held is not None:
                 self.held.cancel()

@@ -73,6 +73,9 @@ def batch(ns: str | None, commands: list[str]) -> None:
         sh("ip", *(["-n", ns] if ns else []), "-batch", "-", input="\n".join(commands) + "\n")
 
 
+METRICS_PORT = 9474  # each lab host serves its metrics on its dedicated IPv4 address
+
+
 @dataclass
 class Lab:
     name: str
@@ -185,6 +188,7 @@ affinity = "single"
 [host]
 host_id = {h}
 dedicated_ips = [{", ".join(dips)}]
+metrics_address = "198.18.0.{10 + h}:{METRICS_PORT}"
 
 [[host.rules]]
 rule = "ssh"

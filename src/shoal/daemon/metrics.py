@@ -1,0 +1,186 @@
+"""Prometheus metrics of one daemon, served on the host's ``metrics_address`` by
+prometheus-client's HTTP server, in a thread of its own.
+
+The event loop publishes a :class:`Reading` (plain values, taken from one engine snapshot
+and the backend's counters) at most every :data:`PUBLISH_EVERY` seconds; a scrape only
+reads the latest one. A scrape never touches the engine and never waits for the loop, so
+it cannot delay a heartbeat. Convergence durations (from leaving ``converged``, or
+starting, to being converged again) are observed from the engine's events.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from shoal.dataplane.contract import STRIDE, RuleCounters
+from shoal.protocol.engine.snapshot import Snapshot
+from shoal.protocol.events import Event, EventId
+from shoal.protocol.frames import HostState
+
+PUBLISH_EVERY = 0.5  # seconds between two readings the loop publishes
+STATES = [s.name.lower() for s in HostState]
+_STARTS = {EventId.CONVERGING, EventId.CLUSTER_STARTED}
+_ENDS = {EventId.CONVERGED, EventId.CONVERGED_DEFAULT}
+_NOT_REJECTIONS = {"frames_sent", "frames_received", "epochs_created", "opened_by_accepted_key"}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What a scrape shows, as plain values."""
+
+    snapshot: Snapshot
+    rules: tuple[str, ...]  # rule names, in configuration order
+    owned: tuple[int, ...]  # buckets (or a single rule's handling) owned, per rule
+    counters: dict[str, int]  # the daemon's counters (the kernel's screen included)
+    rule_counters: tuple[RuleCounters, ...]
+    socket_drops: dict[str, int] = field(default_factory=dict)
+
+
+def owned_per_rule(tokens: frozenset[int], rules: int) -> tuple[int, ...]:
+    """How many of ``tokens`` belong to each rule (the default token to none)."""
+    out = [0] * rules
+    for t in tokens:
+        if t >= 0 and t // STRIDE < rules:
+            out[t // STRIDE] += 1
+    return tuple(out)
+
+
+class ShoalCollector(Collector):
+    """Metric families from the latest :class:`Reading`."""
+
+    def __init__(self) -> None:
+        self.reading: Reading | None = None
+
+    def collect(self) -> Iterator[Any]:
+        r = self.reading  # one read: the loop replaces it whole
+        if r is None:
+            return
+        snap = r.snapshot
+        state = GaugeMetricFamily(
+            "shoal_host_state", "This host's state (1 for the state it is in).", labels=["state"]
+        )
+        for name in STATES:
+            state.add_metric([name], 1.0 if snap.state.name.lower() == name else 0.0)
+        yield state
+        yield GaugeMetricFamily(
+            "shoal_default_host", "1 when this host is the cluster's default host.",
+            value=1.0 if snap.default else 0.0,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "shoal_leader", "1 when this host leads the cluster.",
+            value=1.0 if snap.leader == snap.host_id else 0.0,
+        )  # fmt: skip
+        hosts = GaugeMetricFamily(
+            "shoal_hosts", "Hosts of the cluster this host hears (itself included), by state.",
+            labels=["state"],
+        )  # fmt: skip
+        counts = dict.fromkeys(STATES, 0)
+        counts[snap.state.name.lower()] += 1
+        for p in snap.peers:
+            counts[p.state.name.lower()] += 1
+        for name in STATES:
+            hosts.add_metric([name], float(counts[name]))
+        yield hosts
+        yield GaugeMetricFamily(
+            "shoal_epoch", "The number of the epoch this host holds (0: none).",
+            value=float(snap.epoch.number if snap.epoch else 0),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "shoal_lease_left_seconds", "Time left of this host's lease (0: none).",
+            value=snap.lease_left or 0.0,
+        )  # fmt: skip
+        c = r.counters
+        yield CounterMetricFamily(
+            "shoal_frames_sent", "Heartbeat, map and proof frames sent.", value=c["frames_sent"]
+        )
+        yield CounterMetricFamily(
+            "shoal_frames_received", "Frames the daemon read.", value=c["frames_received"]
+        )
+        rejected = CounterMetricFamily(
+            "shoal_frames_rejected", "Frames dropped, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(c.items()):
+            if reason not in _NOT_REJECTIONS:
+                rejected.add_metric([reason], float(n))
+        yield rejected
+        yield CounterMetricFamily(
+            "shoal_epochs_created", "Epochs this host created as the leader.",
+            value=c["epochs_created"],
+        )  # fmt: skip
+        drops = CounterMetricFamily(
+            "shoal_socket_drops", "Frames a socket's queue had no room for.", labels=["socket"]
+        )
+        for sock, n in sorted(r.socket_drops.items()):
+            drops.add_metric([sock], float(n))
+        yield drops
+        owned = GaugeMetricFamily(
+            "shoal_rule_buckets_owned",
+            "Buckets of a rule this host takes new connections for (a single rule: 1 if it "
+            "handles it).",
+            labels=["rule"],
+        )
+        for name, n in zip(r.rules, r.owned, strict=True):
+            owned.add_metric([name], float(n))
+        yield owned
+        accepted = CounterMetricFamily(
+            "shoal_rule_new_connections", "New connections the kernel accepted, per rule.",
+            labels=["rule"],
+        )  # fmt: skip
+        dropped = CounterMetricFamily(
+            "shoal_rule_dropped_packets", "Packets the kernel dropped, per rule.", labels=["rule"]
+        )
+        for rc in r.rule_counters:
+            accepted.add_metric([rc.rule], float(rc.accepted))
+            dropped.add_metric([rc.rule], float(rc.dropped))
+        yield accepted
+        yield dropped
+
+
+class Metrics:
+    """The registry, what feeds it, and its HTTP server."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.collector = ShoalCollector()
+        self.registry.register(self.collector)
+        self.convergence = Histogram(
+            "shoal_convergence_duration_seconds",
+            "From leaving converged (or starting) to converged again.",
+            buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+            registry=self.registry,
+        )
+        self.published = float("-inf")
+        self._since: float | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def due(self, now: float) -> bool:
+        return now - self.published >= PUBLISH_EVERY
+
+    def publish(self, reading: Reading, now: float) -> None:
+        self.collector.reading = reading
+        self.published = now
+
+    def saw(self, event: Event) -> None:
+        """Time a convergence from the engine's events."""
+        if event.id in _STARTS and self._since is None:
+            self._since = event.at
+        elif event.id in _ENDS and self._since is not None:
+            self.convergence.observe(max(0.0, event.at - self._since))
+            self._since = None
+
+    def serve(self, address: str, port: int) -> None:
+        self._server, self._thread = start_http_server(port, addr=address, registry=self.registry)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
