@@ -430,3 +430,52 @@ def test_metrics_pass_promtool_and_follow_a_crash(lab: Lab) -> None:
     )
     lab.restart_daemon(3)
     wait_for(lab, ALL)
+
+
+def test_a_prometheus_server_scraping_the_lab_sees_a_crash(lab: Lab, tmp_path: Path) -> None:
+    """Debian's Prometheus server, inside the lab (its router's namespace), scrapes every
+    host each half second; its HTTP API shows three hosts converged, then, once host 3's
+    daemon is killed, host 3 down and hosts 1 and 2 counting two converged hosts."""
+    wait_for(lab, ALL)
+    targets = ", ".join(f'"198.18.0.{10 + h}:{METRICS_PORT}"' for h in (1, 2, 3))
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text(
+        "global: {scrape_interval: 500ms, scrape_timeout: 400ms}\n"
+        f"scrape_configs: [{{job_name: shoal, static_configs: [{{targets: [{targets}]}}]}}]\n"
+    )
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", lab.ns("rt"), "prometheus", f"--config.file={conf}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", "--web.listen-address=127.0.0.1:9090"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+    def query(q: str) -> dict[str, float]:
+        res = subprocess.run(
+            ["ip", "netns", "exec", lab.ns("rt"), "curl", "-sf", "--max-time", "3", "-G",
+             "http://127.0.0.1:9090/api/v1/query", "--data-urlencode", f"query={q}"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        if res.returncode != 0:
+            return {}
+        data = json.loads(res.stdout)["data"]["result"]
+        return {r["metric"]["instance"].split(":")[0]: float(r["value"][1]) for r in data}
+
+    h = {n: f"198.18.0.{10 + n}" for n in (1, 2, 3)}
+    converged = 'shoal_hosts{state="converged"}'
+    try:
+        until(
+            "Prometheus sees three hosts, each counting three converged",
+            lambda: query(converged) == {h[1]: 3.0, h[2]: 3.0, h[3]: 3.0},
+            seconds=20,
+        )
+        os.killpg(lab.pids["daemon-h3"], signal.SIGKILL)
+        until(
+            "Prometheus sees host 3 down and hosts 1 and 2 counting two converged",
+            lambda: query("up").get(h[3]) == 0.0 and query(converged) == {h[1]: 2.0, h[2]: 2.0},
+            seconds=20,
+        )
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    lab.restart_daemon(3)
+    wait_for(lab, ALL)
