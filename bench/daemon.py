@@ -31,8 +31,7 @@ import uuid
 from pathlib import Path
 
 from shoal.cluster_mac import ClusterMode
-from shoal.config import load_config
-from shoal.keys import read_keys
+from shoal.config import load_host
 from shoal.lab.topology import Lab, pyenv
 from shoal.protocol.codec import Codec
 from shoal.protocol.frames import ETHERTYPE, Flag, Heartbeat, HostState, Proof, cluster_id
@@ -44,10 +43,10 @@ def generate(config: Path, hosts: int, seconds: float, interface: str) -> None:
     """Send the heartbeats of hosts 2..``hosts`` (stopped) for ``seconds``, and the proofs
     host 1 asks of them (as live hosts would); print the count. Runs inside host 2's
     namespace."""
-    cfg = load_config(config)
+    cfg, keys = load_host(config)
     cl = cfg.cluster
     assert cl.mode is ClusterMode.UNICAST
-    codec = Codec(cluster_id(cl.primary_vip), read_keys(cl, config))
+    codec = Codec(cluster_id(cl.primary_vip), keys)
     digest = cl.heartbeat_digest()
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETHERTYPE))
     sock.bind((interface, ETHERTYPE))

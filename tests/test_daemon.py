@@ -23,12 +23,8 @@ pytestmark = [needs_root(), pytest.mark.root]
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(name="d" + uuid.uuid4().hex[:6], hosts=3)
-    try:
-        lab.up()
+    with Lab(name="d" + uuid.uuid4().hex[:6], hosts=3).running() as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def shoal(lab: Lab, host: str, *args: str) -> subprocess.CompletedProcess[str]:

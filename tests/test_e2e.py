@@ -26,13 +26,9 @@ ALL = [1, 2, 3, 4]
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    lab = Lab(name="e" + uuid.uuid4().hex[:6], hosts=4)
-    try:
-        lab.up()
+    with Lab(name="e" + uuid.uuid4().hex[:6], hosts=4).running() as lab:
         assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
         yield lab
-    finally:
-        lab.down()
 
 
 @pytest.fixture

@@ -41,12 +41,8 @@ print(sent)
 
 @pytest.fixture
 def lab() -> Iterator[Lab]:
-    lab = Lab(name="x" + uuid.uuid4().hex[:6], hosts=3)
-    try:
-        lab.up()
+    with Lab(name="x" + uuid.uuid4().hex[:6], hosts=3).running() as lab:
         yield lab
-    finally:
-        lab.down()
 
 
 def _python(lab: Lab, code: str, *args: str) -> subprocess.Popen[str]:

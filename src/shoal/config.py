@@ -28,7 +28,8 @@ from pydantic import (
 )
 
 from shoal.cluster_mac import ClusterMode
-from shoal.keys import KeyProblems, read_keys
+from shoal.keys import MIN_KEY, KeyProblems, read_keys
+from shoal.protocol.codec import Keys
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -189,8 +190,8 @@ class ClusterConfig(BaseModel):
     @field_validator("key")
     @classmethod
     def _key_len(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and len(v.get_secret_value().encode()) < 16:
-            raise ValueError("key must be at least 16 bytes")
+        if v is not None and len(v.get_secret_value().encode()) < MIN_KEY:
+            raise ValueError(f"key must be at least {MIN_KEY} bytes")
         return v
 
     @model_validator(mode="after")
@@ -439,6 +440,11 @@ def parse_config(data: dict[str, Any], source: str = "<config>") -> ShoalConfig:
 
 def load_config(path: Path) -> ShoalConfig:
     """Read and validate one host's TOML file, its keys included (see :mod:`shoal.keys`)."""
+    return load_host(path)[0]
+
+
+def load_host(path: Path) -> tuple[ShoalConfig, Keys]:
+    """One host's TOML file, validated, and the keys it names, read once."""
     try:
         data = tomllib.loads(path.read_text())
     except OSError as err:
@@ -447,10 +453,9 @@ def load_config(path: Path) -> ShoalConfig:
         raise ConfigError(str(path), [f"not valid TOML: {err}"]) from None
     cfg = parse_config(data, str(path))
     try:
-        read_keys(cfg.cluster, path)
+        return cfg, read_keys(cfg.cluster, path)
     except KeyProblems as err:
         raise ConfigError(str(path), err.problems) from None
-    return cfg
 
 
 def check_cluster(configs: list[ShoalConfig], sources: list[str]) -> list[str]:

@@ -10,7 +10,6 @@ starting, to being converged again) are observed from the engine's events.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +21,12 @@ from prometheus_client.registry import Collector
 from shoal.dataplane.contract import STRIDE, RuleCounters
 from shoal.protocol.engine.snapshot import Snapshot
 from shoal.protocol.events import Event, EventId
-from shoal.protocol.frames import HostState
+from shoal.protocol.frames import HostState, Rejection
 
 PUBLISH_EVERY = 0.5  # seconds between two readings the loop publishes
 STATES = [s.name.lower() for s in HostState]
 _STARTS = {EventId.CONVERGING, EventId.CLUSTER_STARTED}
 _ENDS = {EventId.CONVERGED, EventId.CONVERGED_DEFAULT}
-_NOT_REJECTIONS = {"frames_sent", "frames_received", "epochs_created", "opened_by_accepted_key"}
 
 
 @dataclass(frozen=True)
@@ -106,9 +104,8 @@ class ShoalCollector(Collector):
         rejected = CounterMetricFamily(
             "shoal_frames_rejected", "Frames dropped, by reason.", labels=["reason"]
         )
-        for reason, n in sorted(c.items()):
-            if reason not in _NOT_REJECTIONS:
-                rejected.add_metric([reason], float(n))
+        for reason in sorted(r.value for r in Rejection):
+            rejected.add_metric([reason], float(c.get(reason, 0)))
         yield rejected
         yield CounterMetricFamily(
             "shoal_epochs_created", "Epochs this host created as the leader.",
@@ -159,7 +156,6 @@ class Metrics:
         self.published = float("-inf")
         self._since: float | None = None
         self._server: Any = None
-        self._thread: threading.Thread | None = None
 
     def due(self, now: float) -> bool:
         return now - self.published >= PUBLISH_EVERY
@@ -177,7 +173,7 @@ class Metrics:
             self._since = None
 
     def serve(self, address: str, port: int) -> None:
-        self._server, self._thread = start_http_server(port, addr=address, registry=self.registry)
+        self._server, _ = start_http_server(port, addr=address, registry=self.registry)
 
     def stop(self) -> None:
         if self._server is not None:

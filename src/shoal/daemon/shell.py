@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
-from shoal.config import ConfigError, ShoalConfig, load_config
+from shoal.config import ConfigError, ShoalConfig, load_host
 from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
 from shoal.daemon.metrics import Metrics, Reading, owned_per_rule
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
 from shoal.dataplane.contract import Backend, DataplaneError
-from shoal.keys import KeyProblems, read_keys
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event
 from shoal.protocol.frames import ETHERTYPE, HostState, cluster_id
@@ -58,7 +57,7 @@ class Daemon:
     ) -> None:
         self.config_path = config_path
         self.rt_priority = rt_priority
-        self.cfg = load_config(config_path)
+        self.cfg, keys = load_host(config_path)
         self.control = control or default_control(self.cfg)
         self.state_file = state_dir / f"{self.cfg.cluster.name}-h{self.cfg.host.host_id}.json"
         self.setup_adapter = setup_adapter
@@ -86,7 +85,7 @@ class Daemon:
                 vote = frozenset(saved.get("vote", saved["record"]))
         self.engine = Engine(
             self.cfg,
-            read_keys(self.cfg.cluster, config_path),
+            keys,
             time.time_ns(),
             self.now(),
             record=record,
@@ -128,9 +127,7 @@ class Daemon:
             self.other = wire.open_socket(self.cfg.interface, cid, False, group)
         except OSError:
             self.sock.close()
-            self.other.close()
-            if self.screen is not None:
-                self.screen.remove()
+            self.screen.remove()
             raise
         self.filtered = (-1, cid)
 
@@ -335,17 +332,13 @@ class Daemon:
 
     def reload(self) -> dict[str, Any]:
         try:
-            cfg = load_config(self.config_path)
+            cfg, keys = load_host(self.config_path)
         except ConfigError as e:
             return {"ok": False, "error": "; ".join(e.problems), "kept": "running configuration"}
         if cfg.host.host_id != self.cfg.host.host_id or cfg.interface != self.cfg.interface:
             return {"ok": False, "error": "host.host_id and the interface need a restart"}
         if cfg.host.metrics_address != self.cfg.host.metrics_address:
             return {"ok": False, "error": "host.metrics_address needs a restart"}
-        try:
-            keys = read_keys(cfg.cluster, self.config_path)
-        except KeyProblems as e:  # changed since load_config read it
-            return {"ok": False, "error": "; ".join(e.problems), "kept": "running configuration"}
         what = self.engine.reload(cfg, self.now(), keys)
         if cfg.cluster.digest() != self.cfg.cluster.digest():
             self.backend.remove()

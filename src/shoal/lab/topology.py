@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,15 @@ rule = "ssh"
 handling_priority = {h}
 {weight}""")
             self.config_path(h).chmod(0o600)  # it holds the cluster key
+
+    @contextlib.contextmanager
+    def running(self, service: bool = True) -> Iterator[Lab]:
+        """The lab up for a block, and down however the block ends."""
+        try:
+            self.up(service)
+            yield self
+        finally:
+            self.down()
 
     def up(self, service: bool = True) -> None:
         if not NAME_RE.match(self.name):

@@ -46,14 +46,14 @@ def ghosts(hosts: Mapping[int, Host], now: float, in_flight: float) -> str:
     for x, g in hosts.items():
         if g.down_since is None:
             continue
+        since = g.down_since + in_flight
         for y, h in hosts.items():
             e = h.engine
-            if e is None or y == x:
+            p = e.peers.get(x) if e is not None and y != x else None
+            if p is None or e is None:
                 continue
-            p = e.peers.get(x)
-            since = g.down_since + in_flight
-            fresh = h.booted_at > since or (p is not None and p.first_heard > since)
-            if p is not None and fresh and e.roster.alive(p, now):
+            fresh = h.booted_at > since or p.first_heard > since
+            if fresh and e.roster.alive(p, now):
                 return (
                     f"ghosts: host {x}, down since {g.down_since:.3f}, is live at host {y} "
                     f"(last heard {p.last_heard:.3f})"

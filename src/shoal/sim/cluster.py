@@ -157,11 +157,8 @@ class SimCluster:
 
     def crash_host(self, hid: int) -> None:
         """Power off: daemon and kernel both gone."""
-        h = self.hosts[hid]
-        if h.engine is not None:
-            h.down_since = self.now
-        h.engine = h.runtime = None
-        h.kernel = self._kernel(alive=False)
+        self.crash_daemon(hid)
+        self.hosts[hid].kernel = self._kernel(alive=False)
 
     def restart_host(self, hid: int) -> None:
         h = self.hosts[hid]

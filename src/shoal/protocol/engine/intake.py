@@ -109,8 +109,6 @@ class FrameIntake:
             return self._reject(self._own(env, now))
         why = self._admit(env, now)
         if why is not None:
-            if why is Rejection.UNPROVEN or why is Rejection.REPLAY:
-                self._answer_other_run(env, now)
             return self._reject(why)
         frame = parse(env)
         if isinstance(frame, Rejection):
@@ -139,27 +137,23 @@ class FrameIntake:
         one, and answer theirs."""
         if env.incarnation != self.incarnation:
             self._ask(self.me, now)
-            frame = parse(env)
-            if isinstance(frame, Heartbeat) and self.me in frame.asks:
-                self._owe(frame, now)
+            self._answer(env, now)
         return Rejection.OWN
 
     def _admit(self, frame: Envelope, now: float) -> Rejection | None:
         h = frame.host_id
         self._heard(now)
         why = self.roster.admit(frame, now, proof=False)
-        if why is Rejection.UNPROVEN or why is Rejection.REPLAY:
-            p = self.peers[h]
-            if frame.incarnation != p.incarnation:
-                self._ask(h, now)  # a new run of the peer, or an old one still alive
+        if why is not None and frame.incarnation != self.peers[h].incarnation:
+            # another run than the one held: a new run of the peer, or an old one still
+            # alive. Ask it for a proof, and answer its asks: it cannot prove itself here
+            # before this host proved itself there
+            self._ask(h, now)
+            self._answer(frame, now)
         return why
 
-    def _answer_other_run(self, env: Envelope, now: float) -> None:
-        """A heartbeat of another run of a peer than the one this host holds (a restart,
-        or an older run still alive) may ask this host for a proof: it cannot prove itself
-        here before this host proved itself there."""
-        if env.incarnation == self.peers[env.host_id].incarnation:
-            return  # a replay of the run this host holds: it knows this host already
+    def _answer(self, env: Envelope, now: float) -> None:
+        """Owe a proof to the heartbeat in ``env`` if it asks this host for one."""
         frame = parse(env)
         if isinstance(frame, Heartbeat) and self.me in frame.asks:
             self._owe(frame, now)
@@ -188,7 +182,6 @@ class FrameIntake:
         mine = [s for x, inc, s in proof.heard if x == self.me and inc == self.incarnation]
         if not mine or not self.freshness.answers(h, max(mine)):
             return None  # for another host, an earlier run of this one, or not asked since
-
         if h == self.me:
             if env.incarnation != self.incarnation:
                 self._duplicate_self(now)
