@@ -377,7 +377,7 @@ def test_metrics_show_this_host_and_its_convergence(daemon: Daemon) -> None:
     default host, the epoch, the hosts by state, every bucket of the web rule owned by the
     only host, the frames counted, and one convergence timed."""
     run(daemon, 0.6)
-    daemon.publish_metrics()
+    daemon.publish()
     text = generate_latest(daemon.metrics.registry).decode()
     got = {
         (s.name, tuple(sorted(s.labels.items()))): s.value

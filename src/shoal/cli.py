@@ -373,6 +373,31 @@ def _scalar(v: object) -> str:
 
 
 @app.command()
+def top(
+    control: ControlOpt = None,
+    config: ConfigOpt = None,
+    every: Annotated[float, typer.Option(min=0.2, help="Seconds between two pictures.")] = 1.0,
+    count: Annotated[int | None, typer.Option(min=1, help="Stop after this many pictures.")] = None,
+) -> None:
+    """The whole cluster, live in the terminal: hosts, connections, rates, events."""
+    import contextlib
+
+    from shoal import top as view
+    from shoal.daemon.control import call
+
+    path = _control_path(control, config)
+
+    def fetch() -> dict[str, object]:
+        resp = call(path, {"cmd": "view"})  # a daemon that is away is shown, not fatal
+        if not resp.get("ok"):
+            raise ValueError(str(resp.get("error")))
+        return resp
+
+    with contextlib.suppress(KeyboardInterrupt):
+        view.run(fetch, every, count)
+
+
+@app.command()
 def reload(control: ControlOpt = None, config: ConfigOpt = None) -> None:
     """Re-read the configuration file (an invalid file is refused; nothing changes)."""
     _verb("reload", control, config)

@@ -309,10 +309,12 @@ class HostConfig(BaseModel):
     rules: list[HostRule] = Field(default_factory=list)
     # Prometheus metrics on "ADDRESS:PORT" ("[ADDRESS]:PORT" for IPv6); off when unset
     metrics_address: str | None = None
+    # the web view, read-only, on "ADDRESS:PORT"; off when unset
+    web_address: str | None = None
 
-    @field_validator("metrics_address")
+    @field_validator("metrics_address", "web_address")
     @classmethod
-    def _metrics_address(cls, v: str | None) -> str | None:
+    def _endpoint(cls, v: str | None) -> str | None:
         if v is not None:
             split_endpoint(v)
         return v
@@ -320,6 +322,10 @@ class HostConfig(BaseModel):
     @property
     def metrics_endpoint(self) -> tuple[str, int] | None:
         return None if self.metrics_address is None else split_endpoint(self.metrics_address)
+
+    @property
+    def web_endpoint(self) -> tuple[str, int] | None:
+        return None if self.web_address is None else split_endpoint(self.web_address)
 
 
 def split_endpoint(text: str) -> tuple[str, int]:

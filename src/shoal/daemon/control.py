@@ -35,6 +35,7 @@ VERBS = {
     "display",
     "params",
     "reload",
+    "view",
 }
 
 
@@ -160,6 +161,8 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
     now = d.now()
     if cmd in ("query", "display", "params"):
         return _report(d, cmd, e.snapshot(now))
+    if cmd == "view":
+        return {"ok": False, "error": "view: answered by the daemon's shell, not here"}
     if cmd == "reload":
         return d.reload()
     if cmd in ("enable", "disable", "drain"):

@@ -1,63 +1,40 @@
 """Prometheus metrics of one daemon, served on the host's ``metrics_address`` by
 prometheus-client's HTTP server, in a thread of its own.
 
-The event loop publishes a :class:`Reading` (plain values, taken from one engine snapshot
-and the backend's counters) at most every :data:`PUBLISH_EVERY` seconds; a scrape only
-reads the latest one. A scrape never touches the engine and never waits for the loop, so
-it cannot delay a heartbeat. Convergence durations (from leaving ``converged``, or
-starting, to being converged again) are observed from the engine's events.
+A scrape reads the latest :class:`~shoal.daemon.reading.Reading` the loop published on the
+:class:`~shoal.daemon.reading.Board` and the shared count of established connections; it
+never touches the engine and never waits for the loop, so it cannot delay a heartbeat.
+Convergence durations (from leaving ``converged``, or starting, to being converged again)
+are observed from the engine's events.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from shoal.dataplane.contract import STRIDE, RuleCounters
-from shoal.protocol.engine.snapshot import Snapshot
+from shoal.daemon.reading import Board
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import HostState, Rejection
 
-PUBLISH_EVERY = 0.5  # seconds between two readings the loop publishes
 STATES = [s.name.lower() for s in HostState]
 _STARTS = {EventId.CONVERGING, EventId.CLUSTER_STARTED}
 _ENDS = {EventId.CONVERGED, EventId.CONVERGED_DEFAULT}
 
 
-@dataclass(frozen=True)
-class Reading:
-    """What a scrape shows, as plain values."""
-
-    snapshot: Snapshot
-    rules: tuple[str, ...]  # rule names, in configuration order
-    owned: tuple[int, ...]  # buckets (or a single rule's handling) owned, per rule
-    counters: dict[str, int]  # the daemon's counters (the kernel's screen included)
-    rule_counters: tuple[RuleCounters, ...]
-    socket_drops: dict[str, int] = field(default_factory=dict)
-
-
-def owned_per_rule(tokens: frozenset[int], rules: int) -> tuple[int, ...]:
-    """How many of ``tokens`` belong to each rule (the default token to none)."""
-    out = [0] * rules
-    for t in tokens:
-        if t >= 0 and t // STRIDE < rules:
-            out[t // STRIDE] += 1
-    return tuple(out)
-
-
 class ShoalCollector(Collector):
     """Metric families from the latest :class:`Reading`."""
 
-    def __init__(self) -> None:
-        self.reading: Reading | None = None
+    def __init__(self, board: Board, established: Callable[[], dict[str, int]]) -> None:
+        self.board = board
+        self.established = established
 
     def collect(self) -> Iterator[Any]:
-        r = self.reading  # one read: the loop replaces it whole
+        r = self.board.reading  # one read: the loop replaces it whole
         if r is None:
             return
         snap = r.snapshot
@@ -138,14 +115,22 @@ class ShoalCollector(Collector):
             dropped.add_metric([rc.rule], float(rc.dropped))
         yield accepted
         yield dropped
+        open_now = GaugeMetricFamily(
+            "shoal_rule_established_connections",
+            "TCP connections to a VIP established on this host, per rule.",
+            labels=["rule"],
+        )
+        for name, n in self.established().items():
+            open_now.add_metric([name], float(n))
+        yield open_now
 
 
 class Metrics:
     """The registry, what feeds it, and its HTTP server."""
 
-    def __init__(self) -> None:
+    def __init__(self, board: Board, established: Callable[[], dict[str, int]]) -> None:
         self.registry = CollectorRegistry()
-        self.collector = ShoalCollector()
+        self.collector = ShoalCollector(board, established)
         self.registry.register(self.collector)
         self.convergence = Histogram(
             "shoal_convergence_duration_seconds",
@@ -153,16 +138,8 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
             registry=self.registry,
         )
-        self.published = float("-inf")
         self._since: float | None = None
         self._server: Any = None
-
-    def due(self, now: float) -> bool:
-        return now - self.published >= PUBLISH_EVERY
-
-    def publish(self, reading: Reading, now: float) -> None:
-        self.collector.reading = reading
-        self.published = now
 
     def saw(self, event: Event) -> None:
         """Time a convergence from the engine's events."""

@@ -26,7 +26,11 @@ from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
 from shoal.config import ConfigError, ShoalConfig, load_host
 from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
-from shoal.daemon.metrics import Metrics, Reading, owned_per_rule
+from shoal.daemon.local import Established
+from shoal.daemon.metrics import Metrics
+from shoal.daemon.picture import picture
+from shoal.daemon.reading import Board, Reading, owned_per_rule
+from shoal.daemon.web import Numbers, Web
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
 from shoal.dataplane.contract import Backend, DataplaneError
@@ -72,7 +76,12 @@ class Daemon:
         self.reads = {"wakeups": 0, "batches": 0}  # socket reads: one per frame, or batched
         self.dropped = {"known": 0, "other": 0}  # frames the sockets' queues had no room for
         self.screen: wire.Screen | None = None  # junk dropped and counted in the kernel
-        self.metrics = Metrics()
+        self.board = Board()  # what the metrics and web threads read
+        self.established = Established(lambda: self.cfg.cluster)
+        self.metrics = Metrics(self.board, self.established.get)
+        web = self.cfg.host.web_endpoint
+        self.numbers = Numbers(self.established.get, web[1] if web else None)
+        self.web: Web | None = None
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
@@ -237,23 +246,32 @@ class Daemon:
         self.count_connections()
         self.engine.tick(self.now())
         self.after()
-        if self.cfg.host.metrics_address is not None and self.metrics.due(self.now()):
-            self.publish_metrics()
+        if self.serving and self.board.due(self.now()):
+            self.publish()
 
-    def publish_metrics(self) -> None:
-        """A new reading for the metrics server's thread (see :mod:`shoal.daemon.metrics`)."""
+    @property
+    def serving(self) -> bool:
+        """Whether a thread serves metrics or the web view (and so reads the board)."""
+        host = self.cfg.host
+        return host.metrics_address is not None or host.web_address is not None
+
+    def reading(self) -> Reading:
+        """This host's state as plain values, for the serving threads and ``view``."""
         e = self.engine
-        snap = e.snapshot(self.now())
-        rules = tuple(r.key for r in self.cfg.cluster.effective_rules)
-        reading = Reading(
-            snapshot=snap,
-            rules=rules,
-            owned=owned_per_rule(e.install.tokens, len(rules)),
+        rules = len(self.cfg.cluster.effective_rules)
+        return Reading(
+            snapshot=e.snapshot(self.now()),
+            cfg=self.cfg,
+            owned=owned_per_rule(e.install.tokens, rules),
             counters=self.counters(),
             rule_counters=tuple(self.backend.counters()),
             socket_drops=self.socket_drops(),
+            events=tuple(self.events[-RECENT_EVENTS:]),
         )
-        self.metrics.publish(reading, self.now())
+
+    def publish(self) -> None:
+        """A new reading on the board (see :mod:`shoal.daemon.reading`)."""
+        self.board.publish(self.reading(), self.now())
 
     @property
     def backend(self) -> Backend:
@@ -306,6 +324,8 @@ class Daemon:
                 req = "request: cut short (no newline)"
             if isinstance(req, str):
                 resp: dict[str, Any] = {"ok": False, "error": req}
+            elif req.get("cmd") == "view":
+                resp = await self.view()
             else:
                 resp = self.guarded(req)
             writer.write((json.dumps(resp) + "\n").encode())
@@ -315,14 +335,29 @@ class Daemon:
         finally:
             writer.close()
 
+    async def view(self) -> dict[str, Any]:
+        """The picture ``shoal top`` draws: read on the loop, the hosts' own numbers counted
+        and asked for in a worker thread while the loop goes on."""
+        assert self.loop is not None
+        try:
+            r = self.reading()
+            numbers = await self.loop.run_in_executor(None, self.numbers.of, r)
+            return {"ok": True, **picture(r, numbers)}
+        except Exception as e:  # the daemon outlives any one request
+            return self.failed("view", e)
+
     def guarded(self, req: dict[str, Any]) -> dict[str, Any]:
         """:meth:`handle`, with a failure inside answered and logged in one line."""
         try:
             return self.handle(req)
         except Exception as e:  # the daemon outlives any one request
-            problem = {"name": "control_failed", "cmd": str(req.get("cmd")), "error": repr(e)}
-            sys.stderr.write(json.dumps(problem) + "\n")
-            return {"ok": False, "error": f"{req.get('cmd')}: failed inside the daemon ({e!r})"}
+            return self.failed(str(req.get("cmd")), e)
+
+    @staticmethod
+    def failed(cmd: str, e: Exception) -> dict[str, Any]:
+        problem = {"name": "control_failed", "cmd": cmd, "error": repr(e)}
+        sys.stderr.write(json.dumps(problem) + "\n")
+        return {"ok": False, "error": f"{cmd}: failed inside the daemon ({e!r})"}
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         out = dispatch(self, req)
@@ -337,8 +372,9 @@ class Daemon:
             return {"ok": False, "error": "; ".join(e.problems), "kept": "running configuration"}
         if cfg.host.host_id != self.cfg.host.host_id or cfg.interface != self.cfg.interface:
             return {"ok": False, "error": "host.host_id and the interface need a restart"}
-        if cfg.host.metrics_address != self.cfg.host.metrics_address:
-            return {"ok": False, "error": "host.metrics_address needs a restart"}
+        for key in ("metrics_address", "web_address"):
+            if getattr(cfg.host, key) != getattr(self.cfg.host, key):
+                return {"ok": False, "error": f"host.{key} needs a restart"}
         what = self.engine.reload(cfg, self.now(), keys)
         if cfg.cluster.digest() != self.cfg.cluster.digest():
             self.backend.remove()
@@ -389,9 +425,21 @@ class Daemon:
             msg = {"name": "realtime_refused", "priority": self.rt_priority, "error": str(e)}
             sys.stderr.write(json.dumps(msg) + "\n")
 
+    def serve(self) -> None:
+        """Start the metrics and web threads; before :meth:`realtime`, so that they and the
+        threads they start keep ordinary scheduling."""
+        if not self.serving:
+            return
+        self.publish()
+        host = self.cfg.host
+        if host.metrics_endpoint is not None:
+            self.metrics.serve(*host.metrics_endpoint)
+        if host.web_endpoint is not None:
+            self.web = Web(self.board, self.numbers)
+            self.web.serve(*host.web_endpoint)
+
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
-        self.realtime()
         self.backend.attach()
         self.open_sockets()
         self.control.parent.mkdir(parents=True, exist_ok=True)
@@ -408,14 +456,14 @@ class Daemon:
         self.loop.add_signal_handler(signal.SIGUSR2, self.hand_over)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: self.log_reload())
         self.after()
-        endpoint = self.cfg.host.metrics_endpoint
-        if endpoint is not None:
-            self.publish_metrics()
-            self.metrics.serve(*endpoint)
         try:
+            self.serve()
+            self.realtime()
             await self.stop_event.wait()
         finally:
             self.metrics.stop()
+            if self.web is not None:
+                self.web.stop()
             server.close()
             if self.held is not None:
                 self.held.cancel()

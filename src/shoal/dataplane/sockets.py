@@ -63,7 +63,8 @@ def _words(addr: IPAddress) -> tuple[int, int, int, int]:
     return a, b, c, d
 
 
-def _local(addr: IPAddress) -> IPAddress:
+def plain(addr: IPAddress) -> IPAddress:
+    """An IPv4-mapped IPv6 address (a dual-stack socket's view) as the IPv4 address."""
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
         return addr.ipv4_mapped
     return addr
@@ -94,7 +95,7 @@ def _list(want: set[IPAddress], states: int) -> list[Conn]:
         ds.bind()
         for family in (socket.AF_INET, socket.AF_INET6):
             for m in ds.get_sock_stats(family=family, states=states, protocol=socket.IPPROTO_TCP):
-                local = _local(ipaddress.ip_address(m["idiag_src"]))
+                local = plain(ipaddress.ip_address(m["idiag_src"]))
                 if local in want:
                     out.append(
                         Conn(

@@ -75,6 +75,7 @@ def batch(ns: str | None, commands: list[str]) -> None:
 
 
 METRICS_PORT = 9474  # each lab host serves its metrics on its dedicated IPv4 address
+WEB_PORT = 9480  # and its web view
 
 
 @dataclass
@@ -190,6 +191,7 @@ affinity = "single"
 host_id = {h}
 dedicated_ips = [{", ".join(dips)}]
 metrics_address = "198.18.0.{10 + h}:{METRICS_PORT}"
+web_address = "198.18.0.{10 + h}:{WEB_PORT}"
 
 [[host.rules]]
 rule = "ssh"

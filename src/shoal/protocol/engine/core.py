@@ -199,7 +199,13 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
             assert hb is not None
             default = bool(e and e.default_host == p.host_id and hb.epoch == e.key)
             view = PeerView(
-                p.host_id, hb.state, hb.dedicated_ip, hb.epoch, default, now - p.last_heard
+                p.host_id,
+                hb.state,
+                hb.dedicated_ip,
+                hb.epoch,
+                default,
+                now - p.last_heard,
+                hb.rules,
             )
             live.append(view)
         lease = self.lease_until
@@ -218,6 +224,8 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
             dedicated_ip=self.dedicated_ip,
             peers=tuple(live),
             counters=self.counters,
+            rules=self._reports(),
+            epoch_state=e,
         )
 
     # -------------------------------------------------------------- outputs
@@ -298,7 +306,8 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
         for p in self.roster.sweep(now):
             if self.holding.epoch and p.host_id in self.holding.epoch.members:
                 why = f"not heard for {self.detect:.3g} s"
-                self._emit(EventId.HOST_LEFT, now, peer=p.host_id, reason=why)
+                silent = round(now - p.last_heard, 3)
+                self._emit(EventId.HOST_LEFT, now, peer=p.host_id, reason=why, silent_s=silent)
 
     def _check_drain(self, now: float) -> None:
         if self.host.state is not HostState.DRAINING:

@@ -9,7 +9,8 @@ import ipaddress
 from dataclasses import dataclass
 
 from shoal.protocol.engine.phase import Phase
-from shoal.protocol.frames import EpochKey, HostState
+from shoal.protocol.epoch import EpochState
+from shoal.protocol.frames import EpochKey, HostState, RuleReport
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -31,6 +32,7 @@ class PeerView:
     epoch: EpochKey | None
     default: bool  # the default host of this host's epoch, and following it
     silent_for: float  # seconds since it was last heard
+    rules: tuple[RuleReport, ...]  # its weight, state and priority per rule
 
     @property
     def state_name(self) -> str:
@@ -53,6 +55,8 @@ class Snapshot:
     dedicated_ip: IP | None
     peers: tuple[PeerView, ...]  # live ones, by id
     counters: dict[str, int]
+    rules: tuple[RuleReport, ...] = ()  # this host's weight, state and priority per rule
+    epoch_state: EpochState | None = None  # the epoch held: members, maps, handlers
 
     @property
     def state_name(self) -> str:
