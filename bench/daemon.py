@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 from shoal.cluster_mac import ClusterMode
 from shoal.config import load_host
+from shoal.lab.procstat import cpu_seconds
 from shoal.lab.topology import Lab, pyenv
 from shoal.protocol.codec import Codec
 from shoal.protocol.frames import ETHERTYPE, Flag, Heartbeat, HostState, Proof, cluster_id
@@ -96,11 +96,6 @@ def generate(config: Path, hosts: int, seconds: float, interface: str) -> None:
         sent += 1
         heapq.heappush(due, (at + period, h))
     print(json.dumps({"sent": sent, "seconds": time.monotonic() - start, "bytes": size}))
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(lab: Lab, hosts: int, seconds: float) -> dict[str, float]:

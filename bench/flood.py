@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import uuid
@@ -34,13 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 from shoal.daemon.control import call
 from shoal.lab import hostile
+from shoal.lab.procstat import cpu_seconds
 from shoal.lab.topology import Lab, sh
 from shoal.protocol.frames import cluster_id
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def tx_packets(ns: str) -> int:

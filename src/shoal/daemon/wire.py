@@ -170,12 +170,8 @@ class Screen:
 
     def counts(self) -> dict[str, int]:
         """Frames dropped so far, by reason."""
-        doc = self.nft.json([{"list": {"counters": {"family": "netdev", "table": self.table}}}])
-        return {
-            c["counter"]["name"]: int(c["counter"]["packets"])
-            for c in doc.get("nftables", [])
-            if "counter" in c
-        }
+        counters = self.nft.counters("netdev", self.table)
+        return {name: int(c["packets"]) for name, c in counters.items()}
 
     def remove(self) -> None:
         self.nft.run(f"table netdev {self.table} {{}}\ndelete table netdev {self.table}\n")

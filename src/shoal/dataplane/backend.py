@@ -140,12 +140,7 @@ class NftBackend:
         self.lease.renew(ms)
 
     def counters(self) -> list[RuleCounters]:
-        doc = self.nft.json([{"list": {"counters": {"family": "inet", "table": TABLE}}}])
-        values: dict[str, dict[str, int]] = {}
-        for item in doc.get("nftables", []):
-            c = item.get("counter")
-            if c:
-                values[c["name"]] = c
+        values = self.nft.counters("inet", TABLE)
         out = []
         for i, rule in enumerate(self.cfg.cluster.effective_rules):
             acc = values.get(f"accepted_{i}", {})
