@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-DEBS=(nftables libnftables1 iproute2 procps curl wrk netsniff-ng prometheus chromium)
+DEBS=(nftables libnftables1 iproute2 procps curl wrk netsniff-ng prometheus chromium nginx openssl)
 # Debian's own python3 makes virtual environments only with python3-venv
 "$PY" -c "import ensurepip" >/dev/null 2>&1 || DEBS+=(python3-venv)
 missing=()
@@ -18,8 +18,8 @@ if ((${#missing[@]})); then
         exit 1
     fi
     apt-get update -q >/dev/null
-    # the tests need promtool and the server's binary, not a Prometheus service running on
-    # this machine: no package may start a service while it installs
+    # the tests run promtool, the Prometheus server and nginx as programs of their own, not as
+    # services of this machine: no package may start a service while it installs
     policy=/usr/sbin/policy-rc.d
     made_policy=0
     if [[ ! -e $policy ]]; then

@@ -169,6 +169,7 @@ def test_query_params_and_display(daemon: Daemon) -> None:
             "state": "converged (default)",
             "dedicated_ip": q["hosts"][0]["dedicated_ip"],
             "this_host": True,
+            "health": {},
         }
     ]
     p = daemon.handle({"cmd": "params"})

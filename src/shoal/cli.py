@@ -237,9 +237,11 @@ def query(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt
     hosts = resp["hosts"]
     assert isinstance(hosts, list)
     for h in hosts:
+        checks = ", ".join(f"{k} {v}" for k, v in (h.get("health") or {}).items())
         typer.echo(
             f"Host {h['host_id']} ({h['dedicated_ip'] or '-'}) is {h['state']}"
             + (" (this host)" if h["this_host"] else "")
+            + (f"; checks: {checks}" if checks else "")
         )
 
 

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from shoal.cluster_mac import ClusterMode
+from shoal.health.spec import Check, CheckKind
 from shoal.keys import MIN_KEY, KeyProblems, read_keys
 from shoal.protocol.codec import Keys
 
@@ -59,6 +60,13 @@ class Affinity(StrEnum):
     NONE = "none"
     SINGLE = "single"
     NETWORK = "network"
+
+
+class AllUnhealthy(StrEnum):
+    """What a rule does when every host enabled for it fails its health check."""
+
+    SERVE = "serve"  # every enabled host serves, as if healthy (a panic threshold)
+    DROP = "drop"  # nobody takes new connections of the rule
 
 
 class InitialState(StrEnum):
@@ -124,6 +132,7 @@ class PortRule(BaseModel):
     # kept in the digest (every host must agree on it); only 0 until affinity that
     # survives convergence exists: a key that is accepted and does nothing is refused
     affinity_timeout_s: int = Field(default=0, ge=0)
+    all_unhealthy: AllUnhealthy = AllUnhealthy.SERVE
 
     @field_validator("affinity_timeout_s")
     @classmethod
@@ -223,6 +232,13 @@ class ClusterConfig(BaseModel):
     def all_vips(self) -> list[IPAddress]:
         return [self.primary_vip, *self.vips]
 
+    def rule(self, key: str) -> PortRule:
+        """The rule with this name (KeyError if none)."""
+        for r in self.effective_rules:
+            if r.key == key:
+                return r
+        raise KeyError(key)
+
     @property
     def effective_rules(self) -> list[PortRule]:
         """The configured rules, or NLB's default rule when none is given."""
@@ -268,6 +284,7 @@ class ClusterConfig(BaseModel):
                     "ipv4_prefix": r.ipv4_prefix,
                     "ipv6_prefix": r.ipv6_prefix,
                     "affinity_timeout_s": r.affinity_timeout_s,
+                    "all_unhealthy": r.all_unhealthy.value,
                 }
                 for r in self.effective_rules
             ],
@@ -311,6 +328,7 @@ class HostConfig(BaseModel):
     metrics_address: str | None = None
     # the web view, read-only, on "ADDRESS:PORT"; off when unset
     web_address: str | None = None
+    checks: list[Check] = Field(default_factory=list, max_length=64)
 
     @field_validator("metrics_address", "web_address")
     @classmethod
@@ -366,7 +384,47 @@ class ShoalConfig(BaseModel):
         for i, dip in enumerate(self.host.dedicated_ips):
             if dip.ip in vips:
                 raise ValueError(f"host.dedicated_ips[{i}]: {dip.ip} is a cluster VIP")
+        self._checks(known)
         return self
+
+    def _checks(self, rules: dict[str, PortRule]) -> None:
+        names: set[str] = set()
+        targets: set[str | None] = set()
+        for i, c in enumerate(self.host.checks):
+            where = f"host.checks[{i}]"
+            if c.key in names:
+                raise ValueError(f"{where}.name: {c.key!r} is used twice")
+            names.add(c.key)
+            if c.rule in targets:
+                what = f"rule {c.rule!r}" if c.rule else "the host"
+                raise ValueError(f"{where}.rule: {what} has a check already (one each)")
+            targets.add(c.rule)
+            if c.rule is not None:
+                rule = rules.get(c.rule)
+                if rule is None:
+                    raise ValueError(
+                        f"{where}.rule: {c.rule!r} names no cluster rule "
+                        f"(known: {', '.join(sorted(rules))})"
+                    )
+                if rule.mode is FilteringMode.DISABLED:
+                    raise ValueError(f"{where}.rule: rule {c.rule!r} is disabled: nothing to check")
+            needs_port = c.kind is not CheckKind.COMMAND and c.port is None
+            if needs_port and (c.rule is None or rules[c.rule].start == 0):
+                raise ValueError(f"{where}.port: give the port to check (no rule port to take)")
+
+    def check_target(self, check: Check) -> tuple[IPAddress, int]:
+        """Where a network check connects: its address, or this host's first dedicated
+        address (the loopback without one); its port, or its rule's first port."""
+        if check.address is not None:
+            address: IPAddress = check.address
+        elif self.host.dedicated_ips:
+            address = self.host.dedicated_ips[0].ip
+        else:
+            address = ipaddress.IPv4Address("127.0.0.1")
+        if check.port is not None:
+            return address, check.port
+        assert check.rule is not None
+        return address, self.cluster.rule(check.rule).start
 
     @property
     def interface(self) -> str:

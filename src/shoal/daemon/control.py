@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from shoal.protocol.engine import Command
 from shoal.protocol.engine.snapshot import Snapshot
+from shoal.protocol.frames import Health, RuleReport
 
 if TYPE_CHECKING:
     from shoal.daemon.shell import Daemon
@@ -67,6 +68,19 @@ def parse_request(line: bytes) -> dict[str, Any] | str:
     return req
 
 
+def health(d: Daemon, host: Health, rules: tuple[RuleReport, ...]) -> dict[str, Any]:
+    """What a host's checks say, as its heartbeat tells: the host's and each checked rule's
+    (``ok`` or ``failing``); empty without checks."""
+    out: dict[str, Any] = {}
+    if host is not Health.NONE:
+        out["host"] = host.name.lower()
+    names = [r.key for r in d.cfg.cluster.effective_rules]
+    for name, rep in zip(names, rules, strict=False):
+        if rep.health is not Health.NONE:
+            out[name] = rep.health.name.lower()
+    return out
+
+
 def query(d: Daemon, snap: Snapshot) -> dict[str, Any]:
     hosts = [
         {
@@ -74,6 +88,7 @@ def query(d: Daemon, snap: Snapshot) -> dict[str, Any]:
             "state": snap.state_name,
             "dedicated_ip": str(snap.dedicated_ip) if snap.dedicated_ip else None,
             "this_host": True,
+            "health": health(d, snap.health, snap.rules),
         }
     ]
     for p in snap.peers:
@@ -83,6 +98,7 @@ def query(d: Daemon, snap: Snapshot) -> dict[str, Any]:
                 "state": p.state_name,
                 "dedicated_ip": str(p.dedicated_ip) if p.dedicated_ip else None,
                 "this_host": False,
+                "health": health(d, p.health, p.rules),
             }
         )
     hosts.sort(key=lambda h: int(str(h["host_id"])))
@@ -127,6 +143,7 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
             "host_id": snap.host_id,
             "configuration": d.cfg.cluster.digest_document(),
             "host": json.loads(d.cfg.host.model_dump_json()),
+            "checks": d.checks.docs(),
             "events": d.events[-50:],
         }
     return {
@@ -150,6 +167,7 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
         "reads": dict(d.reads),
         "socket_drops": d.socket_drops(),
         "rules": [asdict(c) for c in d.backend.counters()],
+        "checks": d.checks.docs(),
     }
 
 

@@ -26,6 +26,7 @@ from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
 from shoal.config import ConfigError, ShoalConfig, load_host
 from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
+from shoal.daemon.health import Checks, Result, Runner
 from shoal.daemon.local import Established
 from shoal.daemon.metrics import Metrics
 from shoal.daemon.picture import picture
@@ -35,8 +36,8 @@ from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
 from shoal.dataplane.contract import Backend, DataplaneError
 from shoal.protocol.engine import Command, Engine
-from shoal.protocol.events import Event
-from shoal.protocol.frames import ETHERTYPE, HostState, cluster_id
+from shoal.protocol.events import Event, EventId
+from shoal.protocol.frames import ETHERTYPE, Health, HostState, cluster_id
 from shoal.runtime import HostRuntime, Output
 
 KNOWN_BUDGET = 4096  # frames read from the known socket per batch (a burst, not a flood)
@@ -82,6 +83,9 @@ class Daemon:
         web = self.cfg.host.web_endpoint
         self.numbers = Numbers(self.established.get, web[1] if web else None)
         self.web: Web | None = None
+        self.checks = Checks.of(self.cfg)
+        self.checks_config = self.cfg.host.checks
+        self.runner: Runner | None = None
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
@@ -301,6 +305,64 @@ class Daemon:
         if out.close_connections:
             sockets.destroy(sockets.vip_connections(self.cfg.cluster.all_vips, sockets.OPEN))
 
+    # ----------------------------------------------------------------- health
+
+    def on_check(self, r: Result) -> None:
+        """A check's result (from the checks' thread): a changed verdict goes to the engine."""
+        if r.check not in self.checks.states:
+            return  # a check a reload removed
+        now = self.now()
+        st, change = self.checks.observe(r, now)
+        if change is not None:
+            st.held_noted = False
+            c = st.check
+            why = r.detail if change else f"{c.fall} in a row, the last: {r.detail}"
+            self.engine.health(st.rule, change, now, check=c.key, reason=why)
+            self.after()
+        elif st.verdict.held and not st.held_noted:
+            st.held_noted = True
+            until = st.verdict.held_until() or now
+            ev = Event(
+                EventId.HEALTH_HELD,
+                now,
+                {
+                    "host": self.engine.me,
+                    "check": st.check.key,
+                    "wait_s": round(max(0.0, until - now), 1),
+                },
+            )
+            self.log(ev)
+
+    def start_checks(self) -> None:
+        assert self.loop is not None
+        self.runner = Runner(self.cfg, self.on_check, self.loop)
+        self.runner.start()
+
+    def stop_checks(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None
+
+    def reload_checks(self, cfg: ShoalConfig) -> None:
+        """New checks from a reloaded file: a check whose definition is the same keeps its
+        verdict; the engine is told of every verdict that differs from what it holds."""
+        old = self.checks.states
+        fresh = Checks.of(cfg)
+        for key, st in fresh.states.items():
+            if key in old and old[key].check == st.check:
+                fresh.states[key] = old[key]
+        self.stop_checks()
+        self.checks = fresh
+        now = self.now()
+        e = self.engine
+        for st in fresh.states.values():
+            held = e.host_health if st.rule is None else e.rule_health[st.rule]
+            if (held is Health.OK) != st.verdict.healthy:
+                e.health(st.rule, st.verdict.healthy, now, check=st.check.key,
+                         reason="configuration reloaded")  # fmt: skip
+        if self.loop is not None:
+            self.start_checks()
+
     def save_record(self, record: frozenset[int], vote: frozenset[int]) -> None:
         """Keep the record and the vote on disk: the next run must not lend its vote twice."""
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
@@ -380,6 +442,9 @@ class Daemon:
             self.backend.remove()
             self.runtime.replace_backend(self.backend_factory(cfg))
         self.cfg = cfg
+        if cfg.host.checks != self.checks_config:
+            self.reload_checks(cfg)
+            self.checks_config = cfg.host.checks
         return {"ok": True, "message": what}
 
     # ------------------------------------------------------------------ run
@@ -459,8 +524,10 @@ class Daemon:
         try:
             self.serve()
             self.realtime()
+            self.start_checks()
             await self.stop_event.wait()
         finally:
+            self.stop_checks()
             self.metrics.stop()
             if self.web is not None:
                 self.web.stop()

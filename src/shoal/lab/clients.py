@@ -22,7 +22,7 @@ from typing import Any
 
 from shoal.daemon.control import call
 from shoal.dataplane.ruleset import PRE_TABLE, owned_set
-from shoal.lab.topology import Lab, LabError, _alive, pyenv, sh
+from shoal.lab.topology import Lab, LabError, alive, pyenv, sh
 from shoal.verdict import rule_bucket
 
 WEB_RULE = 0  # the lab's "web" rule (TCP 80-443, no affinity) comes first
@@ -136,9 +136,9 @@ def signal_daemon(lab: Lab, host: int, sig: signal.Signals, wait: float = 10) ->
 
 def _wait_gone(pid: int, host: int, sig: signal.Signals, wait: float) -> None:
     deadline = time.monotonic() + wait
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
-    if _alive(pid):
+    if alive(pid):
         raise LabError(f"daemon h{host} still runs {wait} s after {sig.name}")
 
 

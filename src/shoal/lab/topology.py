@@ -376,7 +376,7 @@ handling_priority = {h}
             )
         time.sleep(0.5)
         for key, pid in self.pids.items():
-            if not _alive(pid):
+            if not alive(pid):
                 kind, host = key.split("-")
                 log = self.dir / (
                     f"{host}.service.err" if kind == "service" else f"{host}.daemon.log"
@@ -388,14 +388,14 @@ handling_priority = {h}
     def down(self) -> None:
         """Stop what this lab started (by PID), delete its namespaces; safe to repeat."""
         for pid in self.pids.values():
-            if _alive(pid):
+            if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
-        while any(_alive(p) for p in self.pids.values()) and time.monotonic() < deadline:
+        while any(alive(p) for p in self.pids.values()) and time.monotonic() < deadline:
             time.sleep(0.05)
         for pid in self.pids.values():
-            if _alive(pid):
+            if alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(pid, signal.SIGKILL)
         prefix = f"shl-{self.name}-"
@@ -418,7 +418,7 @@ handling_priority = {h}
             "namespaces": {
                 n: self.ns(n) in present for n in ["sw", "rt", *self.host_names, *self.client_names]
             },
-            "processes": {k: _alive(p) for k, p in self.pids.items()},
+            "processes": {k: alive(p) for k, p in self.pids.items()},
             "vips": ["198.18.0.100", *(["2001:db8::100"] if self.ipv6 else [])],
         }
 
@@ -458,7 +458,7 @@ def list_namespaces() -> list[str]:
     return [n["name"] for n in json.loads(out or "[]")]
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

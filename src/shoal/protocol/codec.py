@@ -36,7 +36,6 @@ import ipaddress
 import struct
 from typing import NamedTuple
 
-from shoal.dataplane.contract import RuleState
 from shoal.protocol.frames import (
     CHUNK_DATA,
     HEADER_LEN,
@@ -56,6 +55,8 @@ from shoal.protocol.frames import (
     Proof,
     Rejection,
     RuleReport,
+    split_health,
+    with_health,
 )
 
 MAGIC = b"SH"
@@ -293,7 +294,7 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
         flags |= Flag.ASKS
     out = [
         _HB_FIXED.pack(
-            hb.state,
+            with_health(hb.state, hb.health),
             flags,
             hb.config_digest,
             ekey.number,
@@ -310,7 +311,7 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
     if hb.asks:
         out.append(host_bitmap(hb.asks))
     out.append(struct.pack("!B", len(hb.rules)))
-    out += [_RULE.pack(r.weight, r.state, r.priority) for r in hb.rules]
+    out += [_RULE.pack(r.weight, r.byte, r.priority) for r in hb.rules]
     out.append(struct.pack("!B", len(hb.silences)))
     out += [_SILENCE.pack(h, min(ms, 0xFFFFFFFF)) for h, ms in hb.silences]
     if hb.dedicated_ip is None:
@@ -325,7 +326,8 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
 
 def _decode_heartbeat(env: Envelope) -> Heartbeat:
     p = env.payload
-    state, flags, cdig, enum_, elead, eorig, edig, rec_raw = _HB_FIXED.unpack_from(p)
+    state_byte, flags, cdig, enum_, elead, eorig, edig, rec_raw = _HB_FIXED.unpack_from(p)
+    state, health = split_health(state_byte)
     off = _HB_FIXED.size
     record = hosts_from_bitmap(rec_raw)
     if flags & Flag.ACKS_ARE_RECORD:
@@ -354,7 +356,7 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
         off += _RULE.size
         if w > 100 or not 1 <= pr <= MAX_HOST:
             raise _Malformed
-        rules.append(RuleReport(w, RuleState(st), pr))
+        rules.append(RuleReport.unpack(w, st, pr))
     (nsil,) = struct.unpack_from("!B", p, off)
     off += 1
     silences = []
@@ -402,6 +404,7 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
         echoes=echoes,
         said=env.said,
         asks=asks,
+        health=health,
     )
 
 

@@ -21,10 +21,10 @@ from functools import cached_property
 from itertools import compress
 
 from shoal.bucket_map import rebalance
-from shoal.config import FilteringMode, PortRule
+from shoal.config import AllUnhealthy, FilteringMode, PortRule
 from shoal.dataplane.contract import DEFAULT_TOKEN, STRIDE, RuleState, single_token
 from shoal.protocol.codec import host_bitmap, hosts_from_bitmap
-from shoal.protocol.frames import EPOCH_KEY, MAX_HOST, NO_KEY, EpochKey, RuleReport
+from shoal.protocol.frames import EPOCH_KEY, MAX_HOST, NO_KEY, EpochKey, Health, RuleReport
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class EpochState:
         for h in sorted(self.members):
             reps = self.reports.get(h, ())
             out.append(struct.pack("!HB", h, len(reps)))
-            out += [struct.pack("!BBH", r.weight, r.state, r.priority) for r in reps]
+            out += [struct.pack("!BBH", r.weight, r.byte, r.priority) for r in reps]
         for owners, handler in zip(self.maps, self.handlers, strict=True):
             if owners is None:
                 out.append(struct.pack("!BH", 0, handler))
@@ -152,7 +152,7 @@ def decode_epoch(blob: bytes, rules: Sequence[PortRule], buckets: int) -> EpochS
             for _ in range(n):
                 w, s, p = struct.unpack_from("!BBH", raw, off)
                 off += 4
-                reps.append(RuleReport(w, RuleState(s), p))
+                reps.append(RuleReport.unpack(w, s, p))
             reports[h] = tuple(reps)
         if nrules != len(rules) or set(reports) != set(members):
             raise EpochDecodeError("epoch does not match the configured rules")
@@ -195,6 +195,18 @@ def decode_epoch(blob: bytes, rules: Sequence[PortRule], buckets: int) -> EpochS
         raise EpochDecodeError(str(e)) from None
 
 
+def serving_hosts(rule: PortRule, reports: Sequence[tuple[int, RuleReport]]) -> frozenset[int]:
+    """The hosts that take a share of ``rule``: enabled there, and not failing its health
+    check, unless every enabled host fails it and the rule says to serve then
+    (``all_unhealthy = "serve"``: a check failing everywhere more likely measures the check
+    than the service, and dropping every client helps nobody)."""
+    enabled = {h for h, r in reports if r.state is RuleState.ENABLED}
+    healthy = {h for h, r in reports if h in enabled and r.health is not Health.FAILING}
+    if not healthy and rule.all_unhealthy is AllUnhealthy.SERVE:
+        return frozenset(enabled)
+    return frozenset(healthy)
+
+
 def next_epoch(
     prev: EpochState | None,
     key: EpochKey,
@@ -210,17 +222,15 @@ def next_epoch(
     maps: list[tuple[int, ...] | None] = []
     handlers: list[int] = []
     for i, rule in enumerate(rules):
+        serving = serving_hosts(rule, [(h, reports[h][i]) for h in members])
         if rule.mode is FilteringMode.MULTIPLE:
-            weights = {
-                h: (reports[h][i].weight if reports[h][i].state is RuleState.ENABLED else 0)
-                for h in members
-            }
+            weights = {h: (reports[h][i].weight if h in serving else 0) for h in members}
             old = prev.maps[i] if prev is not None else None
             maps.append(tuple(rebalance(old, weights, buckets)))
             handlers.append(0)
         else:
             maps.append(None)
-            candidates = [h for h in members if reports[h][i].state is RuleState.ENABLED]
+            candidates = sorted(serving)
             if rule.mode is FilteringMode.SINGLE and candidates:
                 handlers.append(min(candidates, key=lambda h: (reports[h][i].priority, h)))
             else:

@@ -33,6 +33,9 @@ class EventId(IntEnum):
     SUSPENDED = 107
     RESUMED = 108
     DRAIN_TIMEOUT = 109
+    HEALTH_FAILED = 110
+    HEALTH_RECOVERED = 111
+    HEALTH_HELD = 112
 
 
 TEMPLATES: dict[EventId, str] = {
@@ -74,6 +77,12 @@ TEMPLATES: dict[EventId, str] = {
     EventId.RESUMED: "cluster control resumed on host {host}",
     EventId.DRAIN_TIMEOUT: (
         "drain timeout on host {host}: remaining connections closed; host stopped"
+    ),
+    EventId.HEALTH_FAILED: "check {check} failing on host {host}: {effect} ({reason})",
+    EventId.HEALTH_RECOVERED: "check {check} healthy again on host {host}: {effect} ({reason})",
+    EventId.HEALTH_HELD: (
+        "check {check} passes again on host {host}, but it flaps: back in service at the "
+        "earliest in {wait_s} s"
     ),
 }
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from shoal.dataplane.contract import RuleState
 
 ETHERTYPE = 0x886F
-VERSION = 5
+VERSION = 6
 HEADER_LEN = 32
 TAG_LEN = 32
 MTU_PAYLOAD = 1500
@@ -39,6 +39,25 @@ class HostState(IntEnum):
     CONVERGED = 2
     DRAINING = 3
     SUSPENDED = 4
+
+
+class Health(IntEnum):
+    """What a host's health checks say of it (of one rule, or of the host as a whole); on
+    the wire in the high half of the state byte it qualifies."""
+
+    NONE = 0  # no check
+    OK = 1
+    FAILING = 2
+
+
+def with_health(state: int, health: Health) -> int:
+    """A state byte and a health, as one byte."""
+    return state | health << 4
+
+
+def split_health(byte: int) -> tuple[int, Health]:
+    """The state and the health one byte holds (ValueError for an unknown health)."""
+    return byte & 0x0F, Health(byte >> 4)
 
 
 class Flag(IntEnum):
@@ -101,6 +120,17 @@ class RuleReport:
     weight: int  # 0..100
     state: RuleState
     priority: int  # handling priority 1..256
+    health: Health = Health.NONE  # of the rule's check on this host
+
+    @property
+    def byte(self) -> int:
+        """State and health, as they travel."""
+        return with_health(self.state, self.health)
+
+    @classmethod
+    def unpack(cls, weight: int, byte: int, priority: int) -> RuleReport:
+        state, health = split_health(byte)
+        return cls(weight, RuleState(state), priority, health)
 
 
 @dataclass(frozen=True)
@@ -123,6 +153,7 @@ class Heartbeat:
     echoes: tuple[int, ...] = ()  # per acked host (ascending): the newest beat heard from it
     said: int = 0  # the content number (header): the sender's count of changes to the rest
     asks: frozenset[int] = frozenset()  # hosts heard that have not proven they are alive now
+    health: Health = Health.NONE  # of the host-wide check
 
     def has(self, flag: Flag) -> bool:
         return bool(self.flags & flag)

@@ -22,11 +22,11 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from shoal.bucket_map import counts, ideal_bounds, minimum_moves
-from shoal.config import FilteringMode, ShoalConfig
+from shoal.config import AllUnhealthy, FilteringMode, ShoalConfig
 from shoal.dataplane.contract import RuleState
 from shoal.protocol.engine import Engine
 from shoal.protocol.epoch import EpochState
-from shoal.protocol.frames import EpochKey
+from shoal.protocol.frames import EpochKey, Health
 
 
 class Host(Protocol):
@@ -113,9 +113,14 @@ class EpochLedger:
         return balanced(st, cfg) or minimal(st, parent, cfg)
 
 
-def _weights(st: EpochState, rule: int) -> dict[int, int]:
+def _weights(st: EpochState, rule: int, policy: AllUnhealthy) -> dict[int, int]:
+    """Each member's weight in ``rule``: its own when enabled and healthy; 0 otherwise,
+    except that with every enabled member failing, the "serve" policy counts them healthy."""
+    enabled = {h for h, r in st.reports.items() if r[rule].state is RuleState.ENABLED}
+    failing = {h for h in enabled if st.reports[h][rule].health is Health.FAILING}
+    panic = failing == enabled and policy is AllUnhealthy.SERVE
     return {
-        h: (r[rule].weight if r[rule].state is RuleState.ENABLED else 0)
+        h: (r[rule].weight if h in enabled and (panic or h not in failing) else 0)
         for h, r in st.reports.items()
     }
 
@@ -131,7 +136,8 @@ def balanced(st: EpochState, cfg: ShoalConfig) -> str:
     b = cfg.cluster.buckets
     for i, key, owners in _multiple(st, cfg):
         held = counts(owners)
-        for h, (lo, hi) in ideal_bounds(_weights(st, i), b).items():
+        policy = cfg.cluster.effective_rules[i].all_unhealthy
+        for h, (lo, hi) in ideal_bounds(_weights(st, i, policy), b).items():
             if not lo <= held.get(h, 0) <= hi:
                 return (
                     f"balanced: epoch {st.key} rule {key} gives host {h} "
@@ -148,7 +154,8 @@ def minimal(st: EpochState, parent: EpochState | None, cfg: ShoalConfig) -> str:
         if old is None:
             continue
         moved = sum(1 for x, y in zip(old, owners, strict=True) if x != y)
-        least = minimum_moves(old, _weights(st, i), cfg.cluster.buckets)
+        policy = cfg.cluster.effective_rules[i].all_unhealthy
+        least = minimum_moves(old, _weights(st, i, policy), cfg.cluster.buckets)
         if moved != least:
             return (
                 f"minimal: epoch {st.key} rule {key} moved {moved} buckets, "

@@ -188,6 +188,14 @@ class SimCluster:
         h.engine.command(cmd, self.now, rule=rule, timeout=timeout)
         self._after(h)
 
+    def health(self, hid: int, rule: int | None, healthy: bool) -> None:
+        """A verdict of one of the host's checks (``rule`` None: its host-wide check)."""
+        h = self.hosts[hid]
+        if h.engine is None:
+            return
+        h.engine.health(rule, healthy, self.now, check="sim", reason="injected")
+        self._after(h)
+
     def reload(self, hid: int, config: ShoalConfig) -> None:
         h = self.hosts[hid]
         h.config = config

@@ -28,10 +28,20 @@ def cluster_configs(
     weights: dict[int, int] | None = None,
     policy: str = "quorum",
     extra_rule: bool = False,
+    checks: list[dict[str, Any]] | None = None,
+    all_unhealthy: str = "serve",
 ) -> list[ShoalConfig]:
-    """N host configurations sharing one cluster section."""
+    """N host configurations sharing one cluster section (``checks``: every host's
+    ``[[host.checks]]``; their verdicts are injected, see :meth:`SimCluster.health`)."""
     rules: list[dict[str, Any]] = [
-        {"name": "web", "start": 80, "end": 443, "protocol": "tcp", "affinity": "none"},
+        {
+            "name": "web",
+            "start": 80,
+            "end": 443,
+            "protocol": "tcp",
+            "affinity": "none",
+            "all_unhealthy": all_unhealthy,
+        },
         {"name": "ssh", "start": 22, "protocol": "tcp", "mode": "single"},
         {"name": "telnet", "start": 23, "mode": "disabled"},
     ]
@@ -56,6 +66,7 @@ def cluster_configs(
                     {"rule": "web", "load_weight": w},
                     {"rule": "ssh", "handling_priority": (h * 7) % 257 or 1},
                 ],
+                "checks": checks or [],
             },
         }
         out.append(parse_config(doc))

@@ -24,7 +24,7 @@ from shoal.protocol.engine.ready import blocker
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.epoch import EpochState, next_epoch
 from shoal.protocol.events import EventId
-from shoal.protocol.frames import EpochKey, Flag, RuleReport
+from shoal.protocol.frames import EpochKey, Flag, Health, RuleReport
 
 
 class Agreement:
@@ -37,6 +37,7 @@ class Agreement:
     quorum: bool
     rules: list[PortRule]
     rule_states: tuple[RuleState, ...]
+    rule_health: tuple[Health, ...]
     timing: Timing
     host: HostStateMachine
     roster: Roster
@@ -48,7 +49,9 @@ class Agreement:
     wake: float
     lease_until: float | None
     epochs_created: int
-    _reports_memo: tuple[ShoalConfig, tuple[RuleState, ...], tuple[RuleReport, ...]] | None
+    _reports_memo: (
+        tuple[ShoalConfig, tuple[RuleState, ...], tuple[Health, ...], tuple[RuleReport, ...]] | None
+    )
 
     beacon: Beacon
 
@@ -64,20 +67,20 @@ class Agreement:
     def _reports(self) -> tuple[RuleReport, ...]:
         """This host's parameters per rule (the same tuple until they change: every step
         and heartbeat reads them)."""
-        cfg, states = self.cfg, self.rule_states
+        cfg, states, health = self.cfg, self.rule_states, self.rule_health
         memo = self._reports_memo
-        if memo is not None and memo[0] is cfg and memo[1] is states:
-            return memo[2]
+        if memo is not None and memo[0] is cfg and memo[1] is states and memo[2] is health:
+            return memo[3]
         out = []
         for i, rule in enumerate(self.rules):
             hr = cfg.host_rule(rule.key)
-            out.append(RuleReport(hr.weight, states[i], cfg.priority(rule.key)))
-        self._reports_memo = (cfg, states, tuple(out))
-        return self._reports_memo[2]
+            out.append(RuleReport(hr.weight, states[i], cfg.priority(rule.key), health[i]))
+        self._reports_memo = (cfg, states, health, tuple(out))
+        return self._reports_memo[3]
 
     def _lead(self, now: float) -> None:
         cur = self.holding.epoch
-        key = (cur and cur.key, self.record, self.vote, self.rule_states, self.cfg)
+        key = (cur and cur.key, self.record, self.vote, self._reports(), self.cfg)
         if cur is not None and self.leader.unchanged(key, self.roster, now):
             # nothing the fingerprint is made of changed since it last matched
             self._declare_ready(now)

@@ -28,6 +28,7 @@ from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.engine.agreement import Agreement
 from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.epochs import EpochStore
+from shoal.protocol.engine.health import HealthInputs
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import (
     ELIGIBLE,
@@ -46,7 +47,7 @@ from shoal.protocol.engine.timing import Timing
 from shoal.protocol.engine.verbs import OperatorInputs
 from shoal.protocol.epoch import EpochState
 from shoal.protocol.events import Event, EventId
-from shoal.protocol.frames import EpochKey, HostState, RuleReport, cluster_id
+from shoal.protocol.frames import EpochKey, Health, HostState, RuleReport, cluster_id
 
 INITIAL = {
     InitialState.STARTED: HostState.CONVERGING,
@@ -55,7 +56,7 @@ INITIAL = {
 }
 
 
-class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
+class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
     """One host's convergence state machine."""
 
     def __init__(
@@ -85,6 +86,7 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
         )
         self.host = HostStateMachine(INITIAL[config.host.initial_state])
         self.rule_states = (RuleState.ENABLED,) * len(self.rules)
+        self._start_health()
         self.roster = Roster(self.detect, now)
         self.peers = self.roster.peers  # the roster's, read here for speed
         self.leader = Leader()
@@ -103,7 +105,8 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
         )
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
         self._reports_memo: (
-            tuple[ShoalConfig, tuple[RuleState, ...], tuple[RuleReport, ...]] | None
+            tuple[ShoalConfig, tuple[RuleState, ...], tuple[Health, ...], tuple[RuleReport, ...]]
+            | None
         ) = None
         self._runs_memo: tuple[int, frozenset[tuple[int, int]]] | None = None
         self.started_at = now
@@ -206,6 +209,7 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
                 default,
                 now - p.last_heard,
                 hb.rules,
+                hb.health,
             )
             live.append(view)
         lease = self.lease_until
@@ -226,6 +230,7 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
             counters=self.counters,
             rules=self._reports(),
             epoch_state=e,
+            health=self.host_health,
         )
 
     # -------------------------------------------------------------- outputs
@@ -247,7 +252,10 @@ class Engine(FrameIntake, OperatorInputs, Agreement, Sending):
         (:attr:`install`, the deadline): both change only in a step, and frames that
         repeat what a peer said never step."""
         self.outputs += 1
-        self.install = Install(self.holding.installed, self.host.state in SERVING, self.rule_states)
+        states = self.rule_states
+        if Health.FAILING in self.rule_health:
+            states = self._kernel_rule_states()
+        self.install = Install(self.holding.installed, self.host.state in SERVING, states)
         t = min(self.beacon.deadline(self.timing.period), self.wake, self.roster.expiry_check)
         lease = self.lease_until
         if self.holding.installed and lease is not None:

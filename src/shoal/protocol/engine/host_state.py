@@ -38,6 +38,8 @@ class Observed(StrEnum):
     CONVERGED = "converged"  # a member of a READY epoch, holding exactly its share
     UNCONVERGED = "unconverged"  # no longer so
     DRAIN_ENDED = "drain_ended"  # its connections finished, or the drain timed out
+    UNHEALTHY = "unhealthy"  # the host-wide health check failed
+    HEALTHY = "healthy"  # it passes again, and had taken the host out
 
 
 class Act(Enum):
@@ -121,6 +123,20 @@ MOVES: dict[tuple[HostState, Command | Observed], Move] = {
     (_S.CONVERGING, Observed.CONVERGED): Move(_S.CONVERGED, Act.NOTHING),
     (_S.CONVERGED, Observed.UNCONVERGED): Move(_S.CONVERGING, Act.NOTHING),
     (_S.DRAINING, Observed.DRAIN_ENDED): Move(_S.STOPPED, Act.STOP),
+    # the host-wide health check: failing drains as drainstop does; passing again undoes
+    # that (the engine feeds HEALTHY only to a host the check took out)
+    (_S.CONVERGING, Observed.UNHEALTHY): Move(_S.DRAINING, Act.DRAIN),
+    (_S.CONVERGED, Observed.UNHEALTHY): Move(_S.DRAINING, Act.DRAIN),
+    **{
+        (s, Observed.UNHEALTHY): Move(None, Act.NOTHING)
+        for s in (_S.STOPPED, _S.DRAINING, _S.SUSPENDED)
+    },
+    (_S.DRAINING, Observed.HEALTHY): Move(_S.CONVERGING, Act.RESTART),
+    (_S.STOPPED, Observed.HEALTHY): Move(_S.CONVERGING, Act.START),
+    **{
+        (s, Observed.HEALTHY): Move(None, Act.NOTHING)
+        for s in (_S.CONVERGING, _S.CONVERGED, _S.SUSPENDED)
+    },
 }
 
 

@@ -21,7 +21,7 @@ from shoal.protocol.engine.tenure import Tenure
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.epoch import EpochState
 from shoal.protocol.events import EventId
-from shoal.protocol.frames import EpochKey, Heartbeat, HostState, RuleReport
+from shoal.protocol.frames import EpochKey, Health, Heartbeat, HostState, RuleReport
 
 
 class Sending:
@@ -43,6 +43,7 @@ class Sending:
     leader_id: int | None
     heal_reported: set[EpochKey]
     freshness: Freshness
+    host_health: Health
     _send_memo: tuple[int, tuple[object, ...], bool] | None
 
     if TYPE_CHECKING:
@@ -118,6 +119,7 @@ class Sending:
             record=self.record,
             vote=self.vote,
             asks=self.freshness.asks(now),
+            health=self.host_health,
         )
         self.beacon.send_heartbeat(said, acked_peers, now, self.timing.period)
         if self.tenure.count is not None:

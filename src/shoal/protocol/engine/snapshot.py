@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from shoal.protocol.engine.phase import Phase
 from shoal.protocol.epoch import EpochState
-from shoal.protocol.frames import EpochKey, HostState, RuleReport
+from shoal.protocol.frames import EpochKey, Health, HostState, RuleReport
 
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -32,7 +32,8 @@ class PeerView:
     epoch: EpochKey | None
     default: bool  # the default host of this host's epoch, and following it
     silent_for: float  # seconds since it was last heard
-    rules: tuple[RuleReport, ...]  # its weight, state and priority per rule
+    rules: tuple[RuleReport, ...]  # its weight, state, priority and health per rule
+    health: Health = Health.NONE  # of its host-wide check
 
     @property
     def state_name(self) -> str:
@@ -57,6 +58,7 @@ class Snapshot:
     counters: dict[str, int]
     rules: tuple[RuleReport, ...] = ()  # this host's weight, state and priority per rule
     epoch_state: EpochState | None = None  # the epoch held: members, maps, handlers
+    health: Health = Health.NONE  # of this host's host-wide check
 
     @property
     def state_name(self) -> str:

@@ -63,6 +63,7 @@ class OperatorInputs:
     eligible_since: float
     drain_deadline: float | None
     drain_started: float
+    health_out: bool
 
     if TYPE_CHECKING:
 
@@ -70,6 +71,7 @@ class OperatorInputs:
         def _emit(self, eid: EventId, now: float, **fields: object) -> None: ...
         def _could_join(self, hb: Heartbeat) -> bool: ...
         def _use_timing(self, timing: Timing) -> None: ...
+        def _reset_health(self, old_rules: list[PortRule]) -> None: ...
 
     def command(
         self, cmd: Command, now: float, rule: int | None = None, timeout: float | None = None
@@ -79,6 +81,8 @@ class OperatorInputs:
             result = CommandResult(False, f"no rule with index {rule}")
         else:
             result = self._command(cmd, now, rule, timeout)
+        if result.ok and cmd not in RULE_COMMANDS:
+            self.health_out = False  # the operator decides where the host is now
         if result.ok:
             self.beacon.dirty = True
             self._step(now)
@@ -122,6 +126,7 @@ class OperatorInputs:
             what = "cluster parameters changed: reconverging"
         else:
             what = "host parameters applied"
+        self._reset_health(old_rules)
         if rekeyed:
             what += f"; cluster key changed ({_keys_text(keys)})"
         self._emit(EventId.RELOADED, now, what=what)
@@ -134,14 +139,21 @@ class OperatorInputs:
     ) -> CommandResult:
         """Move the host state by the table, then do what the move asks."""
         m = self.host.move(cmd)
-        act = m.act
+        if m.act is Act.RULES:
+            return self._rule_command(cmd, now, rule)
+        self._carry_out(m.act, now, timeout, by=cmd.value)
+        return CommandResult(m.ok, m.message)
+
+    def _carry_out(self, act: Act, now: float, timeout: float | None, by: str) -> None:
+        """What a move of the host state asks besides the move (``by``: the verb or the
+        check that made it)."""
         if act is Act.START:
             self._drop_epoch()
         elif act is Act.RESTART:
-            self._emit(EventId.DRAIN_INTERRUPTED, now, command="start")
+            self._emit(EventId.DRAIN_INTERRUPTED, now, command=by)
             self.drain_deadline = None
         elif act is Act.INTERRUPT_AND_STOP:
-            self._emit(EventId.DRAIN_INTERRUPTED, now, command="stop")
+            self._emit(EventId.DRAIN_INTERRUPTED, now, command=by)
         if act in (Act.START, Act.RESTART):
             self.eligible_since = now
             self._emit(EventId.CLUSTER_STARTED, now)
@@ -157,9 +169,6 @@ class OperatorInputs:
             self._emit(EventId.SUSPENDED, now)
         elif act is Act.RESUME:
             self._emit(EventId.RESUMED, now)
-        elif act is Act.RULES:
-            return self._rule_command(cmd, now, rule)
-        return CommandResult(m.ok, m.message)
 
     def _rule_command(self, cmd: Command, now: float, rule: int | None) -> CommandResult:
         target, ev = RULE_TARGETS[cmd]
