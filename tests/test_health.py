@@ -204,3 +204,39 @@ def test_the_host_check_drains_stops_and_starts_the_host() -> None:
     sim.health(3, None, True)
     sim.run_until(sim.now + 20 * P)
     assert _state(sim, 3) is HostState.STOPPED
+
+
+def test_params_and_metrics_show_a_checks_results() -> None:
+    """Two results of a check, as ``params`` lists them and as Prometheus reads them."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from shoal.daemon.health import Checks, Result
+    from shoal.daemon.metrics import _checks
+
+    doc = example_doc()
+    doc["host"]["checks"] = [{**CHECK, "fall": 1}]
+    checks = Checks.of(parse_config(doc, "h.toml"))
+    checks.observe(Result("rule:web", True, "connected", 1.5, 0.0), 0.0)
+    st, change = checks.observe(Result("rule:web", False, "refused", 0.5, 2.0), 2.0)
+    assert change is False and st.rule == WEB
+    [d] = checks.docs()
+    assert (d["healthy"], d["successes"], d["failures"], d["last_detail"]) == (
+        False, 1, 1, "refused")  # fmt: skip
+    assert d["target"] == "198.18.0.11:80" and d["last_latency_ms"] == 0.5
+
+    class Collector:
+        def collect(self) -> Any:
+            return _checks(tuple(checks.docs()))
+
+    registry = CollectorRegistry()
+    registry.register(Collector())
+    text = generate_latest(registry).decode()
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+    assert got[("shoal_check_healthy", (("check", "rule:web"), ("rule", "web")))] == 0
+    assert got[("shoal_check_results_total", (("check", "rule:web"), ("result", "failure")))] == 1
+    assert got[("shoal_check_latency_seconds", (("check", "rule:web"),))] == 0.0005

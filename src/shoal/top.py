@@ -45,6 +45,12 @@ class Rates:
             self._last[h["host_id"]] = (now, total)
 
 
+def _owns(rule: Mapping[str, Any] | None) -> str:
+    if rule is None:
+        return "-"
+    return str(rule["owns"]) + (" (check failing)" if rule.get("health") == "failing" else "")
+
+
 def render(picture: Mapping[str, Any], rates: Rates) -> RenderableType:
     p = picture
     head = Text.assemble(
@@ -66,9 +72,12 @@ def render(picture: Mapping[str, Any], rates: Rates) -> RenderableType:
         rate = rates.per_host.get(h["host_id"])
         hosts.add_row(
             f"{h['host_id']}{' *' if h['this_host'] else ''} {h['dedicated_ip'] or ''}",
-            Text(h["state"], style=STYLES.get(h["state"], "")),
+            Text(
+                h["state"] + (" · check failing" if h.get("health") == "failing" else ""),
+                style=STYLES.get(h["state"], ""),
+            ),
             ", ".join(roles) or "-",
-            *(str(h["rules"].get(r["name"], {}).get("owns", "-")) for r in shown),
+            *(_owns(h["rules"].get(r["name"])) for r in shown),
             str(sum(n["connections"].values())) if n else "-",
             f"{rate:.1f}" if rate is not None else "-",
             "-" if h["this_host"] else f"{h['silent_ms']} ms",

@@ -123,6 +123,31 @@ class ShoalCollector(Collector):
         for name, n in self.established().items():
             open_now.add_metric([name], float(n))
         yield open_now
+        yield from _checks(r.checks)
+
+
+def _checks(checks: tuple[dict[str, Any], ...]) -> Iterator[Any]:
+    """This host's health checks: verdict, results and the last one's latency."""
+    healthy = GaugeMetricFamily(
+        "shoal_check_healthy", "1 while a health check's verdict is healthy.",
+        labels=["check", "rule"],
+    )  # fmt: skip
+    results = CounterMetricFamily(
+        "shoal_check_results", "Health check results, by outcome.", labels=["check", "result"]
+    )
+    latency = GaugeMetricFamily(
+        "shoal_check_latency_seconds", "How long the last result of a check took.",
+        labels=["check"],
+    )  # fmt: skip
+    for c in checks:
+        healthy.add_metric([c["name"], c["rule"] or ""], 1.0 if c["healthy"] else 0.0)
+        results.add_metric([c["name"], "success"], float(c["successes"]))
+        results.add_metric([c["name"], "failure"], float(c["failures"]))
+        if c["last_latency_ms"] is not None:
+            latency.add_metric([c["name"]], c["last_latency_ms"] / 1000)
+    yield healthy
+    yield results
+    yield latency
 
 
 class Metrics:

@@ -18,7 +18,7 @@ from shoal.config import FilteringMode
 from shoal.daemon.reading import Reading
 from shoal.dataplane.contract import RuleState
 from shoal.protocol.engine.snapshot import state_name
-from shoal.protocol.frames import RuleReport
+from shoal.protocol.frames import Health, RuleReport
 
 RECENT = 30  # events a picture carries
 _ENDS = ("converged", "converged_default")
@@ -72,6 +72,11 @@ def _shares(r: Reading) -> dict[int, dict[str, int]]:
     return out
 
 
+def _health(h: Health) -> str | None:
+    """``ok`` or ``failing``; None without a check."""
+    return None if h is Health.NONE else h.name.lower()
+
+
 def _host_rules(
     names: Sequence[str], reports: Sequence[RuleReport], shares: Mapping[str, int]
 ) -> dict[str, dict[str, Any]]:
@@ -81,6 +86,7 @@ def _host_rules(
             "state": RuleState(rep.state).name.lower(),
             "priority": rep.priority,
             "owns": shares.get(name, 0),
+            "health": _health(rep.health),
         }
         for name, rep in zip(names, reports, strict=False)
     }
@@ -100,6 +106,7 @@ def picture(r: Reading, numbers: Mapping[int, Local | None]) -> dict[str, Any]:
         "dedicated_ip": str(snap.dedicated_ip) if snap.dedicated_ip else None,
         "silent_ms": 0,
         "rules": _host_rules(names, snap.rules, shares.get(snap.host_id, {})),
+        "health": _health(snap.health),
     }
     hosts = [me]
     for p in snap.peers:
@@ -111,6 +118,7 @@ def picture(r: Reading, numbers: Mapping[int, Local | None]) -> dict[str, Any]:
                 "dedicated_ip": str(p.dedicated_ip) if p.dedicated_ip else None,
                 "silent_ms": round(p.silent_for * 1000),
                 "rules": _host_rules(names, p.rules, shares.get(p.host_id, {})),
+                "health": _health(p.health),
             }
         )
     for h in hosts:

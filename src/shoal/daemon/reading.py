@@ -30,6 +30,7 @@ class Reading:
     rule_counters: tuple[RuleCounters, ...]
     socket_drops: dict[str, int] = field(default_factory=dict)
     events: tuple[dict[str, Any], ...] = ()  # the most recent, oldest first
+    checks: tuple[dict[str, Any], ...] = ()  # this host's health checks, as params shows them
 
     @property
     def rules(self) -> tuple[str, ...]:

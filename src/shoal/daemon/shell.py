@@ -271,6 +271,7 @@ class Daemon:
             rule_counters=tuple(self.backend.counters()),
             socket_drops=self.socket_drops(),
             events=tuple(self.events[-RECENT_EVENTS:]),
+            checks=tuple(self.checks.docs()),
         )
 
     def publish(self) -> None:

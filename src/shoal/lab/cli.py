@@ -96,8 +96,11 @@ def lab_exec(
 
 
 @lab_app.command("demo")
-def lab_demo(hosts: Annotated[int, typer.Option(help="Cluster hosts.")] = 4) -> None:
-    """The live demo: traffic, a crash, a rejoin, a drainstop, and a summary."""
+def lab_demo(
+    hosts: Annotated[int, typer.Option(min=3, max=32, help="Cluster hosts.")] = 4,
+) -> None:
+    """The live demo: traffic, a crash, a rejoin, an application failure, a drainstop, and a
+    summary (3 hosts at least: each step has a host of its own)."""
     from shoal.lab.demo import demo
 
     raise typer.Exit(demo(hosts))

@@ -1,16 +1,21 @@
-"""``shoal lab demo``: a 4-host cluster, real clients, a crash, a rejoin and a drainstop.
+"""``shoal lab demo``: a 4-host cluster, real clients, a crash, a rejoin, an application
+failure and a drainstop.
 
 Clients in three namespaces make short HTTP requests through the VIP from many source
-addresses and keep long-lived connections busy. The demo shows the per-host distribution
-live, kills one host (its daemon with SIGKILL and its switch port down), shows the failover
-and the new distribution, brings the host back, drainstops another, tears everything
-down, and prints a summary measured by the clients. Exit status 1 if anything it shows
-went wrong.
+addresses and keep long-lived connections busy. Every host checks its web service with an
+HTTP health check. The demo shows the per-host distribution live, kills one host (its
+daemon with SIGKILL and its switch port down), shows the failover and the new
+distribution, brings the host back, stops the web service on another host (the host and
+its daemon stay up: its check takes it out of the web rule), starts the service again,
+drainstops a third, tears everything down, and prints a summary measured by the clients.
+Exit status 1 if anything it shows went wrong.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -22,10 +27,20 @@ from rich.live import Live
 from rich.table import Table
 
 from shoal.daemon.control import call
-from shoal.lab.clients import Clients, crash, revive, states, wait_states
+from shoal.lab.clients import Clients, crash, owned_buckets, revive, states, wait_states
 from shoal.lab.topology import CLIENTS, Lab
 
 console = Console()
+CHECK = """
+[[host.checks]]
+rule = "web"
+kind = "http"
+port = 80
+interval_ms = 500
+timeout_ms = 250
+rise = 2
+fall = 2
+"""
 
 
 @dataclass
@@ -79,11 +94,15 @@ def demo(hosts: int = 4) -> int:
     everyone = {h: "converged" for h in range(1, hosts + 1)} | {1: "converged (default)"}
     try:
         console.rule(f"shoal lab demo: {hosts} hosts, unicast cluster MAC, VIP 198.18.0.100")
-        lab.up()
+        lab.up(service=False)
+        for h in range(1, hosts + 1):  # every host checks its web service
+            path = lab.config_path(h)
+            path.write_text(path.read_text() + CHECK)
+        lab.start_services()
         if not run.wait(everyone):
             problems.append(f"the cluster did not converge: {run.states()}")
         console.print(f"converged: {run.states()}")
-        run.start_traffic(seconds=21)
+        run.start_traffic(seconds=32)
         run.show("distribution (3 clients, 300 source addresses)", 4)
         victim = hosts - 1
         console.rule(f"crash: host {victim} (daemon SIGKILL, switch port down)")
@@ -100,8 +119,11 @@ def demo(hosts: int = 4) -> int:
         if not run.wait(everyone, seconds=15):
             problems.append(f"host {victim} did not rejoin: {run.states()}")
         run.show("distribution after the rejoin", 3)
+        app = next(h for h in range(2, hosts + 1) if h != victim)
+        console.rule(f"application failure: the web service on host {app} stops")
+        app_at, detected_at = application_failure(run, app, problems)
         # a host that kept its sessions through the crash (the victim's died with it)
-        drained = next(h for h in range(hosts, 0, -1) if h != victim)
+        drained = next(h for h in range(hosts, 0, -1) if h not in (victim, app))
         console.rule(f"drainstop host {drained}")
         call(lab.control(drained), {"cmd": "drainstop"})
         drain_at = time.time()
@@ -113,7 +135,7 @@ def demo(hosts: int = 4) -> int:
         if not run.wait(want, seconds=15):
             problems.append(f"host {drained} did not drain to stopped: {run.states()}")
         console.print(f"after the drain: {run.states()}")
-        summary = summarize(run.events, kill_at, rejoin_at, victim)
+        summary = summarize(run.events, kill_at, rejoin_at, victim, app, app_at, detected_at)
         console.rule("summary")
         console.print_json(json.dumps(summary))
         # until the others take its buckets over (one convergence), it still takes new ones
@@ -122,9 +144,13 @@ def demo(hosts: int = 4) -> int:
             problems.append(f"host {drained} took new requests while draining")
         if summary["broken_on_survivors"]:
             problems.append(f"{summary['broken_on_survivors']} connections broken on survivors")
-        stray = summary["failed_requests"] - summary["failed_during_failover"]
+        stray = (
+            summary["failed_requests"]
+            - summary["failed_during_failover"]
+            - summary["failed_before_the_check_saw_it"]
+        )
         if stray > summary["requests"] // 100:
-            problems.append(f"{stray} requests failed outside the failover")
+            problems.append(f"{stray} requests failed outside the failover and the check")
         if summary["failover_ms"] is None or summary["failover_ms"] > 2000:
             problems.append(f"failover took {summary['failover_ms']} ms")
     finally:
@@ -136,10 +162,49 @@ def demo(hosts: int = 4) -> int:
     return 1 if problems else 0
 
 
+def application_failure(run: Run, app: int, problems: list[str]) -> tuple[float, float]:
+    """Stop host ``app``'s web service, show its check take the host out of the web rule,
+    start the service again and show it back; when it stopped and when the others had taken
+    its web buckets over."""
+    lab = run.lab
+    os.killpg(lab.pids[f"service-h{app}"], signal.SIGTERM)
+    app_at = time.time()
+    detected_at = app_at + 30
+    deadline = app_at + 10
+    while time.time() < deadline:
+        if not owned_buckets(lab, app):
+            detected_at = time.time()
+            break
+        time.sleep(0.05)
+    else:
+        problems.append(f"host {app}'s check did not take it out of the web rule")
+    seen = call(lab.control(1), {"cmd": "query"})["hosts"]
+    health = next(h["health"] for h in seen if h["host_id"] == app)
+    took = round(1000 * (detected_at - app_at))
+    console.print(f"host {app}'s web check: {health}; its web buckets moved in {took} ms")
+    run.show(f"while host {app}'s service is down (it stays a converged member)", 3)
+    lab.start_service(app)
+    lab.save()
+    deadline = time.time() + 10
+    while time.time() < deadline and not owned_buckets(lab, app):
+        time.sleep(0.05)
+    if not owned_buckets(lab, app):
+        problems.append(f"host {app} did not take its web share back")
+    run.show(f"host {app}'s service is back", 2)
+    return app_at, detected_at
+
+
 def summarize(
-    events: list[dict[str, Any]], kill_at: float, rejoin_at: float, victim: int
+    events: list[dict[str, Any]],
+    kill_at: float,
+    rejoin_at: float,
+    victim: int,
+    app: int,
+    app_at: float,
+    detected_at: float,
 ) -> dict[str, Any]:
     short = [e for e in events if e["kind"] == "short"]
+    app_failed = [e for e in short if e["host"] is None and app_at <= e["t"] < detected_at]
     failed_after = [e["t"] for e in short if e["host"] is None and kill_at <= e["t"] < rejoin_at]
     ok_after = [e["t"] for e in short if e["host"] and e["t"] >= kill_at]
     # failover: from the kill to the start of the last request that failed before the host
@@ -153,7 +218,8 @@ def summarize(
         else 0.0
     )
     longs = [e for e in events if e["kind"] == "long" and e.get("event") != "open"]
-    broken = [e for e in longs if e["error"] and e.get("host") != f"h{victim}"]
+    gone = {f"h{victim}", f"h{app}"}  # the crashed host, the host whose service died
+    broken = [e for e in longs if e["error"] and e.get("host") not in gone]
     per = Counter(e["host"] for e in short if e["host"])
     return {
         "requests": len(short),
@@ -161,6 +227,8 @@ def summarize(
         "failed_requests": sum(1 for e in short if e["host"] is None),
         "failed_during_failover": len(failed_after),
         "failover_ms": failover,
+        "application_failure_detected_ms": round(1000 * (detected_at - app_at)),
+        "failed_before_the_check_saw_it": len(app_failed),
         "long_lived_connections": len({(e.get("idx"), e.get("host")) for e in longs}),
         "broken_on_survivors": len(broken),
         "broken_examples": [
@@ -169,5 +237,8 @@ def summarize(
         ],
         "broken_on_crashed_host": sum(
             1 for e in longs if e["error"] and e.get("host") == f"h{victim}"
+        ),
+        "broken_with_the_stopped_service": sum(
+            1 for e in longs if e["error"] and e.get("host") == f"h{app}"
         ),
     }

@@ -327,6 +327,21 @@ handling_priority = {h}
             )
         self.pids[key] = proc.pid
 
+    def start_service(self, h: int) -> None:
+        """The lab's service on host ``h`` (see :mod:`shoal.lab.service`)."""
+        addrs = ["198.18.0.100", f"198.18.0.{10 + h}"]
+        if self.ipv6:
+            addrs += ["2001:db8::100", f"2001:db8::{10 + h:x}"]
+        log = self.dir / f"h{h}.accepts"
+        log.write_text("")
+        self._spawn(
+            f"service-h{h}",
+            f"h{h}",
+            "shoal.lab.service",
+            ["--name", f"h{h}", "--log", str(log), *addrs],
+            self.dir / f"h{h}.service.err",
+        )
+
     def start_daemon(self, host: int) -> None:
         self._spawn(
             f"daemon-h{host}",
@@ -362,18 +377,7 @@ handling_priority = {h}
                 raise LabError(f"daemon h{missing[0]} did not come up: {tail}")
             self.add_routes()
         for h in range(1, self.hosts + 1):
-            addrs = ["198.18.0.100", f"198.18.0.{10 + h}"]
-            if self.ipv6:
-                addrs += ["2001:db8::100", f"2001:db8::{10 + h:x}"]
-            log = self.dir / f"h{h}.accepts"
-            log.write_text("")
-            self._spawn(
-                f"service-h{h}",
-                f"h{h}",
-                "shoal.lab.service",
-                ["--name", f"h{h}", "--log", str(log), *addrs],
-                self.dir / f"h{h}.service.err",
-            )
+            self.start_service(h)
         time.sleep(0.5)
         for key, pid in self.pids.items():
             if not alive(pid):

@@ -4,8 +4,9 @@ client namespace and prints one JSON line per event.
 ``python -m shoal.lab.traffic --seconds S [--sources FILE --rate R] [--long N]
 [--probe FILE] [--sniff]``
 
-* short: HTTP requests to the VIP from random source addresses (bounded concurrency),
-  ``{"t", "kind": "short", "host": "h1" | null, "error"}``;
+* short: HTTP requests to the VIP (port 80, or ``--port``) from random source addresses
+  (bounded concurrency), ``{"t", "kind": "short", "host": "h1" | null, "error"}``; an
+  answer with a status other than 200 is an error;
 * long: N long-lived connections kept busy (a ping every 100 ms), an ``open`` event, then
   ``done`` or the error that broke it;
 * probe: for each ``SRC SPORT`` line, connection attempts from exactly that address and
@@ -59,26 +60,30 @@ class Clock:
         self.until = 0.0
 
 
-async def short(src: str) -> None:
+async def short(src: str, port: int) -> None:
     t = time.time()
     try:
-        r, w = await asyncio.wait_for(asyncio.open_connection(VIP, PORT, local_addr=(src, 0)), 0.5)
+        r, w = await asyncio.wait_for(asyncio.open_connection(VIP, port, local_addr=(src, 0)), 0.5)
         w.write(b"GET / HTTP/1.0\r\n\r\n")
         await w.drain()
         data = await asyncio.wait_for(r.read(4096), 1.0)
         w.close()
         host = data.rsplit(b"\n", 2)[-2].decode().strip() if b"\n" in data else None
-        emit(t=t, kind="short", host=host or None, error=None if host else "empty")
+        status = data.split(b" ", 2)[1] if data.startswith(b"HTTP/") else b"200"
+        error = None if host else "empty"
+        if status != b"200":
+            error = f"status {status.decode(errors='replace')}"
+        emit(t=t, kind="short", host=host or None, error=error)
     except (OSError, TimeoutError) as e:
         emit(t=t, kind="short", host=None, error=type(e).__name__)
 
 
-async def short_loop(sources: list[str], clock: Clock, rate: int) -> None:
+async def short_loop(sources: list[str], clock: Clock, rate: int, port: int) -> None:
     rng = random.Random()
     pending: set[asyncio.Task[None]] = set()
     while clock.running():
         if len(pending) < 32:
-            pending.add(asyncio.create_task(short(rng.choice(sources))))
+            pending.add(asyncio.create_task(short(rng.choice(sources), port)))
         pending = {t for t in pending if not t.done()}
         await asyncio.sleep(1 / rate)
     await asyncio.gather(*pending)
@@ -215,7 +220,7 @@ async def run(args: argparse.Namespace) -> None:
             src, sport = line.split()
             tasks.append(asyncio.create_task(probe(i, src, int(sport), clock)))
     if args.rate and sources:
-        tasks.append(asyncio.create_task(short_loop(sources, clock, args.rate)))
+        tasks.append(asyncio.create_task(short_loop(sources, clock, args.rate, args.port)))
     emit(t=time.time(), kind="ready")
     await asyncio.gather(*tasks)
     if counter is not None:
@@ -236,6 +241,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, required=True)
     ap.add_argument("--sources", help="file of source addresses, one per line")
     ap.add_argument("--rate", type=int, default=0, help="short requests per second")
+    ap.add_argument("--port", type=int, default=PORT, help="the short requests' port")
     ap.add_argument("--long", type=int, default=0, help="long-lived connections")
     ap.add_argument("--probe", help="file of 'SRC SPORT' lines to probe")
     ap.add_argument("--sniff", action="store_true", help="count SYN-ACKs per SYN")
