@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import tomllib
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from shoal.lab import clients as C
+from shoal.lab.topology import Lab
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -38,3 +43,35 @@ def example_files(tmp_path: Path) -> list[str]:
     for p in sorted(EXAMPLES.glob("host*.toml")):
         out.append(str(write_private(tmp_path / p.name, p.read_text())))
     return out
+
+
+def converged_lab(prefix: str, hosts: int) -> Iterator[Lab]:
+    """A lab of ``hosts`` converged hosts for a module's tests (a fixture's body), named
+    with ``prefix`` and a random part; down however the tests end."""
+    with Lab(name=prefix + uuid.uuid4().hex[:6], hosts=hosts).running() as lab:
+        yield settle(lab)
+
+
+def revived(lab: Lab, host: int) -> None:
+    """A crashed host back (port up, daemon started), and the lab converged again."""
+    C.revive(lab, host)
+    settle(lab)
+
+
+def settle(lab: Lab) -> Lab:
+    """Every host of the lab converged again (what each test starts from)."""
+    everyone = list(range(1, lab.hosts + 1))
+    assert C.wait_states(lab, C.converged(everyone), 1, 30), C.states(lab, 1)
+    return lab
+
+
+@pytest.fixture(scope="module")
+def lab4() -> Iterator[Lab]:
+    """Four converged hosts, shared by one module's tests."""
+    yield from converged_lab("q", 4)
+
+
+@pytest.fixture
+def settled(lab4: Lab) -> Lab:
+    """Every test starts from (and leaves) a converged 4-host cluster."""
+    return settle(lab4)

@@ -17,25 +17,11 @@ import pytest
 from shoal.daemon.control import call
 from shoal.lab import clients as C
 from shoal.lab.topology import Lab, run_module, sh
-from tests.conftest import needs_root
+from tests.conftest import needs_root, revived
 
 pytestmark = [needs_root(), pytest.mark.root]
 
 ALL = [1, 2, 3, 4]
-
-
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(name="e" + uuid.uuid4().hex[:6], hosts=4).running() as lab:
-        assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
-        yield lab
-
-
-@pytest.fixture
-def settled(lab: Lab) -> Lab:
-    """Every test starts from (and leaves) a converged 4-host cluster."""
-    assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
-    return lab
 
 
 def bound_s(lab: Lab) -> float:
@@ -70,11 +56,6 @@ def opened_on(events: list[dict[str, Any]]) -> list[str]:
     return [e["host"] for e in events if e["kind"] == "long" and e.get("event") == "open"]
 
 
-def restarted(lab: Lab, host: int) -> None:
-    C.revive(lab, host)
-    assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
-
-
 def test_host_crash_fails_over_and_survivors_keep_sessions(settled: Lab) -> None:
     """Host 1 (default host, best ssh priority) loses power: every one of its buckets accepts
     again, sessions on the others never break, nothing is answered twice, the single-host
@@ -93,13 +74,7 @@ def test_host_crash_fails_over_and_survivors_keep_sessions(settled: Lab) -> None
         clients.start(2, 20, rate=20, long=12, sniff=True)
         clients.start(3, 20, rate=20, long=12, sniff=True)
         time.sleep(1.0)
-        killed = C.crash(lab, 1)
-        deadline = time.time() + bound_s(lab) + 3
-        failover = None
-        while failover is None and time.time() < deadline:
-            time.sleep(0.1)
-            failover = C.failover_ms(clients.collect(), killed)
-        time.sleep(1.0)
+        _, failover = C.crash_and_fail_over(lab, clients, 1, bound_s(lab) + 3)
         events = clients.finish()
     finally:
         clients.kill()
@@ -118,7 +93,7 @@ def test_host_crash_fails_over_and_survivors_keep_sessions(settled: Lab) -> None
         lab, 2, [("tcp", "198.19.4.10", 40002, 22), ("tcp", "198.19.4.11", 40003, 8080)]
     )
     assert after == ["h2", "h2"]  # ssh by handling priority, uncovered ports by the default
-    restarted(lab, 1)
+    revived(lab, 1)
     back = answers(lab, 2, [("tcp", "198.19.4.10", 40004, 22)])
     assert back == ["h1"]
 
@@ -148,7 +123,7 @@ def test_daemon_only_crash_never_answers_a_syn_twice(settled: Lab) -> None:
     flows = [("tcp", src, sport + 1, 80) for src, sport in probes]
     got = answers(lab, 1, flows)
     assert "h3" not in got and "-" not in got, Counter(got)
-    restarted(lab, 3)
+    revived(lab, 3)
 
 
 def test_join_keeps_every_session_and_takes_new_connections(settled: Lab) -> None:

@@ -10,7 +10,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from shoal.daemon.control import call
 from shoal.lab import clients as C
 from shoal.lab import nginx
 from shoal.lab.topology import Lab
-from tests.conftest import needs_root
+from tests.conftest import converged_lab, needs_root
 
 pytestmark = [needs_root(), pytest.mark.root]
 
@@ -33,8 +32,7 @@ ORIGINALS: dict[int, str] = {}  # each host's file as the lab made it
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    with Lab(name="k" + uuid.uuid4().hex[:6], hosts=3).running() as lab:
-        assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
+    for lab in converged_lab("k", 3):
         for h in ALL:
             nginx.start(lab, h)
         ORIGINALS.update({h: lab.config_path(h).read_text() for h in ALL})

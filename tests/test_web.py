@@ -14,8 +14,6 @@ import select
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from shoal.daemon.web import Numbers, Web
 from shoal.lab import clients as C
 from shoal.lab.topology import METRICS_PORT, WEB_PORT, Lab, pyenv
 from shoal.top import Rates, render
-from tests.conftest import ROOT, example_doc, needs_root
+from tests.conftest import ROOT, example_doc, needs_root, revived
 from tests.test_control import daemon, run  # noqa: F401  (the fixture)
 
 ARTIFACTS = ROOT / "artifacts"
@@ -125,24 +123,6 @@ def test_board_reading_is_replaced_whole() -> None:
 # ----------------------------------------------------------------------- in a lab
 
 
-@pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
-    with Lab(name="v" + uuid.uuid4().hex[:6], hosts=4).running() as lab:
-        assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
-        yield lab
-
-
-@pytest.fixture
-def settled(lab: Lab) -> Lab:
-    assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
-    return lab
-
-
-def _revive(lab: Lab, host: int) -> None:
-    C.revive(lab, host)
-    assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
-
-
 PIXELS_OF = """(host) => {
   const probe = document.createElement("canvas");
   probe.width = probe.height = 1;
@@ -209,7 +189,7 @@ def test_the_page_in_a_browser_follows_a_crash(settled: Lab, tmp_path: Path) -> 
             page.screenshot(path=str(ARTIFACTS / "web-view-after-crash.png"), full_page=True)
         finally:
             browser.close()
-    _revive(lab, 4)
+    revived(lab, 4)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -281,12 +261,7 @@ def test_failover_holds_while_every_endpoint_is_scraped(settled: Lab) -> None:
         clients.start(2, 10, rate=20, long=8)
         time.sleep(2.0)
         since = time.time()
-        killed = C.crash(lab, 1)
-        failover_ms = None
-        while failover_ms is None and time.time() < killed + 5:
-            time.sleep(0.1)
-            failover_ms = C.failover_ms(clients.collect(), killed)
-        time.sleep(1.0)
+        _, failover_ms = C.crash_and_fail_over(lab, clients, 1, 5)
         events = clients.finish()
     finally:
         clients.kill()
@@ -299,4 +274,4 @@ def test_failover_holds_while_every_endpoint_is_scraped(settled: Lab) -> None:
         evs = C.daemon_events(lab, h, since)
         assert not [e for e in evs if e.get("name") == "lease_lost"], evs
         assert {e.get("peer") for e in evs if e.get("name") == "host_left"} <= {1}, evs
-    _revive(lab, 1)
+    revived(lab, 1)

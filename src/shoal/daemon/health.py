@@ -74,6 +74,11 @@ class State:
         }
 
 
+def _endpoint(address: object, port: int) -> str:
+    text = str(address)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
 @dataclass
 class Checks:
     """Every check's verdict and counts, on the daemon's loop."""
@@ -86,7 +91,7 @@ class Checks:
         out = cls()
         for c in cfg.host.checks:
             v = Verdict(c.rise, c.fall, c.flap_limit, float(c.flap_window_s))
-            target = c.command[0] if c.command else "{}:{}".format(*cfg.check_target(c))
+            target = c.command[0] if c.command else _endpoint(*cfg.check_target(c))
             rule = keys.index(c.rule) if c.rule is not None else None
             out.states[c.key] = State(c, rule, target, v)
         return out
@@ -164,6 +169,8 @@ class Runner:
                     )
                 except TimeoutError:
                     ok, detail = False, f"no answer within {check.timeout_ms} ms"
+                except Exception as e:  # a check's bug fails the check, not the thread
+                    ok, detail = False, f"the check failed inside: {e!r}"
                 took = round(1000 * (loop.time() - t0), 2)
             result = Result(check.key, ok, detail, took, time.time())
             try:

@@ -156,6 +156,21 @@ def crash(lab: Lab, host: int, cut: bool = True) -> float:
     return t
 
 
+def crash_and_fail_over(
+    lab: Lab, clients: Clients, host: int, limit_s: float
+) -> tuple[float, float | None]:
+    """:func:`crash` ``host`` while ``clients`` probe its buckets; the kill's wall time and
+    the failover (:func:`failover_ms`; None if not within ``limit_s``), then a second more
+    of traffic."""
+    killed = crash(lab, host)
+    failover = None
+    while failover is None and time.time() < killed + limit_s:
+        time.sleep(0.1)
+        failover = failover_ms(clients.collect(), killed)
+    time.sleep(1.0)
+    return killed, failover
+
+
 def revive(lab: Lab, host: int) -> None:
     """Port up, daemon started again (it takes over what its predecessor left)."""
     sh("ip", "-n", lab.ns("sw"), "link", "set", f"p-h{host}", "up")
