@@ -180,8 +180,9 @@ def application_failure(run: Run, app: int, problems: list[str]) -> tuple[float,
         problems.append(f"host {app}'s check did not take it out of the web rule")
     seen = call(lab.control(1), {"cmd": "query"})["hosts"]
     health = next(h["health"] for h in seen if h["host_id"] == app)
+    said = ", ".join(f"{rule} {verdict}" for rule, verdict in health.items())
     took = round(1000 * (detected_at - app_at))
-    console.print(f"host {app}'s web check: {health}; its web buckets moved in {took} ms")
+    console.print(f"host 1 sees host {app}'s checks: {said}; its web buckets moved in {took} ms")
     run.show(f"while host {app}'s service is down (it stays a converged member)", 3)
     lab.start_service(app)
     lab.save()
