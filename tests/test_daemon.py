@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from shoal.lab.topology import METRICS_PORT, Lab
+from shoal.daemon.control import call
+from shoal.lab.topology import METRICS_PORT, Lab, run_module
 from tests.conftest import EXAMPLES, needs_root, write_private
 from tests.nethelp import namespaces, sh
 
@@ -475,3 +477,56 @@ def test_a_prometheus_server_scraping_the_lab_sees_a_crash(lab: Lab, tmp_path: P
         server.wait(timeout=30)
     lab.restart_daemon(3)
     wait_for(lab, ALL)
+
+
+def test_filter_names_the_host_real_connections_reach(lab: Lab) -> None:
+    """``filter`` on host 2 for 60 random flows (the web rule hashing address and port, the
+    app rule the address only, the single ssh rule, an uncovered port for the default
+    host, and DNS over UDP): each names the host that answers the real connection."""
+    wait_for(lab, ALL)
+    rng = random.Random(5)
+    sources = lab.client_sources(1, False)
+    ports = [("tcp", 80), ("tcp", 8443), ("tcp", 22), ("tcp", 8080), ("udp", 53)]
+    flows = [
+        (proto, rng.choice(sources), rng.randint(20000, 60999), port)
+        for proto, port in (rng.choice(ports) for _ in range(60))
+    ]
+    said = []
+    for proto, src, sport, port in flows:
+        req = {"cmd": "filter", "client": src, "sport": sport, "vip": "198.18.0.100",
+               "port": port, "protocol": proto}  # fmt: skip
+        resp = call(lab.control(2), req)
+        assert resp["ok"], resp
+        said.append(f"h{resp['host']}")
+    path = lab.dir / "filter.flows"
+    path.write_text("".join(f"{p} {s} {sp} 198.18.0.100 {dp}\n" for p, s, sp, dp in flows))
+    out = run_module(lab.ns("c1"), "shoal.lab.probe", str(path))
+    got = dict(line.split() for line in out.splitlines())
+    answered = [got[str(i)] for i in range(len(flows))]
+    assert answered == said
+    assert len(set(said)) == 3  # every host takes some
+    cli = shoal(lab, "h2", "filter", f"{flows[0][1]}:{flows[0][2]}", "198.18.0.100:80", "--json")
+    assert cli.returncode == 0 and json.loads(cli.stdout)["rule"] == "web", cli.stderr
+
+
+def test_the_lab_crashes_and_revives_a_host_from_the_command_line(lab: Lab) -> None:
+    """``shoal lab crash NAME 3 --link`` (daemon SIGKILL, switch port down): the others
+    converge without it; ``shoal lab revive NAME 3``: all three again; ``status`` names
+    each process with its PID."""
+    wait_for(lab, ALL)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+
+    def lab_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "shoal.cli", "lab", *args],
+                              capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+
+    res = lab_cli("crash", lab.name, "3", "--link")
+    assert res.returncode == 0 and "switch port down" in res.stdout, res.stderr
+    wait_for(lab, {1: "converged (default)", 2: "converged"})
+    assert lab_cli("crash", lab.name, "9").returncode == 2
+    res = lab_cli("revive", lab.name, "3")
+    assert res.returncode == 0, res.stderr
+    lab.pids = Lab.load(lab.name).pids  # the revived daemon's PID, for the teardown
+    wait_for(lab, ALL, seconds=20)
+    procs = json.loads(lab_cli("status", lab.name).stdout)["processes"]
+    assert procs["daemon-h3"]["alive"] and procs["daemon-h3"]["pid"] == lab.pids["daemon-h3"]

@@ -59,7 +59,7 @@ def test_two_labs_side_by_side_and_clean_teardown(lab_factory: list[Lab]) -> Non
     names = set(list_namespaces())
     assert {a.ns("h1"), a.ns("sw"), b.ns("h3"), b.ns("c3")} <= names
     for lab in (a, b):
-        assert all(lab.status()["processes"].values())
+        assert all(p["alive"] and p["pid"] > 1 for p in lab.status()["processes"].values())
     a.down()
     a.down()  # idempotent
     left = set(list_namespaces())
@@ -72,7 +72,7 @@ def test_existing_lab_is_refused_and_untouched(lab_factory: list[Lab]) -> None:
     lab = _up(lab_factory, hosts=1)
     with pytest.raises(LabError, match="exists"):
         Lab(name=lab.name, hosts=2, daemons=False).up()
-    assert lab.ns("h1") in list_namespaces() and lab.status()["processes"]["service-h1"]
+    assert lab.ns("h1") in list_namespaces() and lab.status()["processes"]["service-h1"]["alive"]
 
 
 def test_bad_arguments_are_named() -> None:

@@ -82,6 +82,44 @@ def check(
         )
 
 
+@app.command("init")
+def init_cmd(
+    vip: Annotated[list[str], typer.Option(help="A VIP (repeat; the first is the primary).")],
+    hosts: Annotated[int, typer.Option(help="How many hosts.")],
+    interface: Annotated[str, typer.Option(help="The cluster interface.")] = "eth0",
+    mode: Annotated[ClusterMode, typer.Option(help="Cluster mode.")] = ClusterMode.UNICAST,
+    preset: Annotated[str, typer.Option(help="Port rules: web, dns or all.")] = "web",
+    name: Annotated[str, typer.Option(help="The cluster's name.")] = "shoal",
+    addresses: Annotated[
+        str | None,
+        typer.Option(help="Each host's dedicated ADDRESS/PREFIX, comma-separated, in order."),
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--dir", help="Where to write the files.")] = Path("."),
+) -> None:
+    """Write a new cluster's files: a random key (mode 0600) and one host file per host."""
+    from shoal.init import Answers, write
+
+    try:
+        vips = [ipaddress.ip_address(v) for v in vip]
+    except ValueError as e:
+        raise fail(f"--vip: {e}", 2) from None
+    answers = Answers(
+        name=name,
+        vips=vips,
+        hosts=hosts,
+        interface=interface,
+        mode=mode,
+        preset=preset,
+        addresses=[a.strip() for a in addresses.split(",")] if addresses else [],
+    )
+    try:
+        written = write(answers, out_dir)
+    except (ValueError, OSError) as e:
+        raise fail(str(e), 2) from None
+    for path in written:
+        typer.echo(str(path))
+
+
 @app.command("plan")
 def plan_cmd(
     files: Annotated[list[Path], typer.Argument(help="One configuration file per host.")],
@@ -372,6 +410,67 @@ def _scalar(v: object) -> str:
     if isinstance(v, dict | list):
         return "none"
     return str(v)
+
+
+@app.command("filter")
+def filter_cmd(
+    client: Annotated[str, typer.Argument(help="CLIENT_IP or CLIENT_IP:PORT ([IPv6]:PORT).")],
+    target: Annotated[str, typer.Argument(help="VIP:PORT ([IPv6]:PORT).")],
+    protocol: Annotated[str, typer.Option(help="tcp or udp.")] = "tcp",
+    configs: Annotated[
+        list[Path] | None,
+        typer.Option("--config", "-c", help="Answer offline from these host files (repeat)."),
+    ] = None,
+    members: Annotated[
+        str | None, typer.Option(help="Offline: the live host ids, e.g. 1,2,3 (all).")
+    ] = None,
+    control: ControlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which host takes a new connection of this flow now, and why (rule, bucket, owner).
+    Asks the local daemon; with --config, answers offline from the host files as a cluster
+    of --members would map it when formed together."""
+    from shoal.filter import endpoint, fresh_view, where
+
+    try:
+        src, sport = endpoint(client, "client", port_needed=False)
+        vip, port = endpoint(target, "VIP:PORT", port_needed=True)
+    except ValueError as e:
+        raise fail(str(e), 2) from None
+    assert port is not None
+    if protocol not in ("tcp", "udp"):
+        raise fail(f"--protocol: {protocol!r} is neither tcp nor udp", 2)
+    if members is not None and not configs:
+        raise fail("--members: only with --config (offline)", 2)
+    if configs:
+        loaded = _load_all(configs)
+        known = {c.host.host_id for c in loaded}
+        live = _id_list(members, "--members") or known
+        if live - known:
+            raise fail(f"--members: host {min(live - known)} has no configuration file", 2)
+        try:
+            doc = where(
+                loaded[0].cluster, fresh_view(loaded, live), src, sport or 0, vip, port, protocol
+            )
+        except ValueError as e:
+            raise fail(str(e), 2) from None
+        doc = {"offline": True, "members": sorted(live), **doc}
+    else:
+        req = {"cmd": "filter", "client": str(src), "sport": sport or 0, "vip": str(vip),
+               "port": port, "protocol": protocol}  # fmt: skip
+        doc = {"offline": False, **_call(req, control, None)}
+        doc.pop("ok", None)
+    if as_json:
+        typer.echo(json.dumps(doc))
+        return
+    who = f"host {doc['host']}" if doc["host"] else "no host"
+    typer.echo(
+        f"{doc['protocol']} {doc['client']}:{doc['client_port']} -> {doc['vip']}:{doc['port']}: "
+        f"{who}" + (f", bucket {doc['bucket']}" if doc["bucket"] is not None else "")
+    )
+    typer.echo(f"  {doc['why']}")
+    if not doc["offline"]:
+        typer.echo(f"  (epoch {doc['epoch'] or 'none'}, this host {doc['state']})")
 
 
 @app.command()

@@ -33,6 +33,14 @@ def weights_for(configs: list[ShoalConfig], rule: str, members: set[int]) -> dic
     return {c.host.host_id: c.weight(rule) for c in configs if c.host.host_id in members}
 
 
+def handler_of(configs: list[ShoalConfig], rule: str, members: set[int]) -> int | None:
+    """The live host handling a ``single`` rule: best handling priority, then lowest id."""
+    live = [c for c in configs if c.host.host_id in members]
+    if not live:
+        return None
+    return min(live, key=lambda c: (c.priority(rule), c.host.host_id)).host.host_id
+
+
 def plan(configs: list[ShoalConfig], members: set[int], before: set[int] | None) -> list[RulePlan]:
     """Per rule: each member's buckets and share; with ``before``, the moves from it."""
     cluster = configs[0].cluster
@@ -42,9 +50,7 @@ def plan(configs: list[ShoalConfig], members: set[int], before: set[int] | None)
         if rule.mode is not FilteringMode.MULTIPLE:
             handler = None
             if rule.mode is FilteringMode.SINGLE:
-                live = [c for c in configs if c.host.host_id in members]
-                if live:
-                    handler = min(live, key=lambda c: c.priority(rule.key)).host.host_id
+                handler = handler_of(configs, rule.key, members)
             out.append(RulePlan(rule.key, rule.mode.value, b, [], None, None, handler))
             continue
         old = rebalance(None, weights_for(configs, rule.key, before), b) if before else None

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shoal.filter import view_of, where
 from shoal.protocol.engine import Command
 from shoal.protocol.engine.snapshot import Snapshot
 from shoal.protocol.frames import Health, RuleReport
@@ -37,11 +38,12 @@ VERBS = {
     "params",
     "reload",
     "view",
+    "filter",
 }
 
 
 MAX_REQUEST = 4096  # bytes, the newline included: the longest real request is under 200
-FIELDS = frozenset({"cmd", "port", "vip", "timeout"})
+FIELDS = frozenset({"cmd", "port", "vip", "timeout", "client", "sport", "protocol"})
 
 
 def _no_constant(name: str) -> None:
@@ -171,6 +173,34 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
     }
 
 
+def _filter(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
+    """Where a flow goes now, by the epoch this host holds."""
+    try:
+        client = ipaddress.ip_address(str(req.get("client")))
+    except ValueError:
+        return {"ok": False, "error": f"client: {req.get('client')!r} is not an IP address"}
+    try:
+        vip = ipaddress.ip_address(str(req.get("vip")))
+    except ValueError:
+        return {"ok": False, "error": f"vip: {req.get('vip')!r} is not an IP address"}
+    numbers = {}
+    for key in ("sport", "port"):
+        value = req.get(key, 0 if key == "sport" else None)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+            return {"ok": False, "error": f"{key}: {value!r} is not a port 0..65535"}
+        numbers[key] = value
+    snap = d.engine.snapshot(d.now())
+    try:
+        doc = where(
+            d.cfg.cluster, view_of(snap.epoch_state, d.cfg.cluster.effective_rules), client,
+            numbers["sport"], vip, numbers["port"], str(req.get("protocol", "tcp")),
+        )  # fmt: skip
+    except ValueError as e:
+        return {"ok": False, "error": str(e)}
+    return {"ok": True, **doc, "epoch": str(snap.epoch) if snap.epoch else None,
+            "state": snap.state_name}  # fmt: skip
+
+
 def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
     cmd = req.get("cmd")
     if cmd not in VERBS:
@@ -183,6 +213,8 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "error": "view: answered by the daemon's shell, not here"}
     if cmd == "reload":
         return d.reload()
+    if cmd == "filter":
+        return _filter(d, req)
     if cmd in ("enable", "disable", "drain"):
         found = _rules_for(d, req.get("port"), req.get("vip"))
         if isinstance(found, str):

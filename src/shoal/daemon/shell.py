@@ -29,6 +29,7 @@ from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
 from shoal.daemon.health import Checks, Result, Runner
 from shoal.daemon.local import Established
 from shoal.daemon.metrics import Metrics
+from shoal.daemon.notify import notify
 from shoal.daemon.picture import picture
 from shoal.daemon.reading import Board, Reading, owned_per_rule
 from shoal.daemon.web import Numbers, Web
@@ -89,6 +90,7 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
+        self.supervised = bool(os.environ.get("NOTIFY_SOCKET"))  # systemd waits for READY=1
         record: frozenset[int] = frozenset()
         vote: frozenset[int] | None = None
         if self.state_file.exists():
@@ -303,6 +305,8 @@ class Daemon:
         self.send(out.frames)
         for ev in out.events:
             self.log(ev)
+        if out.events and self.supervised:
+            notify(f"STATUS={self.status()}")
         if out.close_connections:
             sockets.destroy(sockets.vip_connections(self.cfg.cluster.all_vips, sockets.OPEN))
 
@@ -363,6 +367,11 @@ class Daemon:
                          reason="configuration reloaded")  # fmt: skip
         if self.loop is not None:
             self.start_checks()
+
+    def status(self) -> str:
+        """One line for systemd's status: the host state and the epoch."""
+        snap = self.engine.snapshot(self.now())
+        return f"{snap.state_name}, epoch {snap.epoch or 'none'}, {len(snap.peers)} peers heard"
 
     def save_record(self, record: frozenset[int], vote: frozenset[int]) -> None:
         """Keep the record and the vote on disk: the next run must not lend its vote twice."""
@@ -526,8 +535,10 @@ class Daemon:
             self.serve()
             self.realtime()
             self.start_checks()
+            notify("READY=1", f"STATUS={self.status()}")
             await self.stop_event.wait()
         finally:
+            notify("STOPPING=1")
             self.stop_checks()
             self.metrics.stop()
             if self.web is not None:

@@ -66,6 +66,52 @@ def lab_status(name: Annotated[str, typer.Argument()] = "lab") -> None:
     typer.echo(json.dumps(_lab(name).status(), indent=2))
 
 
+def _host(lab: Lab, host: int) -> int:
+    if not 1 <= host <= lab.hosts:
+        raise fail(f"HOST: {host} is not a host of lab {lab.name} (1..{lab.hosts})", 2)
+    return host
+
+
+@lab_app.command("crash")
+def lab_crash(
+    name: Annotated[str, typer.Argument()],
+    host: Annotated[int, typer.Argument(help="The host number.")],
+    link: Annotated[
+        bool, typer.Option("--link", help="Also cut its switch port (the host loses power).")
+    ] = False,
+) -> None:
+    """Kill a host's daemon with SIGKILL (its kernel tables stay: a daemon-only crash), and
+    with --link cut its switch port too."""
+    from shoal.lab.clients import crash
+
+    lab = _lab(name)
+    if f"daemon-h{_host(lab, host)}" not in lab.pids:
+        raise fail(f"host {host} of lab {name} runs no daemon")
+    try:
+        crash(lab, host, cut=link)
+    except LabError as e:
+        raise fail(str(e)) from None
+    lab.save()
+    typer.echo(f"host {host}: daemon killed" + (", switch port down" if link else ""))
+
+
+@lab_app.command("revive")
+def lab_revive(
+    name: Annotated[str, typer.Argument()],
+    host: Annotated[int, typer.Argument(help="The host number.")],
+) -> None:
+    """Bring a crashed host back: switch port up, daemon started (it takes over its tables)."""
+    from shoal.lab.clients import revive
+
+    lab = _lab(name)
+    try:
+        revive(lab, _host(lab, host))
+    except LabError as e:
+        raise fail(str(e)) from None
+    lab.save()
+    typer.echo(f"host {host}: port up, daemon pid {lab.pids[f'daemon-h{host}']}")
+
+
 @lab_app.command("down")
 def lab_down(name: Annotated[str, typer.Argument()] = "lab") -> None:
     """Tear a lab down (idempotent)."""

@@ -22,9 +22,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from shoal.daemon.control import call
 from shoal.lab.clients import Clients, crash, owned_buckets, revive, states, wait_states
@@ -65,10 +66,12 @@ class Run:
         for k in range(1, CLIENTS + 1):
             self.clients.start(k, seconds, rate=60, long=10)
 
-    def table(self, title: str, since: float) -> Table:
+    def table(self, title: str, since: float) -> Group:
+        """The title on a line of its own (a table wraps its title to its own width), then
+        the requests per host."""
         recent = [e for e in self.events if e["kind"] == "short" and e["t"] >= since]
         per = Counter(e["host"] or "failed" for e in recent)
-        t = Table(title=title, title_justify="left")
+        t = Table()
         t.add_column("host")
         t.add_column("requests (last 2 s)", justify="right")
         t.add_column("share", justify="right")
@@ -76,7 +79,7 @@ class Run:
         for name in [*sorted(k for k in per if k != "failed"), "failed"]:
             if per.get(name):
                 t.add_row(name, str(per[name]), f"{100 * per[name] / total:.0f}%")
-        return t
+        return Group(Text(title, style="bold"), t)
 
     def show(self, title: str, seconds: float) -> None:
         end = time.time() + seconds
@@ -85,6 +88,8 @@ class Run:
                 self.clients.collect()
                 live.update(self.table(title, time.time() - 2))
                 time.sleep(0.25)
+        if not console.is_terminal:
+            console.print()  # off a terminal, Live leaves its last frame without a newline
 
 
 def demo(hosts: int = 4) -> int:
@@ -119,11 +124,12 @@ def demo(hosts: int = 4) -> int:
         if not run.wait(everyone, seconds=15):
             problems.append(f"host {victim} did not rejoin: {run.states()}")
         run.show("distribution after the rejoin", 3)
-        app = next(h for h in range(2, hosts + 1) if h != victim)
+        # a host that kept its sessions through the crash (the victim's died with it), and
+        # not host 1: the default host moves when it stops
+        drained = next(h for h in range(hosts, 1, -1) if h != victim)
+        app = next((h for h in range(2, hosts + 1) if h not in (victim, drained)), 1)
         console.rule(f"application failure: the web service on host {app} stops")
         app_at, detected_at = application_failure(run, app, problems)
-        # a host that kept its sessions through the crash (the victim's died with it)
-        drained = next(h for h in range(hosts, 0, -1) if h not in (victim, app))
         console.rule(f"drainstop host {drained}")
         call(lab.control(drained), {"cmd": "drainstop"})
         drain_at = time.time()

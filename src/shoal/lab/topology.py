@@ -422,7 +422,7 @@ handling_priority = {h}
             "namespaces": {
                 n: self.ns(n) in present for n in ["sw", "rt", *self.host_names, *self.client_names]
             },
-            "processes": {k: alive(p) for k, p in self.pids.items()},
+            "processes": {k: {"pid": p, "alive": alive(p)} for k, p in self.pids.items()},
             "vips": ["198.18.0.100", *(["2001:db8::100"] if self.ipv6 else [])],
         }
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from shoal.config import ShoalConfig
 from shoal.dataplane.contract import RuleState
+from shoal.filter import view_of
 from shoal.lab.service import FLUSH
 from shoal.lab.topology import CLIENTS, Lab, LabError, pyenv, run_module
 from shoal.protocol.epoch import EpochState, next_epoch
@@ -50,12 +51,7 @@ def random_map(cfgs: dict[int, ShoalConfig], rng: random.Random) -> tuple[EpochS
     epoch = next_epoch(
         None, EpochKey(1, 1), frozenset(cfgs), frozenset(), (), (), reports, rules, cl.buckets
     )
-    view = ClusterView(
-        default_host=epoch.default_host,
-        maps={r.key: m for r, m in zip(rules, epoch.maps, strict=True) if m is not None},
-        single_owner={r.key: epoch.handlers[i] or None for i, r in enumerate(rules)},
-    )
-    return epoch, view
+    return epoch, view_of(epoch, rules)
 
 
 def install(lab: Lab, host: int, tokens: frozenset[int], lease_ms: int | None = None) -> None:
