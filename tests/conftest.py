@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import tomllib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +76,12 @@ def lab4() -> Iterator[Lab]:
 def settled(lab4: Lab) -> Lab:
     """Every test starts from (and leaves) a converged 4-host cluster."""
     return settle(lab4)
+
+
+def until(what: str, ok: Callable[[], bool], seconds: float = 15) -> None:
+    """Wait for ``ok`` (polled every 100 ms); fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not ok():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {seconds} s: {what}")
+        time.sleep(0.1)

@@ -10,14 +10,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from shoal.daemon.control import call
+from shoal.dataplane.ruleset import tables
 from shoal.lab.topology import METRICS_PORT, Lab, run_module
-from tests.conftest import EXAMPLES, needs_root, write_private
+from tests.conftest import EXAMPLES, needs_root, until, write_private
 from tests.nethelp import namespaces, sh
 
 pytestmark = [needs_root(), pytest.mark.root]
@@ -126,17 +127,10 @@ def test_stop_start_drainstop_suspend_resume(lab: Lab) -> None:
 
 def flag(lab: Lab, host: str, name: str) -> bool:
     """Whether one of the kernel's flag sets (``off_<i>``, ``drain_<i>``...) is set."""
-    doc = json.loads(sh("nft", "-j", "list", "set", "inet", "shoal", name, ns=lab.ns(host)))
+    table = tables(lab.config(1).cluster.name).inet
+    doc = json.loads(sh("nft", "-j", "list", "set", "inet", table, name, ns=lab.ns(host)))
     sets = [x["set"] for x in doc["nftables"] if "set" in x]
     return bool(sets and sets[0].get("elem"))
-
-
-def until(what: str, check: Callable[[], bool], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {seconds} s: {what}")
-        time.sleep(0.1)
 
 
 def event_texts(lab: Lab, host: str) -> list[str]:

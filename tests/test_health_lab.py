@@ -20,7 +20,7 @@ from shoal.daemon.control import call
 from shoal.lab import clients as C
 from shoal.lab import nginx
 from shoal.lab.topology import Lab
-from tests.conftest import converged_lab, needs_root
+from tests.conftest import converged_lab, needs_root, until
 
 pytestmark = [needs_root(), pytest.mark.root]
 
@@ -71,15 +71,6 @@ def settled(lab: Lab) -> Iterator[Lab]:
             nginx.start(lab, h)
         configure(lab, h, [])
     assert C.wait_states(lab, C.converged(ALL), 1, 30), C.states(lab, 1)
-
-
-def until(what: str, ok: Callable[[], bool], seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if ok():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"not within {seconds} s: {what}")
 
 
 def share(lab: Lab, host: int, rule: str) -> int:

@@ -35,8 +35,8 @@ from pyroute2.netlink.exceptions import NetlinkError
 from shoal.cluster_mac import ClusterMode, cluster_mac_bytes, format_mac, igmp_group
 from shoal.config import ShoalConfig, load_config
 from shoal.dataplane.nft import Nft, NftError
+from shoal.dataplane.ruleset import tables
 
-L2_TABLE = "shoal_l2"
 IFF_ALLMULTI = 0x200
 IFA_F_NODAD = 0x02
 IFA_F_MCAUTOJOIN = 0x400
@@ -57,6 +57,7 @@ class Saved:
     sysctls: dict[str, str] = field(default_factory=dict)
     added: list[str] = field(default_factory=list)  # CIDRs we added
     joined: list[str] = field(default_factory=list)  # IGMP groups we joined
+    l2_table: str = "shoal_l2"  # the cluster's L2 table (see ruleset.tables)
 
 
 def own_mac(host_id: int, cluster_mac: bytes) -> str:
@@ -86,16 +87,17 @@ def _index(ipr: IPRoute, dev: str) -> int:
 def _l2_rules(cfg: ShoalConfig, mac_b: bytes) -> str:
     cl = cfg.cluster
     dev = cfg.interface
+    l2 = tables(cl.name).l2
     mac = format_mac(mac_b, ":")
     if cl.mode is ClusterMode.UNICAST:
         return (
-            f"table netdev {L2_TABLE} {{\n chain egress {{\n"
+            f"table netdev {l2} {{\n chain egress {{\n"
             f'  type filter hook egress device "{dev}" priority 0; policy accept;\n'
             f"  ether saddr {mac} ether saddr set {own_mac(cfg.host.host_id, mac_b)}\n"
             " }\n}\n"
         )
     return (
-        f"table netdev {L2_TABLE} {{\n chain ingress {{\n"
+        f"table netdev {l2} {{\n chain ingress {{\n"
         f'  type filter hook ingress device "{dev}" priority -500; policy accept;\n'
         f"  ether daddr {mac} meta pkttype set host\n }}\n}}\n"
     )
@@ -120,6 +122,7 @@ def setup(cfg: ShoalConfig, previous: Saved | None = None) -> Saved:
             mac=link.get_attr("IFLA_ADDRESS"),
             allmulti=bool(link["flags"] & IFF_ALLMULTI),
             up=bool(link["flags"] & 1),
+            l2_table=tables(cl.name).l2,
         )
         if previous is not None and previous.interface == dev:
             saved = previous
@@ -132,7 +135,7 @@ def setup(cfg: ShoalConfig, previous: Saved | None = None) -> Saved:
                 saved.sysctls.setdefault(key, old)
             # replaced whole in one transaction, before the MAC changes: never leak it
             nft.run(
-                f"table netdev {L2_TABLE} {{}}\ndelete table netdev {L2_TABLE}\n"
+                f"table netdev {saved.l2_table} {{}}\ndelete table netdev {saved.l2_table}\n"
                 + _l2_rules(cfg, mac_b)
             )
             if cl.mode is ClusterMode.UNICAST:
@@ -194,7 +197,7 @@ def teardown(saved: Saved) -> None:
             except NetlinkError:
                 pass
     with contextlib.suppress(NftError):
-        Nft().run(f"delete table netdev {L2_TABLE}")
+        Nft().run(f"delete table netdev {saved.l2_table}")
     for key, value in saved.sysctls.items():
         with contextlib.suppress(OSError):
             _sysctl(key, value)

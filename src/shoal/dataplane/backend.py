@@ -22,8 +22,6 @@ from shoal.dataplane.contract import (
 from shoal.dataplane.kernel_lease import KernelLease
 from shoal.dataplane.nft import Nft, NftError
 from shoal.dataplane.ruleset import (
-    PRE_TABLE,
-    TABLE,
     base_ruleset,
     checks_owned,
     flags,
@@ -31,6 +29,7 @@ from shoal.dataplane.ruleset import (
     owned_set,
     prefilter,
     set_ref,
+    tables,
 )
 
 
@@ -51,10 +50,12 @@ def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int
 
 
 class NftBackend:
-    """Owns the ``inet shoal`` and ``netdev shoal_pre`` tables of this namespace."""
+    """Owns one cluster's ``inet`` and ``netdev`` pre-filter tables in this namespace
+    (``shoal`` and ``shoal_pre`` for the cluster named shoal; see :func:`~.ruleset.tables`)."""
 
     def __init__(self, cfg: ShoalConfig, nft: Nft | None = None) -> None:
         self.cfg = cfg
+        self.names = tables(cfg.cluster.name)  # this cluster's tables (several may share a host)
         self.nft = nft or Nft()
         self.owned: dict[int, set[int]] = {}
         self.keep: dict[int, set[int]] = {}
@@ -77,8 +78,8 @@ class NftBackend:
         """Take over tables left by an earlier run (their buckets keep their connections),
         or create them."""
         try:
-            doc = self.nft.json([{"list": {"table": {"family": "netdev", "name": PRE_TABLE}}}])
-            self.nft.json([{"list": {"table": {"family": "inet", "name": TABLE}}}])
+            doc = self.nft.json([{"list": {"table": {"family": "netdev", "name": self.names.pre}}}])
+            self.nft.json([{"list": {"table": {"family": "inet", "name": self.names.inet}}}])
         except NftError:
             self.create()
             return
@@ -117,15 +118,15 @@ class NftBackend:
             out = sorted(gone[i] & self.owned[i])
             new = sorted(came[i] - self.owned[i])
             fresh = [b for b in new if b not in self.keep[i]]
-            tables = [(TABLE, "inet")] if checks_owned(rules[i]) else []
-            for table, family in [*tables, (PRE_TABLE, "netdev")]:
+            inet = [(self.names.inet, "inet")] if checks_owned(rules[i]) else []
+            for table, family in [*inet, (self.names.pre, "netdev")]:
                 name = set_ref(owned_set(i), table, family)
                 if out:
                     cmds.append({"delete": {"element": {**name, "elem": out}}})
                 if new:
                     cmds.append({"add": {"element": {**name, "elem": new}}})
             if fresh:
-                ref = set_ref(keep_set(i), PRE_TABLE, "netdev")
+                ref = set_ref(keep_set(i), self.names.pre, "netdev")
                 cmds.append({"add": {"element": {**ref, "elem": fresh}}})
             owned[i] = (self.owned[i] - gone[i]) | came[i]
             keep[i] = self.keep[i] | set(new)
@@ -136,11 +137,11 @@ class NftBackend:
     def renew(self, ms: int) -> None:
         """The kernel takes new connections for ``ms`` more milliseconds (0: stop now)."""
         if self.lease is None:
-            self.lease = KernelLease(TABLE)
+            self.lease = KernelLease(self.names.inet)
         self.lease.renew(ms)
 
     def counters(self) -> list[RuleCounters]:
-        values = self.nft.counters("inet", TABLE)
+        values = self.nft.counters("inet", self.names.inet)
         out = []
         for i, rule in enumerate(self.cfg.cluster.effective_rules):
             acc = values.get(f"accepted_{i}", {})
@@ -159,7 +160,7 @@ class NftBackend:
         if self.lease is not None:
             self.lease.close()
             self.lease = None
-        for table, family in ((TABLE, "inet"), (PRE_TABLE, "netdev")):
+        for table, family in ((self.names.inet, "inet"), (self.names.pre, "netdev")):
             with contextlib.suppress(NftError):
                 self.nft.run(f"delete table {family} {table}")
         self.installed = False

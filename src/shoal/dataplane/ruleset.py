@@ -18,14 +18,34 @@ packet this host does not track is dropped instead of being answered with a rese
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
-from typing import Any
+import re
+from typing import Any, NamedTuple
 
 from shoal.config import Affinity, FilteringMode, PortRule, Protocol, ShoalConfig
 from shoal.dataplane.contract import DEFAULT_TOKEN, Install, RuleState, single_token
 
-TABLE = "shoal"
-PRE_TABLE = "shoal_pre"
+
+class Tables(NamedTuple):
+    """The nftables tables of one cluster on this host."""
+
+    inet: str  # connection-aware filter, flags, lease
+    pre: str  # netdev pre-filter: never-owned and unowned-SYN drops
+    l2: str  # netdev: the cluster MAC's rewrite or acceptance (the adapter's)
+
+
+def tables(cluster: str) -> Tables:
+    """The tables of the cluster named ``cluster``: ``shoal``, ``shoal_pre``, ``shoal_l2``
+    for the one named "shoal" (the default); ``shoal_<name>_<hash>...`` for any other, so
+    that several clusters run side by side on one host (the hash keeps two names that read
+    alike apart)."""
+    if cluster == "shoal":
+        base = "shoal"
+    else:
+        tag = re.sub(r"[^a-z0-9]", "_", cluster.lower())[:24]
+        base = f"shoal_{tag}_{hashlib.sha256(cluster.encode()).hexdigest()[:6]}"
+    return Tables(base, f"{base}_pre", f"{base}_l2")
 
 
 def owned_set(rule: int) -> str:
@@ -89,7 +109,7 @@ def base_ruleset(cfg: ShoalConfig) -> str:
     rules = cl.effective_rules
     v4 = [str(v) for v in cl.all_vips if v.version == 4]
     v6 = [str(v) for v in cl.all_vips if v.version == 6]
-    lines = [f"table inet {TABLE} {{"]
+    lines = [f"table inet {tables(cl.name).inet} {{"]
     lines.append("  set lease { type nf_proto; flags timeout; }")
     for i in range(len(rules)):
         lines.append(f"  counter accepted_{i} {{ }}")
@@ -166,7 +186,7 @@ def prefilter(cfg: ShoalConfig) -> str:
     was made."""
     cl = cfg.cluster
     rules = cl.effective_rules
-    lines = [f"table netdev {PRE_TABLE} {{"]
+    lines = [f"table netdev {tables(cl.name).pre} {{"]
     multiple = [i for i, r in enumerate(rules) if r.mode is FilteringMode.MULTIPLE]
     for i in multiple:
         lines.append(f"  set {owned_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
@@ -205,14 +225,15 @@ def prefilter(cfg: ShoalConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def set_ref(name: str, table: str = TABLE, family: str = "inet") -> dict[str, Any]:
+def set_ref(name: str, table: str, family: str = "inet") -> dict[str, Any]:
     return {"family": family, "table": table, "name": name}
 
 
-def _flag(name: str, on: bool) -> list[dict[str, Any]]:
-    cmds: list[dict[str, Any]] = [{"flush": {"set": set_ref(name)}}]
+def _flag(table: str, name: str, on: bool) -> list[dict[str, Any]]:
+    ref = set_ref(name, table)
+    cmds: list[dict[str, Any]] = [{"flush": {"set": ref}}]
     if on:
-        cmds.append({"add": {"element": {**set_ref(name), "elem": list(FAMILIES)}}})
+        cmds.append({"add": {"element": {**ref, "elem": list(FAMILIES)}}})
     return cmds
 
 
@@ -220,14 +241,15 @@ def flags(cfg: ShoalConfig, inst: Install) -> dict[str, list[dict[str, Any]]]:
     """For each flag set, the commands making it say what ``inst`` says (the owned bucket
     sets are the backend's business: it updates them by difference)."""
     rules = cfg.cluster.effective_rules
+    table = tables(cfg.cluster.name).inet
     handled = {i for i in range(len(rules)) if single_token(i) in inst.tokens}
     out = {
-        "serving": _flag("serving", inst.serving),
-        "default_host": _flag("default_host", DEFAULT_TOKEN in inst.tokens),
+        "serving": _flag(table, "serving", inst.serving),
+        "default_host": _flag(table, "default_host", DEFAULT_TOKEN in inst.tokens),
     }
     for i in range(len(cfg.cluster.effective_rules)):
         state = inst.rule_states[i] if i < len(inst.rule_states) else RuleState.ENABLED
-        out[f"off_{i}"] = _flag(f"off_{i}", state is RuleState.DISABLED)
-        out[f"drain_{i}"] = _flag(f"drain_{i}", state is RuleState.DRAINING)
-        out[f"handle_{i}"] = _flag(f"handle_{i}", i in handled)
+        out[f"off_{i}"] = _flag(table, f"off_{i}", state is RuleState.DISABLED)
+        out[f"drain_{i}"] = _flag(table, f"drain_{i}", state is RuleState.DRAINING)
+        out[f"handle_{i}"] = _flag(table, f"handle_{i}", i in handled)
     return out

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shoal.daemon.control import call
-from shoal.dataplane.ruleset import PRE_TABLE, owned_set
+from shoal.dataplane.ruleset import owned_set, tables
 from shoal.lab.topology import Lab, LabError, alive, pyenv, sh
 from shoal.verdict import rule_bucket
 
@@ -220,7 +220,14 @@ def wait_states(lab: Lab, want: dict[int, str], host: int, seconds: float = 15) 
 def owned_buckets(lab: Lab, host: int, rule: int = WEB_RULE) -> set[int]:
     """The buckets of a rule the host's kernel accepts new connections for."""
     out = sh(
-        "nft", "-j", "list", "set", "netdev", PRE_TABLE, owned_set(rule), ns=lab.ns(f"h{host}")
+        "nft",
+        "-j",
+        "list",
+        "set",
+        "netdev",
+        tables(lab.config(1).cluster.name).pre,
+        owned_set(rule),
+        ns=lab.ns(f"h{host}"),
     )
     for item in json.loads(out)["nftables"]:
         if "set" in item:

@@ -463,14 +463,21 @@ def list_namespaces() -> list[str]:
 
 
 def alive(pid: int) -> bool:
+    """Whether the process runs: a zombie does not (ours is reaped here; another process's,
+    such as a lab's daemon seen from ``shoal lab crash``, is read from /proc)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:  # a zombie of ours is not alive
+    try:
         waited, _ = os.waitpid(pid, os.WNOHANG)
         return waited == 0
     except ChildProcessError:
-        return True
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
