@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from shoal.config import load_config
+from shoal.dataplane.ruleset import tables
 from shoal.lab.topology import veth
 from tests.conftest import EXAMPLES, example_doc, needs_root, write_private
 from tests.nethelp import namespaces, sh
@@ -76,7 +78,7 @@ def test_setup_then_teardown_restores_the_host(tmp_path: Path, mode: str) -> Non
         during = snapshot(ns["h"])
         assert ("198.18.0.100", 32) in during["addrs"]  # type: ignore[operator]
         assert ("2001:db8::100", 128) in during["addrs"]  # type: ignore[operator]
-        assert "shoal_l2" in str(during["nft"])
+        assert tables(load_config(config).cluster.name).l2 in str(during["nft"])
         assert str(during["sysctl"]).split()[:2] == ["2", "2"]
         if mode == "unicast":
             assert during["link"] == "02:bf:c6:12:00:64"

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from shoal.config import parse_config
+from shoal.dataplane.ruleset import tables
 from shoal.lab.topology import pyenv, run_module, veth
 from shoal.lab.verify import random_map
 from shoal.verdict import ClusterView, Outcome, Packet, decide
@@ -187,7 +188,8 @@ def _until_lease_lapsed(ns: str, seconds: float = 10.0) -> None:
     """Wait until the kernel dropped the lease's elements (their timeout ran out)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        out = sh("nft", "-j", "list", "set", "inet", "shoal", "lease", ns=ns)
+        table = tables(example_doc()["cluster"].get("name", "shoal")).inet
+        out = sh("nft", "-j", "list", "set", "inet", table, "lease", ns=ns)
         sets = [x["set"] for x in json.loads(out)["nftables"] if "set" in x]
         if not sets[0].get("elem"):
             return

@@ -41,10 +41,12 @@ from shoal.protocol.frames import (
     HEADER_LEN,
     MAX_HOST,
     MAX_PROOFS,
+    MAX_REMOTE,
     MAX_RULES,
     NO_KEY,
     TAG_LEN,
     VERSION,
+    Answer,
     EpochKey,
     Flag,
     Frame,
@@ -54,6 +56,7 @@ from shoal.protocol.frames import (
     MapChunk,
     Proof,
     Rejection,
+    Request,
     RuleReport,
     split_health,
     with_health,
@@ -96,6 +99,7 @@ def repeat_of(frame: bytes, hb: Heartbeat, host: int) -> Repeat:
 _RULE = struct.Struct("!BBH")
 _SILENCE = struct.Struct("!HI")
 _CHUNK = struct.Struct("!IHQ8sHH")
+_REMOTE = struct.Struct("!HQ")  # the target (request) or the asker (answer), the request id
 
 
 @functools.lru_cache(maxsize=64)
@@ -201,6 +205,13 @@ class Codec:
                 _encode_heartbeat(frame),
                 frame.said,
             )
+        if isinstance(frame, Request | Answer):
+            if len(frame.body) > MAX_REMOTE:
+                raise ValueError(f"a remote body is at most {MAX_REMOTE} bytes")
+            peer = frame.target if isinstance(frame, Request) else frame.to
+            kind = FrameType.REQUEST if isinstance(frame, Request) else FrameType.ANSWER
+            payload = _REMOTE.pack(peer, frame.request_id) + frame.body
+            return self._seal(kind, frame.host_id, frame.incarnation, frame.seq, payload)
         if isinstance(frame, Proof):
             if not 0 < len(frame.heard) <= MAX_PROOFS:
                 raise ValueError(f"a proof names 1 to {MAX_PROOFS} hosts")
@@ -254,7 +265,7 @@ class Codec:
             return Rejection.BAD_AUTH
         if not 1 <= host <= MAX_HOST:
             return Rejection.MALFORMED
-        if not 1 <= ftype <= 3:
+        if not 1 <= ftype <= max(FrameType):
             return Rejection.UNKNOWN_TYPE
         return Envelope(ftype, host, inc, seq, data[HEADER_LEN:end], said)
 
@@ -277,6 +288,8 @@ def parse(env: Envelope) -> Frame | Rejection:
             return _decode_heartbeat(env)
         if env.ftype == FrameType.PROOF:
             return _decode_proof(env)
+        if env.ftype in (FrameType.REQUEST, FrameType.ANSWER):
+            return _decode_remote(env)
         return _decode_chunk(env.payload, env.host_id, env.incarnation, env.seq)
     except (_Malformed, struct.error, ValueError):
         return Rejection.MALFORMED
@@ -417,6 +430,18 @@ def _decode_proof(env: Envelope) -> Proof:
     if any(not 1 <= h <= MAX_HOST for h, _, _ in heard):
         raise _Malformed
     return Proof(env.host_id, env.incarnation, env.seq, heard)
+
+
+def _decode_remote(env: Envelope) -> Request | Answer:
+    peer, rid = _REMOTE.unpack_from(env.payload)
+    body = env.payload[_REMOTE.size :]
+    if peer > MAX_HOST or len(body) > MAX_REMOTE:
+        raise _Malformed
+    if env.ftype == FrameType.REQUEST:
+        return Request(env.host_id, env.incarnation, env.seq, peer, rid, body)
+    if peer == 0:
+        raise _Malformed  # an answer goes to one host
+    return Answer(env.host_id, env.incarnation, env.seq, peer, rid, body)
 
 
 def _decode_chunk(p: bytes, host: int, inc: int, seq: int) -> MapChunk:

@@ -29,6 +29,8 @@ class FrameType(IntEnum):
     HEARTBEAT = 1
     MAP_CHUNK = 2
     PROOF = 3
+    REQUEST = 4
+    ANSWER = 5
 
 
 class HostState(IntEnum):
@@ -187,5 +189,32 @@ class Proof:
 
 
 MAX_PROOFS = 100  # heartbeats answered in one proof frame: 32 + 1 + 1400 + 32 < 1500
+MAX_REMOTE = 1200  # bytes of a request's or an answer's JSON: 32 + 10 + 1200 + 32 < 1500
 
-Frame = Heartbeat | MapChunk | Proof
+
+@dataclass(frozen=True)
+class Request:
+    """An operator's verb for another host (remote control, where the cluster allows it):
+    the control request ``body`` (JSON) for host ``target`` (0: every host)."""
+
+    host_id: int
+    incarnation: int
+    seq: int
+    target: int
+    request_id: int
+    body: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What host ``host_id`` answered to request ``request_id`` of host ``to`` (JSON)."""
+
+    host_id: int
+    incarnation: int
+    seq: int
+    to: int
+    request_id: int
+    body: bytes = field(repr=False)
+
+
+Frame = Heartbeat | MapChunk | Proof | Request | Answer
