@@ -32,11 +32,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import tomllib
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shoal.dataplane.ruleset import tables
 from shoal.lab.topology import pyenv, run_module, sh, veth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -194,7 +196,8 @@ def install(sink: str, cfg: Path, tokens: set[int], keep_all: bool = False) -> N
 
 
 def clear(sink: str) -> None:
-    for t in ("inet shoal", "netdev shoal_pre", "netdev floor"):
+    names = tables(tomllib.loads(config_text(4096))["cluster"].get("name", "shoal"))
+    for t in (f"inet {names.inet}", f"netdev {names.pre}", "netdev floor"):
         subprocess.run(
             ["ip", "netns", "exec", sink, "nft", "delete", "table", *t.split()], capture_output=True
         )
