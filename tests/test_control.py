@@ -23,7 +23,7 @@ from shoal.daemon.control import MAX_REQUEST, VERBS
 from shoal.daemon.shell import Daemon
 from shoal.dataplane.contract import Backend, Install, RuleCounters, RuleState
 from shoal.protocol.codec import Codec, Keys
-from shoal.protocol.frames import HostState, Rejection
+from shoal.protocol.frames import Answer, HostState, Rejection, Request
 from tests.conftest import EXAMPLES, example_doc, write_private
 
 
@@ -409,3 +409,32 @@ def test_a_metrics_address_is_validated_by_name() -> None:
         assert "host.metrics_address" in str(err.value) and why in str(err.value)
     doc["host"]["metrics_address"] = "[2001:db8::11]:9474"
     assert parse_config(doc, "h.toml").host.metrics_endpoint == ("2001:db8::11", 9474)
+
+
+def _answers(d: Daemon) -> list[Answer]:
+    frames = [d.engine.codec.decode(f) for f in d.sock.sent]  # type: ignore[attr-defined]
+    return [f for f in frames if isinstance(f, Answer)]
+
+
+def test_a_remote_request_is_carried_out_once_and_answered(daemon: Daemon) -> None:
+    """A request from host 2 to disable the web rule: carried out, logged with who asked,
+    answered in a frame; the same request again (the asker resends until answered) is
+    answered again from the cache, not carried out twice. With remote control off, it is
+    refused and nothing happens."""
+    run(daemon, 0.6)
+    body = json.dumps({"cmd": "disable", "port": "80"}).encode()
+    daemon.remote.on_request(Request(2, 5, 1, 1, 42, body))
+    assert backend(daemon).installs[-1].rule_states[0] is RuleState.ENABLED  # off here
+    answer = _answers(daemon)[-1]
+    assert (answer.to, answer.request_id) == (2, 42)
+    assert json.loads(answer.body) == {"ok": False, "error": "remote control is off on host 1"}
+    on = daemon.cfg.cluster.model_copy(update={"remote_control": True})
+    daemon.cfg = daemon.cfg.model_copy(update={"cluster": on})
+    daemon.remote.answered.clear()
+    for seq in (2, 3):
+        daemon.remote.on_request(Request(2, 5, seq, 1, 43, body))
+    assert backend(daemon).installs[-1].rule_states[0] is RuleState.DISABLED
+    done = [e for e in daemon.events if e["name"] == "remote_command"]
+    assert len(done) == 1 and done[0]["peer"] == 2 and done[0]["command"] == "disable"
+    again = _answers(daemon)[-2:]
+    assert [a.request_id for a in again] == [43, 43] and json.loads(again[1].body)["ok"] is True

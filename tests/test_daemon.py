@@ -524,3 +524,10 @@ def test_the_lab_crashes_and_revives_a_host_from_the_command_line(lab: Lab) -> N
     wait_for(lab, ALL, seconds=20)
     procs = json.loads(lab_cli("status", lab.name).stdout)["processes"]
     assert procs["daemon-h3"]["alive"] and procs["daemon-h3"]["pid"] == lab.pids["daemon-h3"]
+
+
+def test_remote_control_is_off_unless_the_cluster_allows_it(lab: Lab) -> None:
+    wait_for(lab, ALL)
+    res = shoal(lab, "h1", "--host", "2", "stop")
+    assert res.returncode == 1 and "remote control is off in this cluster" in res.stderr
+    assert states(lab)[2] == "converged"

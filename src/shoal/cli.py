@@ -26,6 +26,34 @@ app = typer.Typer(
 )
 app.add_typer(lab_app, name="lab")
 
+# where the verbs are carried out: this host (empty), one other host or every host
+REMOTE: dict[str, int | str] = {}
+
+
+@app.callback()
+def _where(
+    ctx: typer.Context,
+    host: Annotated[
+        int | None,
+        typer.Option("--host", min=1, max=256, help="Carry the verb out on this host id."),
+    ] = None,
+    every: Annotated[bool, typer.Option("--all", help="Carry the verb out on every host.")] = False,
+) -> None:
+    """shoal: Network Load Balancing for Linux. With --host N or --all, NLB's verbs go to
+    other hosts of the cluster through the local daemon (cluster.remote_control)."""
+    if host is not None and every:
+        raise fail("--host and --all: give one of them", 2)
+    from shoal.daemon.remote import VERBS
+
+    if (host is not None or every) and ctx.invoked_subcommand not in VERBS:
+        verbs = ", ".join(sorted(VERBS))
+        raise fail(f"--host and --all: only for the verbs {verbs}", 2)
+    REMOTE.clear()
+    if host is not None:
+        REMOTE["host"] = host
+    elif every:
+        REMOTE["host"] = "all"
+
 
 def _load_all(files: list[Path]) -> list[ShoalConfig]:
     configs: list[ShoalConfig] = []
@@ -261,13 +289,48 @@ def _call(req: dict[str, object], control: Path | None, config: Path | None) -> 
 
 
 def _verb(cmd: str, control: Path | None, config: Path | None, **extra: object) -> None:
+    if REMOTE:
+        _remote(cmd, control, config, **extra)
+        return
     resp = _call({"cmd": cmd, **extra}, control, config)
     typer.echo(str(resp.get("message", "ok")))
 
 
+def _remote(cmd: str, control: Path | None, config: Path | None, **extra: object) -> None:
+    """A verb carried out by other hosts: one line per host; exit 1 if any refused."""
+    from shoal.daemon.control import call
+
+    path = _control_path(control, config)
+    req = {
+        "cmd": "remote",
+        "verb": cmd,
+        **REMOTE,
+        **{k: v for k, v in extra.items() if v is not None},
+    }
+    try:
+        resp = call(path, req, timeout=15)
+    except (OSError, ValueError) as e:
+        raise fail(f"no daemon answers on {path}: {e}", EXIT_UNREACHABLE) from None
+    answers = resp.get("answers")
+    if not isinstance(answers, dict):
+        raise fail(str(resp.get("error")), EXIT_REFUSED)
+    for host, a in answers.items():
+        if cmd == "query" and a.get("ok"):
+            text = f"{a['state']} (epoch {a['epoch'] or 'none'})"
+        else:
+            text = str(a.get("message") or a.get("error") or ("ok" if a.get("ok") else "refused"))
+        typer.echo(f"host {host}: {text}")
+    if not resp.get("ok"):
+        raise typer.Exit(EXIT_REFUSED)
+
+
 @app.command()
 def query(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Every host of the cluster as this host sees it."""
+    """Every host of the cluster as this host sees it (with --host or --all: each such
+    host's own state, as it says it)."""
+    if REMOTE:
+        _remote("query", control, config)
+        return
     resp = _call({"cmd": "query"}, control, config)
     if as_json:
         typer.echo(json.dumps(resp))

@@ -193,6 +193,8 @@ class ClusterConfig(BaseModel):
     heartbeat_period_ms: int | None = Field(default=None, ge=10, le=10000)
     loss_tolerance: int | None = Field(default=None, ge=3, le=100)
     partition_policy: PartitionPolicy = PartitionPolicy.QUORUM
+    # operators' verbs from another host of the cluster (shoal --host N, --all): off unless set
+    remote_control: bool = False
     interface: str = Field(default="eth0", min_length=1, max_length=15)
     rules: list[PortRule] = Field(default_factory=list)
 
@@ -272,6 +274,7 @@ class ClusterConfig(BaseModel):
             "period_ms": self.period_ms,
             "tolerance": self.tolerance,
             "partition_policy": self.partition_policy.value,
+            "remote_control": self.remote_control,
             "rules": [
                 {
                     "name": r.key,

@@ -39,11 +39,12 @@ VERBS = {
     "reload",
     "view",
     "filter",
+    "remote",
 }
 
 
 MAX_REQUEST = 4096  # bytes, the newline included: the longest real request is under 200
-FIELDS = frozenset({"cmd", "port", "vip", "timeout", "client", "sport", "protocol"})
+FIELDS = frozenset({"cmd", "port", "vip", "timeout", "client", "sport", "protocol", "host", "verb"})
 
 
 def _no_constant(name: str) -> None:
@@ -209,8 +210,8 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
     now = d.now()
     if cmd in ("query", "display", "params"):
         return _report(d, cmd, e.snapshot(now))
-    if cmd == "view":
-        return {"ok": False, "error": "view: answered by the daemon's shell, not here"}
+    if cmd in ("view", "remote"):
+        return {"ok": False, "error": f"{cmd}: answered by the daemon's shell, not here"}
     if cmd == "reload":
         return d.reload()
     if cmd == "filter":

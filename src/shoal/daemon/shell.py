@@ -32,13 +32,14 @@ from shoal.daemon.metrics import Metrics
 from shoal.daemon.notify import notify
 from shoal.daemon.picture import picture
 from shoal.daemon.reading import Board, Reading, owned_per_rule
+from shoal.daemon.remote import Remote
 from shoal.daemon.web import Numbers, Web
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
 from shoal.dataplane.contract import Backend, DataplaneError
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event, EventId
-from shoal.protocol.frames import ETHERTYPE, Health, HostState, cluster_id
+from shoal.protocol.frames import ETHERTYPE, Health, HostState, Request, cluster_id
 from shoal.runtime import HostRuntime, Output
 
 KNOWN_BUDGET = 4096  # frames read from the known socket per batch (a burst, not a flood)
@@ -85,6 +86,7 @@ class Daemon:
         self.numbers = Numbers(self.established.get, web[1] if web else None)
         self.web: Web | None = None
         self.checks = Checks.of(self.cfg)
+        self.remote = Remote(self)
         self.checks_config = self.cfg.host.checks
         self.runner: Runner | None = None
         self.stop_event = asyncio.Event()
@@ -221,6 +223,12 @@ class Daemon:
         n = self._read(self.sock, KNOWN_BUDGET) + self._read(self.other, wire.OTHER_BUDGET)
         if n:
             self.refilter()
+            if self.engine.remote:
+                for frame in self.engine.take_remote():
+                    if isinstance(frame, Request):
+                        self.remote.on_request(frame)
+                    else:
+                        self.remote.on_answer(frame)
         return n
 
     def _read(self, sock: socket.socket, budget: int) -> int:
@@ -398,6 +406,8 @@ class Daemon:
                 resp: dict[str, Any] = {"ok": False, "error": req}
             elif req.get("cmd") == "view":
                 resp = await self.view()
+            elif req.get("cmd") == "remote":
+                resp = await self.remote.ask(req)
             else:
                 resp = self.guarded(req)
             writer.write((json.dumps(resp) + "\n").encode())

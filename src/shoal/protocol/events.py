@@ -36,6 +36,7 @@ class EventId(IntEnum):
     HEALTH_FAILED = 110
     HEALTH_RECOVERED = 111
     HEALTH_HELD = 112
+    REMOTE_COMMAND = 113
 
 
 TEMPLATES: dict[EventId, str] = {
@@ -80,6 +81,9 @@ TEMPLATES: dict[EventId, str] = {
     ),
     EventId.HEALTH_FAILED: "check {check} failing on host {host}: {effect} ({reason})",
     EventId.HEALTH_RECOVERED: "check {check} healthy again on host {host}: {effect} ({reason})",
+    EventId.REMOTE_COMMAND: (
+        "remote command {command} from host {peer} ({address}) on host {host}: {result}"
+    ),
     EventId.HEALTH_HELD: (
         "check {check} passes again on host {host}, but it flaps: back in service at the "
         "earliest in {wait_s} s"

@@ -18,7 +18,7 @@ from shoal.protocol.codec import Codec
 from shoal.protocol.engine.epochs import chunks_of
 from shoal.protocol.engine.peers import NEVER, Peer, Roster
 from shoal.protocol.epoch import EpochState
-from shoal.protocol.frames import EpochKey, Heartbeat, MapChunk, Proof
+from shoal.protocol.frames import Answer, EpochKey, Heartbeat, MapChunk, Proof, Request
 
 MAX_SILENCES = 128  # fenced hosts whose silence one heartbeat reports
 UNKNOWN_SILENCE = 0xFFFFFFFF  # never heard (a heartbeat's silence field)
@@ -102,6 +102,14 @@ class Beacon:
         sequence number) of ``heard``."""
         proof = Proof(self.me, self.incarnation, self._next_seq(), tuple(heard))
         self.frames.append(self.codec.encode(proof))
+        self.frames_sent += 1
+
+    def send_remote(self, kind: type[Request | Answer], peer: int, rid: int, body: bytes) -> None:
+        """A remote-control request (``peer``: its target, 0 for all) or answer (``peer``:
+        the asker), numbered in this run like every frame: the receivers' replay windows
+        and proofs cover it."""
+        frame = kind(self.me, self.incarnation, self._next_seq(), peer, rid, body)
+        self.frames.append(self.codec.encode(frame))
         self.frames_sent += 1
 
     def to_acknowledge(

@@ -47,7 +47,15 @@ from shoal.protocol.engine.timing import Timing
 from shoal.protocol.engine.verbs import OperatorInputs
 from shoal.protocol.epoch import EpochState
 from shoal.protocol.events import Event, EventId
-from shoal.protocol.frames import EpochKey, Health, HostState, RuleReport, cluster_id
+from shoal.protocol.frames import (
+    Answer,
+    EpochKey,
+    Health,
+    HostState,
+    Request,
+    RuleReport,
+    cluster_id,
+)
 
 INITIAL = {
     InitialState.STARTED: HostState.CONVERGING,
@@ -238,6 +246,22 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
     def take_frames(self) -> list[bytes]:
         out, self.beacon.frames = self.beacon.frames, []
         return out
+
+    def take_remote(self) -> list[Request | Answer]:
+        """Remote-control requests for this host and answers to its own, received from
+        proven runs since the last call (the shell carries them out)."""
+        out, self.remote = self.remote, []
+        return out
+
+    def request(self, target: int, request_id: int, body: bytes) -> None:
+        """Send an operator's request to host ``target`` (0: every host); see take_frames."""
+        self.beacon.send_remote(Request, target, request_id, body)
+        self._publish()  # a frame to take
+
+    def answer(self, to: int, request_id: int, body: bytes) -> None:
+        """Answer host ``to``'s request ``request_id``; see take_frames."""
+        self.beacon.send_remote(Answer, to, request_id, body)
+        self._publish()
 
     def take_events(self) -> list[Event]:
         out, self._events = self._events, []

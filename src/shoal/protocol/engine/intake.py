@@ -27,7 +27,16 @@ from shoal.protocol.engine.ready import fence_report
 from shoal.protocol.engine.tenure import Tenure, later
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.events import EventId
-from shoal.protocol.frames import HEADER_LEN, FrameType, Heartbeat, MapChunk, Proof, Rejection
+from shoal.protocol.frames import (
+    HEADER_LEN,
+    Answer,
+    FrameType,
+    Heartbeat,
+    MapChunk,
+    Proof,
+    Rejection,
+    Request,
+)
 
 _RUN = struct.Struct("!Q4xI")  # incarnation, (content number), sequence number at byte 14
 
@@ -40,6 +49,7 @@ class FrameIntake:
     frames_received: int
     freshness: Freshness  # what this host asks of its peers and owes them
     duplicate_until: float  # this host takes nothing until then: its id is used twice
+    remote: list[Request | Answer]  # remote-control frames for this host, from proven runs
 
     # the engine's, read and written here
     me: int
@@ -72,6 +82,7 @@ class FrameIntake:
         self.frames_received = 0
         self.freshness = Freshness()
         self.duplicate_until = float("-inf")
+        self.remote: list[Request | Answer] = []  # for the shell: see Engine.take_remote
 
     def receive(self, data: bytes, now: float) -> Rejection | None:
         """Handle one received frame; returns why it was dropped, if it was.
@@ -128,6 +139,17 @@ class FrameIntake:
                 p.repeat = repeat_of(data, frame, self.me) if same else None
         elif isinstance(frame, MapChunk):
             self._on_chunk(frame)
+        elif isinstance(frame, Request | Answer):  # the shell's to carry out
+            if not self.peers[env.host_id].proven:
+                self._ask(env.host_id, now)
+                return self._reject(Rejection.UNPROVEN)
+            if isinstance(frame, Request):
+                mine = frame.target in (0, self.me)
+            else:
+                mine = frame.to == self.me
+            if mine:
+                self.remote.append(frame)
+            return None
         self._step(now, timers=False)
         return None
 
