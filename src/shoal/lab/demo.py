@@ -184,11 +184,14 @@ def application_failure(run: Run, app: int, problems: list[str]) -> tuple[float,
         time.sleep(0.05)
     else:
         problems.append(f"host {app}'s check did not take it out of the web rule")
-    seen = call(lab.control(1), {"cmd": "query"})["hosts"]
+    viewer = 2 if app == 1 else 1  # another host: health travels in heartbeats
+    seen = call(lab.control(viewer), {"cmd": "query"})["hosts"]
     health = next(h["health"] for h in seen if h["host_id"] == app)
     said = ", ".join(f"{rule} {verdict}" for rule, verdict in health.items())
     took = round(1000 * (detected_at - app_at))
-    console.print(f"host 1 sees host {app}'s checks: {said}; its web buckets moved in {took} ms")
+    console.print(
+        f"host {viewer} sees host {app}'s checks: {said}; its web buckets moved in {took} ms"
+    )
     run.show(f"while host {app}'s service is down (it stays a converged member)", 3)
     lab.start_service(app)
     lab.save()
