@@ -17,8 +17,9 @@ from shoal.dataplane.contract import STRIDE, RuleState
 from shoal.health.verdict import Verdict
 from shoal.protocol.engine import Command
 from shoal.protocol.frames import Health, HostState
+from shoal.sim.checkers import InvariantViolation
 from shoal.sim.cluster import SimCluster
-from shoal.sim.scenario import KEY, cluster_configs
+from shoal.sim.scenario import KEY, cluster_configs, run_scenario
 from tests.conftest import example_doc
 
 P = 0.1
@@ -240,3 +241,32 @@ def test_params_and_metrics_show_a_checks_results() -> None:
     assert got[("shoal_check_healthy", (("check", "rule:web"), ("rule", "web")))] == 0
     assert got[("shoal_check_results_total", (("check", "rule:web"), ("result", "failure")))] == 1
     assert got[("shoal_check_latency_seconds", (("check", "rule:web"),))] == 0.0005
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_random_scenarios_with_health_faults_keep_the_contract(seed: int) -> None:
+    """Checks failing and passing again on any host, for a rule or the whole host, among
+    crashes, partitions, loss and verbs, under either all_unhealthy policy: every checker
+    holds after every input (nothing accepted twice; every epoch balanced as health says),
+    and the cluster converges once all is repaired. Seeds replay:
+    ``run_scenario(seed, health=True)``."""
+    assert run_scenario(seed, health=True).steps
+
+
+def test_a_leader_that_ignores_health_is_caught() -> None:
+    """The broken variant: a leader that gives failing hosts their share anyway. The
+    balance checker, which states the health rule on its own, stops the first scenario
+    where that matters."""
+    import shoal.protocol.epoch as epoch
+
+    def ignoring(rule: Any, reports: Any) -> frozenset[int]:
+        return frozenset(h for h, r in reports if r.state is RuleState.ENABLED)
+
+    real = epoch.serving_hosts
+    epoch.serving_hosts = ignoring
+    try:
+        with pytest.raises(InvariantViolation, match="balanced"):
+            for seed in range(30):
+                run_scenario(seed, health=True)
+    finally:
+        epoch.serving_hosts = real

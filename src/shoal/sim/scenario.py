@@ -132,6 +132,7 @@ def run_scenario(
     policy: str = "quorum",
     cluster: type[SimCluster] = SimCluster,
     replay: bool = False,
+    health: bool = False,
 ) -> Scenario:
     """Run one random scenario; raises InvariantViolation naming the seed on a breach.
     ``observers`` are called after every input an engine handled. With ``policy``
@@ -143,12 +144,15 @@ def run_scenario(
     simulator, to look at each input or run another engine. ``replay``: a neighbour records
     every frame and, as one more kind of fault, replays a host's recorded frames to every host
     for a while (most often a host that is down); no host down may then count as live
-    anywhere (the ``ghosts`` checker, after every input)."""
+    anywhere (the ``ghosts`` checker, after every input). ``health``: health-check verdicts
+    are one more kind of fault (a rule's check or the host-wide one failing or passing
+    again, on any host), under an ``all_unhealthy`` policy drawn for the run."""
     rng = random.Random(seed)
     n = hosts or rng.randint(2, max_hosts)
     buckets = rng.choice([16, 60, 64, 256])
     weights = {h: rng.randint(1, 100) for h in range(1, n + 1)}
-    configs = cluster_configs(n, buckets, weights=weights, policy=policy)
+    unhealthy = rng.choice(["serve", "drop"]) if health else "serve"
+    configs = cluster_configs(n, buckets, weights=weights, policy=policy, all_unhealthy=unhealthy)
     sim = cluster(configs, KEY, seed)
     sim.observers.extend(observers)
     if replay:
@@ -186,8 +190,17 @@ def run_scenario(
         h = rng.choice(ids)
         kinds, odds = FAULTS, ODDS
         if replay:
-            kinds, odds = [*FAULTS, "replay"], [*ODDS, 6]
+            kinds, odds = [*kinds, "replay"], [*odds, 6]
+        if health:
+            kinds, odds = [*kinds, "health"], [*odds, 6]
         kind = rng.choices(kinds, weights=odds)[0]
+        if kind == "health":
+            which = rng.choice([0, 1, None])  # the web rule, the single ssh rule, the host
+            ok = rng.random() < 0.4
+            what = "the host" if which is None else f"rule {which}"
+            verdict = "passes again" if ok else "fails"
+            act(t, f"host {h}'s check of {what} {verdict}", partial(sim.health, h, which, ok))
+            continue
         if kind == "replay":
             down = [i for i in ids if sim.hosts[i].down_since is not None]
             who = rng.choice(down) if down and rng.random() < 0.8 else h
@@ -278,6 +291,9 @@ def run_scenario(
         sim.command(h, Command.RESUME)
         sim.command(h, Command.START)
         sim.command(h, Command.ENABLE)
+        if health:
+            for which in (0, 1, None):
+                sim.health(h, which, True)
     deadline = sim.now + 60 * p
     while sim.now < deadline:
         sim.run_until(sim.now + p)
