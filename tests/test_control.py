@@ -426,7 +426,7 @@ def test_a_remote_request_is_carried_out_once_and_answered(daemon: Daemon) -> No
     daemon.remote.on_request(Request(2, 5, 1, 1, 42, body))
     assert backend(daemon).installs[-1].rule_states[0] is RuleState.ENABLED  # off here
     answer = _answers(daemon)[-1]
-    assert (answer.to, answer.request_id) == (2, 42)
+    assert (answer.peer, answer.request_id) == (2, 42)
     assert json.loads(answer.body) == {"ok": False, "error": "remote control is off on host 1"}
     on = daemon.cfg.cluster.model_copy(update={"remote_control": True})
     daemon.cfg = daemon.cfg.model_copy(update={"cluster": on})

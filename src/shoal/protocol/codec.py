@@ -208,9 +208,8 @@ class Codec:
         if isinstance(frame, Request | Answer):
             if len(frame.body) > MAX_REMOTE:
                 raise ValueError(f"a remote body is at most {MAX_REMOTE} bytes")
-            peer = frame.target if isinstance(frame, Request) else frame.to
             kind = FrameType.REQUEST if isinstance(frame, Request) else FrameType.ANSWER
-            payload = _REMOTE.pack(peer, frame.request_id) + frame.body
+            payload = _REMOTE.pack(frame.peer, frame.request_id) + frame.body
             return self._seal(kind, frame.host_id, frame.incarnation, frame.seq, payload)
         if isinstance(frame, Proof):
             if not 0 < len(frame.heard) <= MAX_PROOFS:

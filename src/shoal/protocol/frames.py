@@ -193,28 +193,25 @@ MAX_REMOTE = 1200  # bytes of a request's or an answer's JSON: 32 + 10 + 1200 + 
 
 
 @dataclass(frozen=True)
-class Request:
+class Remote:
+    """A remote-control frame: the sender's run, the other host (``peer``), the request's
+    id and its JSON ``body``."""
+
+    host_id: int
+    incarnation: int
+    seq: int
+    peer: int
+    request_id: int
+    body: bytes = field(repr=False)
+
+
+class Request(Remote):
     """An operator's verb for another host (remote control, where the cluster allows it):
-    the control request ``body`` (JSON) for host ``target`` (0: every host)."""
-
-    host_id: int
-    incarnation: int
-    seq: int
-    target: int
-    request_id: int
-    body: bytes = field(repr=False)
+    the control request in ``body`` for host ``peer`` (0: every host)."""
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What host ``host_id`` answered to request ``request_id`` of host ``to`` (JSON)."""
-
-    host_id: int
-    incarnation: int
-    seq: int
-    to: int
-    request_id: int
-    body: bytes = field(repr=False)
+class Answer(Remote):
+    """What host ``host_id`` answered to request ``request_id`` of host ``peer``."""
 
 
 Frame = Heartbeat | MapChunk | Proof | Request | Answer

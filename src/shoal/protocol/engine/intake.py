@@ -143,11 +143,8 @@ class FrameIntake:
             if not self.peers[env.host_id].proven:
                 self._ask(env.host_id, now)
                 return self._reject(Rejection.UNPROVEN)
-            if isinstance(frame, Request):
-                mine = frame.target in (0, self.me)
-            else:
-                mine = frame.to == self.me
-            if mine:
+            broadcast = isinstance(frame, Request) and frame.peer == 0
+            if broadcast or frame.peer == self.me:
                 self.remote.append(frame)
             return None
         self._step(now, timers=False)
