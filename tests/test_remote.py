@@ -80,7 +80,7 @@ def test_a_recorded_request_sent_again_changes_nothing(lab: Lab, tmp_path: Path)
 
     asker = threading.Thread(target=ask)
     asker.start()
-    frames = hostile.record(lab.ns("rt"), [1], 4)
+    frames = hostile.record(lab.ns("rt"), [1], 12)  # the asker is done well before
     asker.join(30)
     requests = [f for f in frames if f[3] == FrameType.REQUEST]
     assert len(requests) >= 2, len(frames)
