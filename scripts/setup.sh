@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-DEBS=(nftables libnftables1 iproute2 procps curl wrk netsniff-ng prometheus chromium nginx openssl)
+DEBS=(nftables libnftables1 iproute2 procps curl wrk netsniff-ng prometheus chromium nginx openssl systemd)
 # Debian's own python3 makes virtual environments only with python3-venv
 "$PY" -c "import ensurepip" >/dev/null 2>&1 || DEBS+=(python3-venv)
 missing=()

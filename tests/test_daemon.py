@@ -127,7 +127,7 @@ def test_stop_start_drainstop_suspend_resume(lab: Lab) -> None:
 
 def flag(lab: Lab, host: str, name: str) -> bool:
     """Whether one of the kernel's flag sets (``off_<i>``, ``drain_<i>``...) is set."""
-    table = tables(lab.config(1).cluster.name).inet
+    table = tables(lab.cluster).inet
     doc = json.loads(sh("nft", "-j", "list", "set", "inet", table, name, ns=lab.ns(host)))
     sets = [x["set"] for x in doc["nftables"] if "set" in x]
     return bool(sets and sets[0].get("elem"))

@@ -11,6 +11,7 @@ latest published reading (see :mod:`shoal.daemon.reading`), never from the engin
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import socket
 import threading
@@ -30,7 +31,9 @@ PEER_TIMEOUT = 0.3  # seconds a peer has to answer /api/local
 PEER_EVERY = 1.0  # seconds the peers' numbers are reused
 
 
+@functools.cache
 def page() -> bytes:
+    """The page, read from the package once."""
     return resources.files("shoal.daemon").joinpath("page.html").read_bytes()
 
 

@@ -225,7 +225,7 @@ def owned_buckets(lab: Lab, host: int, rule: int = WEB_RULE) -> set[int]:
         "list",
         "set",
         "netdev",
-        tables(lab.config(1).cluster.name).pre,
+        tables(lab.cluster).pre,
         owned_set(rule),
         ns=lab.ns(f"h{host}"),
     )
