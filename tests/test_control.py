@@ -34,6 +34,7 @@ class RecordingBackend:
         self.cfg = cfg
         self.installs: list[Install] = []
         self.renewals: list[int] = []
+        self.resets: frozenset[int] = frozenset()
         self.removed = False
 
     def attach(self) -> None:
@@ -44,6 +45,9 @@ class RecordingBackend:
 
     def renew(self, ms: int) -> None:
         self.renewals.append(ms)
+
+    def reset(self, tokens: frozenset[int]) -> None:
+        self.resets = tokens
 
     def counters(self) -> list[RuleCounters]:
         return [RuleCounters(r.key, 0, 0, 0) for r in self.cfg.cluster.effective_rules]

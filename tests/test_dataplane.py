@@ -253,3 +253,59 @@ def test_lease_renewals_replace_the_timeout_and_name_what_failed() -> None:
     assert got["first"] == [["ipv4", 5], ["ipv6", 5]]
     assert got["renewed"] == [["ipv4", 120], ["ipv6", 120]]
     assert got["lapsed"] == []
+
+
+_RESET_PROBE = """
+import json
+from shoal.dataplane.backend import NftBackend
+from shoal.dataplane.contract import Install, RuleState, bucket_token
+from shoal.dataplane.nft import Nft
+from shoal.sim.scenario import cluster_configs
+
+def kernel():
+    doc = Nft().json([{"list": {"set": {"family": "inet", "table": "shoal", "name": "reset_0"}}}])
+    st = [x["set"] for x in doc["nftables"] if "set" in x][0]
+    return sorted(e for e in st.get("elem", []) if isinstance(e, int))
+
+def install(buckets):
+    return Install(frozenset(bucket_token(0, b) for b in buckets), True, (RuleState.ENABLED,))
+
+cfg = cluster_configs(2, 64)[0]
+out = {"protocol": cfg.cluster.effective_rules[0].protocol.value}
+b = NftBackend(cfg)
+b.create()
+b.apply(install(range(10)))
+b.reset(frozenset(bucket_token(0, x) for x in (2, 3, 4, 40)))
+out["reset"] = kernel()
+b.apply(install([0, 1, 2, 3, 9, 40]))
+out["after_move"] = kernel()
+again = NftBackend(cfg)
+again.attach()
+again.apply(install([0, 1, 2]))
+out["taken_over_and_moved"] = kernel()
+again.reset(frozenset())
+out["cleared"] = kernel()
+print(json.dumps(out))
+"""
+
+
+@needs_root()
+def test_reset_buckets_stay_within_the_owned_ones() -> None:
+    """The buckets answered with resets are owned ones only: those not owned are ignored,
+    an install giving a bucket away takes it out in the same transaction (also after a
+    restarted daemon took the tables over), and an empty set clears them."""
+    with namespaces("reset") as ns:
+        res = subprocess.run(
+            ["ip", "netns", "exec", ns["reset"], sys.executable, "-c", _RESET_PROBE],
+            capture_output=True,
+            text=True,
+            env=pyenv(),
+            timeout=60,
+        )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["protocol"] != "udp"
+    assert got["reset"] == [2, 3, 4]
+    assert got["after_move"] == [2, 3]
+    assert got["taken_over_and_moved"] == [2]
+    assert got["cleared"] == []

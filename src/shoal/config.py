@@ -195,6 +195,8 @@ class ClusterConfig(BaseModel):
     partition_policy: PartitionPolicy = PartitionPolicy.QUORUM
     # operators' verbs from another host of the cluster (shoal --host N, --all): off unless set
     remote_control: bool = False
+    # the clients of a host known dead are answered with a reset by its buckets' new owners
+    reset_dead_clients: bool = True
     interface: str = Field(default="eth0", min_length=1, max_length=15)
     rules: list[PortRule] = Field(default_factory=list)
 
@@ -275,6 +277,7 @@ class ClusterConfig(BaseModel):
             "tolerance": self.tolerance,
             "partition_policy": self.partition_policy.value,
             "remote_control": self.remote_control,
+            "reset_dead_clients": self.reset_dead_clients,
             "rules": [
                 {
                     "name": r.key,

@@ -170,6 +170,7 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
         "reads": dict(d.reads),
         "socket_drops": d.socket_drops(),
         "rules": [asdict(c) for c in d.backend.counters()],
+        "dead_host_clients": d.orphans.docs(),
         "checks": d.checks.docs(),
     }
 

@@ -110,11 +110,18 @@ class ShoalCollector(Collector):
         dropped = CounterMetricFamily(
             "shoal_rule_dropped_packets", "Packets the kernel dropped, per rule.", labels=["rule"]
         )
+        reset = CounterMetricFamily(
+            "shoal_rule_dead_host_resets",
+            "Mid-stream packets of a dead host's connections answered with a reset, per rule.",
+            labels=["rule"],
+        )
         for rc in r.rule_counters:
             accepted.add_metric([rc.rule], float(rc.accepted))
             dropped.add_metric([rc.rule], float(rc.dropped))
+            reset.add_metric([rc.rule], float(rc.reset))
         yield accepted
         yield dropped
+        yield reset
         open_now = GaugeMetricFamily(
             "shoal_rule_established_connections",
             "TCP connections to a VIP established on this host, per rule.",

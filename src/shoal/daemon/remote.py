@@ -36,6 +36,7 @@ WAIT = 2.0  # seconds an asker waits for every answer
 RESEND = 0.25  # seconds between two sendings of a request not answered by all
 REMEMBER = 60.0  # seconds a target keeps an answer, for a request sent again
 PASSED = ("port", "vip", "timeout")  # a verb's fields that travel with it
+HELD = "held"  # the daemons' own question: see shoal.daemon.orphans
 
 
 @dataclass
@@ -52,6 +53,8 @@ class Remote:
         self.d = daemon
         self.waiting: dict[int, Pending] = {}
         self.answered: dict[tuple[int, int, int], tuple[float, bytes]] = {}
+        self.working: set[tuple[int, int, int]] = set()  # internal questions being answered
+        self.tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------- the asker
 
@@ -82,23 +85,31 @@ class Remote:
         if d.engine.me in hosts:  # this host answers for itself here
             answers[d.engine.me] = self.carry_out(inner, d.engine.me, "this host")
             hosts = hosts - {d.engine.me}
-        if hosts:
-            rid = secrets.randbits(63)
-            pending = self.waiting[rid] = Pending(set(hosts))
-            deadline = d.now() + WAIT
-            try:
-                while not pending.done.is_set() and d.now() < deadline:
-                    d.engine.request(wire, rid, body)
-                    d.after()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(pending.done.wait(), RESEND)
-            finally:
-                del self.waiting[rid]
-            answers.update(pending.answers)
-            for h in hosts - set(pending.answers):
-                answers[h] = {"ok": False, "error": f"no answer within {WAIT:g} s"}
+        answers.update(await self.exchange(hosts, wire, body))
         return {"ok": all(a.get("ok") for a in answers.values()),
                 "answers": {str(h): answers[h] for h in sorted(answers)}}  # fmt: skip
+
+    async def exchange(self, hosts: set[int], wire: int, body: bytes) -> dict[int, dict[str, Any]]:
+        """Send request ``body`` to host ``wire`` (0: every host) until each of ``hosts``
+        answered or :data:`WAIT` passed; the answers by host (an error for the silent)."""
+        d = self.d
+        if not hosts:
+            return {}
+        rid = secrets.randbits(63)
+        pending = self.waiting[rid] = Pending(set(hosts))
+        deadline = d.now() + WAIT
+        try:
+            while not pending.done.is_set() and d.now() < deadline:
+                d.engine.request(wire, rid, body)
+                d.after()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(pending.done.wait(), RESEND)
+        finally:
+            del self.waiting[rid]
+        answers = dict(pending.answers)
+        for h in hosts - set(pending.answers):
+            answers[h] = {"ok": False, "error": f"no answer within {WAIT:g} s"}
+        return answers
 
     def on_answer(self, a: Answer) -> None:
         pending = self.waiting.get(a.request_id)
@@ -116,11 +127,15 @@ class Remote:
     # ------------------------------------------------------------ the target
 
     def on_request(self, r: Request) -> None:
-        d = self.d
         now = time.monotonic()
         key = (r.host_id, r.incarnation, r.request_id)
         for k in [k for k, (t, _) in self.answered.items() if now - t > REMEMBER]:
             del self.answered[k]
+        if key in self.answered or not self.internal(r, key):
+            self.send_answer(r, key, now)
+
+    def send_answer(self, r: Request, key: tuple[int, int, int], now: float) -> None:
+        d = self.d
         if key not in self.answered:
             if not d.cfg.cluster.remote_control:
                 resp = {"ok": False, "error": f"remote control is off on host {d.engine.me}"}
@@ -129,6 +144,30 @@ class Remote:
             self.answered[key] = (now, _fit(resp))
         d.engine.answer(r.host_id, r.request_id, self.answered[key][1])
         d.after()
+
+    def internal(self, r: Request, key: tuple[int, int, int]) -> bool:
+        """A question the daemons ask one another (not an operator's verb, so answered
+        whether or not remote control is on): started here, answered when known."""
+        try:
+            doc = json.loads(r.body)
+        except ValueError:
+            return False
+        if not isinstance(doc, dict) or doc.get("cmd") != HELD:
+            return False
+        if key not in self.working:
+            self.working.add(key)
+            task = asyncio.get_running_loop().create_task(self._held(r, key, doc))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        return True
+
+    async def _held(self, r: Request, key: tuple[int, int, int], doc: dict[str, Any]) -> None:
+        try:
+            resp = await self.d.orphans.held(doc, r.host_id)
+            self.answered[key] = (time.monotonic(), _fit(resp))
+        finally:
+            self.working.discard(key)
+        self.send_answer(r, key, time.monotonic())
 
     def address(self, host: int) -> str:
         for p in self.d.engine.snapshot(self.d.now()).peers:

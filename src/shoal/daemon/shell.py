@@ -30,6 +30,7 @@ from shoal.daemon.health import Checks, Result, Runner
 from shoal.daemon.local import Established
 from shoal.daemon.metrics import Metrics
 from shoal.daemon.notify import notify
+from shoal.daemon.orphans import Orphans
 from shoal.daemon.picture import picture
 from shoal.daemon.reading import Board, Reading, owned_per_rule
 from shoal.daemon.remote import Remote
@@ -87,6 +88,7 @@ class Daemon:
         self.web: Web | None = None
         self.checks = Checks.of(self.cfg)
         self.remote = Remote(self)
+        self.orphans = Orphans(self)
         self.checks_config = self.cfg.host.checks
         self.runner: Runner | None = None
         self.stop_event = asyncio.Event()
@@ -297,6 +299,7 @@ class Daemon:
         e = self.engine
         now = self.now()
         self.carry_out(self.runtime.after(now))
+        self.orphans.observe()
         assert self.loop is not None
         deadline = e.next_deadline()
         if self.timer is not None and self.timer_at == deadline:

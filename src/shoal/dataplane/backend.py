@@ -3,7 +3,8 @@
 Each :meth:`NftBackend.apply` is one libnftables transaction: the flags, and for each
 ``multiple`` rule only the buckets that changed (deleted from and added to the owned sets
 of the pre-filter, and of the inet table for rules that carry UDP), plus newly owned
-buckets into the pre-filter's ``keep`` sets.
+buckets into the pre-filter's ``keep`` sets. A bucket leaving this host leaves the
+``reset`` sets in the same transaction, so that they only ever hold buckets owned here.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from shoal.dataplane.nft import Nft, NftError
 from shoal.dataplane.ruleset import (
     base_ruleset,
     checks_owned,
+    checks_reset,
     flags,
     keep_set,
     owned_set,
     prefilter,
+    reset_set,
     set_ref,
     tables,
 )
@@ -49,6 +52,16 @@ def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int
     return out
 
 
+def _sets(doc: dict[str, Any]) -> dict[str, set[int]]:
+    """The integer sets of a listed table, by name."""
+    out: dict[str, set[int]] = {}
+    for item in doc.get("nftables", []):
+        st = item.get("set")
+        if st:
+            out[st["name"]] = {int(e) for e in st.get("elem", []) if isinstance(e, int)}
+    return out
+
+
 class NftBackend:
     """Owns one cluster's ``inet`` and ``netdev`` pre-filter tables in this namespace
     (``shoal`` and ``shoal_pre`` for the cluster named shoal; see :func:`~.ruleset.tables`)."""
@@ -59,6 +72,7 @@ class NftBackend:
         self.nft = nft or Nft()
         self.owned: dict[int, set[int]] = {}
         self.keep: dict[int, set[int]] = {}
+        self.resets: dict[int, set[int]] = {}  # per rule carrying TCP: see ruleset.reset_set
         self.flags: dict[str, list[dict[str, Any]]] = {}
         self.tokens: frozenset[int] = frozenset()
         self.installed = False
@@ -70,29 +84,32 @@ class NftBackend:
         self.nft.run(base_ruleset(self.cfg) + prefilter(self.cfg))
         self.owned = owned_by_rule(self.cfg, frozenset())
         self.keep = {i: set() for i in self.owned}
+        self.resets = self._no_resets()
         self.flags = {}
         self.tokens = frozenset()
         self.installed = True
+
+    def _no_resets(self) -> dict[int, set[int]]:
+        return {i: set() for i, r in enumerate(self.cfg.cluster.effective_rules) if checks_reset(r)}
 
     def attach(self) -> None:
         """Take over tables left by an earlier run (their buckets keep their connections),
         or create them."""
         try:
             doc = self.nft.json([{"list": {"table": {"family": "netdev", "name": self.names.pre}}}])
-            self.nft.json([{"list": {"table": {"family": "inet", "name": self.names.inet}}}])
+            inet = self.nft.json([{"list": {"table": {"family": "inet", "name": self.names.inet}}}])
         except NftError:
             self.create()
             return
-        sets: dict[str, set[int]] = {}
-        for item in doc.get("nftables", []):
-            st = item.get("set")
-            if st:
-                sets[st["name"]] = {int(e) for e in st.get("elem", []) if isinstance(e, int)}
+        sets = _sets(doc)  # the pre-filter's owned and keep sets
+        resets = _sets(inet)
+        self.resets = self._no_resets()
         self.owned = owned_by_rule(self.cfg, frozenset())
         self.keep = {i: set() for i in self.owned}
         for i in self.owned:
             self.owned[i] = sets.get(owned_set(i), set())
             self.keep[i] = sets.get(keep_set(i), set()) | self.owned[i]
+        self.resets = {i: resets.get(reset_set(i), set()) & self.owned[i] for i in self.resets}
         self.tokens = frozenset(bucket_token(i, b) for i, bs in self.owned.items() for b in bs)
         self.flags = {}
         self.installed = True
@@ -128,11 +145,35 @@ class NftBackend:
             if fresh:
                 ref = set_ref(keep_set(i), self.names.pre, "netdev")
                 cmds.append({"add": {"element": {**ref, "elem": fresh}}})
+            unreset = sorted(set(out) & self.resets.get(i, set()))
+            if unreset:
+                ref = set_ref(reset_set(i), self.names.inet)
+                cmds.append({"delete": {"element": {**ref, "elem": unreset}}})
             owned[i] = (self.owned[i] - gone[i]) | came[i]
             keep[i] = self.keep[i] | set(new)
         if cmds:
             self.nft.json(cmds)  # raises NftError having changed nothing
         self.flags, self.owned, self.keep, self.tokens = wanted, owned, keep, inst.tokens
+        for i, bs in self.resets.items():
+            bs &= owned[i]
+
+    def reset(self, tokens: frozenset[int]) -> None:
+        """Answer unknown mid-stream TCP packets of these buckets with a reset, those owned
+        here and of rules carrying TCP (the rest are ignored); every other bucket, not."""
+        wanted = owned_by_rule(self.cfg, tokens)
+        cmds: list[dict[str, Any]] = []
+        after: dict[int, set[int]] = {}
+        for i, now in self.resets.items():
+            want = wanted.get(i, set()) & self.owned.get(i, set())
+            ref = set_ref(reset_set(i), self.names.inet)
+            if now - want:
+                cmds.append({"delete": {"element": {**ref, "elem": sorted(now - want)}}})
+            if want - now:
+                cmds.append({"add": {"element": {**ref, "elem": sorted(want - now)}}})
+            after[i] = want
+        if cmds:
+            self.nft.json(cmds)
+        self.resets = after
 
     def renew(self, ms: int) -> None:
         """The kernel takes new connections for ``ms`` more milliseconds (0: stop now)."""
@@ -146,12 +187,14 @@ class NftBackend:
         for i, rule in enumerate(self.cfg.cluster.effective_rules):
             acc = values.get(f"accepted_{i}", {})
             drop = values.get(f"dropped_{i}", {})
+            reset = values.get(f"reset_{i}", {})
             out.append(
                 RuleCounters(
                     rule.key,
                     int(acc.get("packets", 0)),
                     int(drop.get("packets", 0)),
                     int(drop.get("bytes", 0)),
+                    int(reset.get("packets", 0)),
                 )
             )
         return out

@@ -66,6 +66,7 @@ class RuleCounters:
     accepted: int  # new connections accepted
     dropped: int  # packets dropped by the rule's chain
     dropped_bytes: int
+    reset: int = 0  # mid-stream packets of a dead host's connections answered with a reset
 
 
 class Backend(Protocol):
@@ -86,6 +87,11 @@ class Backend(Protocol):
     def renew(self, ms: int) -> None:
         """The kernel takes new connections for ``ms`` more milliseconds and then stops on
         its own, whatever happens to the daemon (0: stop now)."""
+
+    def reset(self, tokens: frozenset[int]) -> None:
+        """Answer mid-stream TCP packets that no connection of this host tracks, in these
+        buckets, with a reset (the clients of a host known dead); only buckets owned now
+        count, and a bucket leaving this host in an :meth:`apply` leaves this set with it."""
 
     def counters(self) -> list[RuleCounters]:
         """Per rule: new connections accepted and packets dropped, since attach."""

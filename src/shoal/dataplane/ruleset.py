@@ -9,11 +9,16 @@ change the engine asks for is one atomic JSON transaction of set flushes and ele
 * ``lease`` — holds ``ipv4`` and ``ipv6`` with a timeout: when it runs out (the daemon stopped
   renewing it), ``meta nfproto != @lease`` refuses every new connection;
 * ``serving``, ``default_host``, ``handle_<i>``, ``off_<i>``, ``drain_<i>`` — flags, tested
-  the same way with ``meta nfproto``: an empty set means no.
+  the same way with ``meta nfproto``: an empty set means no;
+* ``reset_<i>`` — buckets of a ``multiple`` rule carrying TCP, owned here, taken over from a
+  host known dead, in which no live host holds a connection: a mid-stream TCP packet this
+  host does not track there belongs to a connection that died with that host, and is
+  answered with a reset so that its client reconnects at once.
 
 Connection awareness: established and related packets are accepted before any bucket check
 (a connection stays where it is); a new TCP connection must be a pure SYN, so a mid-stream
-packet this host does not track is dropped instead of being answered with a reset.
+packet this host does not track is dropped (a live host may be serving it), outside the
+``reset_<i>`` buckets.
 """
 
 from __future__ import annotations
@@ -52,6 +57,17 @@ def owned_set(rule: int) -> str:
     """The set of buckets of ``multiple`` rule ``rule`` this host takes new connections for
     (in the pre-filter, and in the inet table when the rule carries UDP)."""
     return f"owned_{rule}"
+
+
+def reset_set(rule: int) -> str:
+    """The inet table's set of buckets of rule ``rule`` whose unknown mid-stream TCP packets
+    are answered with a reset (see the module's docstring)."""
+    return f"reset_{rule}"
+
+
+def checks_reset(rule: PortRule) -> bool:
+    """Whether a rule's chain answers unknown mid-stream packets of ``reset_<i>`` buckets."""
+    return rule.mode is FilteringMode.MULTIPLE and rule.protocol is not Protocol.UDP
 
 
 def keep_set(rule: int) -> str:
@@ -114,6 +130,7 @@ def base_ruleset(cfg: ShoalConfig) -> str:
     for i in range(len(rules)):
         lines.append(f"  counter accepted_{i} {{ }}")
         lines.append(f"  counter dropped_{i} {{ }}")
+        lines.append(f"  counter reset_{i} {{ }}")
     lines.append("  set serving { type nf_proto; }")
     lines.append("  set default_host { type nf_proto; }")
     for i, rule in enumerate(rules):
@@ -122,6 +139,8 @@ def base_ruleset(cfg: ShoalConfig) -> str:
         lines.append(f"  set handle_{i} {{ type nf_proto; }}")
         if checks_owned(rule):
             lines.append(f"  set {owned_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
+        if checks_reset(rule):
+            lines.append(f"  set {reset_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
     lines.append("  chain pre {")
     lines.append("    type filter hook prerouting priority -150; policy accept;")
     if v4:
@@ -148,6 +167,16 @@ def base_ruleset(cfg: ShoalConfig) -> str:
             lines += [
                 f"    meta nfproto @off_{i} {dropped}",
                 "    ct state established,related accept",
+            ]
+            if checks_reset(rule):
+                e4, e6 = _hash_exprs(rule)
+                for fam, e in (("ipv4", e4), ("ipv6", e6)):
+                    lines.append(
+                        f"    meta nfproto {fam} meta l4proto tcp tcp flags & (syn|rst) == 0 "
+                        f"jhash {e} mod {cl.buckets} seed {seed} == @{reset_set(i)} "
+                        f'counter name "reset_{i}" reject with tcp reset'
+                    )
+            lines += [
                 f"    meta nfproto @drain_{i} {dropped}",
                 f"    {NEW_ONLY.removesuffix('drop')}{dropped}",
                 f"    {LEASE.removesuffix('drop')}{dropped}",

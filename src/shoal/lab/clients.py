@@ -46,6 +46,7 @@ class Clients:
         probe: list[tuple[str, int]] | None = None,
         sniff: bool = False,
         port: int = 80,
+        patience: float = 2.0,
     ) -> None:
         """Start one traffic process in client namespace ``client`` (its own sources)."""
         self._n += 1
@@ -55,7 +56,7 @@ class Clients:
             src = base.with_suffix(".sources")
             src.write_text("\n".join(self.lab.client_sources(client, False)))
             args += ["--sources", str(src), "--rate", str(rate), "--long", str(long)]
-            args += ["--port", str(port)]
+            args += ["--port", str(port), "--patience", str(patience)]
         if probe:
             path = base.with_suffix(".probe")
             path.write_text("".join(f"{a} {p}\n" for a, p in probe))

@@ -4,7 +4,8 @@ checks' tests and benchmark.
 Each host's nginx answers ``hN`` on :data:`HTTP_PORT` (plain) and :data:`HTTPS_PORT`
 (TLS, a self-signed certificate made with openssl for the lab), on the VIP and the host's
 dedicated address; both ports are in the lab's ``web`` rule and free of the lab's own
-service. It answers 500 while the host's *fail file* exists, so a test can break the
+service. ``/big`` is a download that lasts (:data:`BIG_SIZE` bytes at :data:`BIG_RATE` a second).
+It answers 500 while the host's *fail file* exists, so a test can break the
 application without touching the server. It runs in the foreground in a session of its
 own (master and workers in one process group), recorded in the lab's PIDs, so the lab's
 teardown ends it; :func:`pause` stops the whole group (the server hangs: connections are
@@ -23,6 +24,8 @@ from shoal.lab.topology import Lab, LabError, alive, sh
 
 HTTP_PORT = 88
 HTTPS_PORT = 442
+BIG_RATE = 65536  # bytes a second of /big, a download that lasts
+BIG_SIZE = 1 << 24  # bytes of /big: over four minutes at that rate
 
 
 def fail_file(lab: Lab, host: int) -> Path:
@@ -59,6 +62,11 @@ http {{
   server {{
 {listen}    ssl_certificate {crt};
     ssl_certificate_key {key};
+    location = /big {{
+      limit_rate {BIG_RATE};
+      default_type application/octet-stream;
+      alias {root}/big;
+    }}
     location / {{
       default_type text/plain;
       if (-f {root}/fail) {{ return 500 "h{host} failing\\n"; }}
@@ -73,6 +81,8 @@ def start(lab: Lab, host: int) -> None:
     """nginx on host ``host``, answering before this returns."""
     root = lab.dir / f"h{host}.nginx"
     (root / "tmp").mkdir(parents=True, exist_ok=True)
+    with (root / "big").open("wb") as f:
+        f.truncate(BIG_SIZE)
     conf = root / "nginx.conf"
     conf.write_text(_conf(lab, host, root))
     proc = subprocess.Popen(

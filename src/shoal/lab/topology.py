@@ -87,6 +87,7 @@ class Lab:
     daemons: bool = True
     profile: str = "default"
     weights: list[int] = field(default_factory=list)  # the web rule's load weight per host
+    reset_dead_clients: bool = True  # cluster.reset_dead_clients
     pids: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------- naming
@@ -161,6 +162,7 @@ hash_seed = 0x5348
 buckets = 4096
 profile = "{self.profile}"
 interface = "eth0"
+reset_dead_clients = {"true" if self.reset_dead_clients else "false"}
 
 [[cluster.rules]]
 name = "web"

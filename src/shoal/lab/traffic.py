@@ -7,8 +7,9 @@ client namespace and prints one JSON line per event.
 * short: HTTP requests to the VIP (port 80, or ``--port``) from random source addresses
   (bounded concurrency), ``{"t", "kind": "short", "host": "h1" | null, "error"}``; an
   answer with a status other than 200 is an error;
-* long: N long-lived connections kept busy (a ping every 100 ms), an ``open`` event, then
-  ``done`` or the error that broke it;
+* long: N long-lived connections kept busy (a ping every 100 ms, its echo awaited
+  ``--patience`` seconds, 2 unless told), an ``open`` event, then ``done`` or the error that
+  broke it;
 * probe: for each ``SRC SPORT`` line, connection attempts from exactly that address and
   port (so to one bucket), each closed with a reset; an event each time the outcome flips,
   ``{"t": start of the attempt, "kind": "probe", "idx", "ok"}``;
@@ -89,7 +90,7 @@ async def short_loop(sources: list[str], clock: Clock, rate: int, port: int) -> 
     await asyncio.gather(*pending)
 
 
-async def long_lived(src: str, clock: Clock, idx: int) -> None:
+async def long_lived(src: str, clock: Clock, idx: int, patience: float) -> None:
     try:
         r, w = await asyncio.wait_for(asyncio.open_connection(VIP, PORT, local_addr=(src, 0)), 2)
         host = (await asyncio.wait_for(r.readline(), 2)).decode().strip()
@@ -101,7 +102,7 @@ async def long_lived(src: str, clock: Clock, idx: int) -> None:
         while clock.running():
             w.write(b"ping\n")
             await w.drain()
-            line = await asyncio.wait_for(r.readline(), 2)
+            line = await asyncio.wait_for(r.readline(), patience)
             if line != b"ping\n":
                 raise ConnectionResetError("closed")
             await asyncio.sleep(0.1)
@@ -212,7 +213,7 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_reader(counter.sock.fileno(), counter.on_readable)
     sources = _lines(args.sources) if args.sources else []
     tasks = [
-        asyncio.create_task(long_lived(sources[i % len(sources)], clock, i))
+        asyncio.create_task(long_lived(sources[i % len(sources)], clock, i, args.patience))
         for i in range(args.long)
     ]
     if args.probe:
@@ -243,6 +244,9 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=0, help="short requests per second")
     ap.add_argument("--port", type=int, default=PORT, help="the short requests' port")
     ap.add_argument("--long", type=int, default=0, help="long-lived connections")
+    ap.add_argument(
+        "--patience", type=float, default=2.0, help="seconds a long connection awaits its echo"
+    )
     ap.add_argument("--probe", help="file of 'SRC SPORT' lines to probe")
     ap.add_argument("--sniff", action="store_true", help="count SYN-ACKs per SYN")
     args = ap.parse_args()

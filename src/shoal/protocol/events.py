@@ -37,6 +37,8 @@ class EventId(IntEnum):
     HEALTH_RECOVERED = 111
     HEALTH_HELD = 112
     REMOTE_COMMAND = 113
+    DEAD_HOST_CLIENTS = 114
+    DEAD_HOST_SPARED = 115
 
 
 TEMPLATES: dict[EventId, str] = {
@@ -83,6 +85,14 @@ TEMPLATES: dict[EventId, str] = {
     EventId.HEALTH_RECOVERED: "check {check} healthy again on host {host}: {effect} ({reason})",
     EventId.REMOTE_COMMAND: (
         "remote command {command} from host {peer} ({address}) on host {host}: {result}"
+    ),
+    EventId.DEAD_HOST_CLIENTS: (
+        "host {host} resets the clients of dead host {peer} in {reset} of the {buckets} "
+        "buckets it took over (live hosts hold connections in the others)"
+    ),
+    EventId.DEAD_HOST_SPARED: (
+        "host {host} took over {buckets} buckets of host {peer} and resets none of their "
+        "clients: {why}"
     ),
     EventId.HEALTH_HELD: (
         "check {check} passes again on host {host}, but it flaps: back in service at the "

@@ -63,6 +63,9 @@ class Kernel:
     def renew(self, ms: int) -> None:
         self.lease_until = self.clock() + ms / 1000
 
+    def reset(self, tokens: frozenset[int]) -> None:
+        """Resets concern connections, which the model does not track."""
+
     def counters(self) -> list[RuleCounters]:
         return []
 
