@@ -50,7 +50,7 @@ def _events(lab: Lab, since: float, name: str) -> list[dict[str, Any]]:
 
 def _failover(lab: Lab, since: float) -> float:
     """When the last survivor converged without host 3 (wall time)."""
-    done = [
+    done: list[float] = [
         e["at"]
         for e in _events(lab, since, "converged") + _events(lab, since, "converged_default")
         if 3 not in e["members"]

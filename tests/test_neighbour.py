@@ -36,6 +36,10 @@ def _probe(ns: str, *targets: str) -> dict[str, bool]:
     return result
 
 
+def _tentative(ns: str) -> str:
+    return sh("ip", "-6", "addr", "show", "tentative", ns=ns).strip()
+
+
 def test_probes_tell_a_live_address_from_a_dead_one() -> None:
     with namespaces("a", "b") as ns:
         veth("eth0", ns["a"], "eth0", ns["b"])
@@ -43,11 +47,8 @@ def test_probes_tell_a_live_address_from_a_dead_one() -> None:
             sh("ip", "addr", "add", f"198.18.7.{n}/24", "dev", "eth0", ns=ns[name])
             sh("ip", "addr", "add", f"2001:db8:7::{n}/64", "dev", "eth0", "nodad", ns=ns[name])
             sh("ip", "link", "set", "eth0", "up", ns=ns[name])
-        for name in ("a", "b"):  # a fresh link answers neighbour solicitations once set up
-            until(
-                "IPv6 set up",
-                lambda n=ns[name]: not sh("ip", "-6", "addr", "show", "tentative", ns=n).strip(),
-            )
+        # a fresh link answers neighbour solicitations once IPv6 is set up on it
+        until("IPv6 set up", lambda: not any(_tentative(ns[n]) for n in ("a", "b")))
         live = ("198.18.7.2", "2001:db8:7::2")
         dead = ("198.18.7.3", "2001:db8:7::3")
         assert _probe(ns["a"], *live, *dead) == {
