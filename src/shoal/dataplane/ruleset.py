@@ -13,7 +13,8 @@ change the engine asks for is one atomic JSON transaction of set flushes and ele
 * ``reset_<i>`` — buckets of a ``multiple`` rule carrying TCP, owned here, taken over from a
   host known dead, in which no live host holds a connection: a mid-stream TCP packet this
   host does not track there belongs to a connection that died with that host, and is
-  answered with a reset so that its client reconnects at once.
+  answered with a reset so that its client reconnects at once. Only while the lease runs:
+  the kernel of a host whose daemon died keeps its sets, and its buckets are others' by then.
 
 Connection awareness: established and related packets are accepted before any bucket check
 (a connection stays where it is); a new TCP connection must be a pure SYN, so a mid-stream
@@ -172,7 +173,8 @@ def base_ruleset(cfg: ShoalConfig) -> str:
                 e4, e6 = _hash_exprs(rule)
                 for fam, e in (("ipv4", e4), ("ipv6", e6)):
                     lines.append(
-                        f"    meta nfproto {fam} meta l4proto tcp tcp flags & (syn|rst) == 0 "
+                        f"    meta nfproto {fam} meta nfproto @lease "
+                        "meta l4proto tcp tcp flags & (syn|rst) == 0 "
                         f"jhash {e} mod {cl.buckets} seed {seed} == @{reset_set(i)} "
                         f'counter name "reset_{i}" reject with tcp reset'
                     )
