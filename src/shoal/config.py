@@ -115,6 +115,9 @@ class PartitionPolicy(StrEnum):
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
 
+MAX_AFFINITY_TIMEOUT = 86400  # seconds: a day
+
+
 class PortRule(BaseModel):
     """A VIP (or all) × port range × protocol, and how its traffic is shared."""
 
@@ -129,17 +132,31 @@ class PortRule(BaseModel):
     affinity: Affinity = Affinity.SINGLE
     ipv4_prefix: int = Field(default=24, ge=1, le=32)
     ipv6_prefix: int = Field(default=64, ge=1, le=128)
-    # kept in the digest (every host must agree on it); only 0 until affinity that
-    # survives convergence exists: a key that is accepted and does nothing is refused
-    affinity_timeout_s: int = Field(default=0, ge=0)
+    # kept in the digest (every host must agree on it): a client idle for less than this
+    # keeps its host when its bucket moves (shoal.protocol.engine.handoff); 0: it does not
+    affinity_timeout_s: int = Field(default=0, ge=0, le=MAX_AFFINITY_TIMEOUT)
     all_unhealthy: AllUnhealthy = AllUnhealthy.SERVE
 
-    @field_validator("affinity_timeout_s")
-    @classmethod
-    def _no_affinity_timeout(cls, v: int) -> int:
-        if v != 0:
-            raise ValueError("only 0 is supported: client affinity does not outlive convergence")
-        return v
+    @model_validator(mode="after")
+    def _sticky(self) -> PortRule:
+        if self.affinity_timeout_s == 0:
+            return self
+        t = f"affinity_timeout_s = {self.affinity_timeout_s}"
+        if self.mode is not FilteringMode.MULTIPLE:
+            raise ValueError(f"{t}: only a multiple rule has affinity (mode is {self.mode.value})")
+        if self.affinity is Affinity.NONE:
+            raise ValueError(f"{t}: the rule has no client affinity (affinity is none)")
+        if self.protocol is not Protocol.TCP:
+            raise ValueError(
+                f"{t}: affinity that outlives convergence is for TCP rules "
+                f"(protocol is {self.protocol.value})"
+            )
+        return self
+
+    @property
+    def sticky(self) -> bool:
+        """Whether a client keeps its host when its bucket moves (for the timeout)."""
+        return self.affinity_timeout_s > 0
 
     @model_validator(mode="after")
     def _range(self) -> PortRule:

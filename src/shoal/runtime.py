@@ -9,7 +9,10 @@ simulator both run (so what the simulator proves is what the daemon does):
   withheld and the same install is tried again at the next step, until the kernel takes it;
 * **the lease renewal rule**: the kernel's lease never outruns the engine's, and is renewed
   once less than half of it and a period are left;
-* **the record and the vote** are saved (through ``save``) whenever they change.
+* **the record and the vote** are saved (through ``save``) whenever they change;
+* **affinity** (sticky rules): away entries are in the kernel before any frame that says so,
+  and the kernel's affinity keys are read for a handoff only once the release they follow
+  is in the kernel.
 
 It does no I/O of its own: time is passed in, the backend and ``save`` are injected, and
 frames, events and problems are returned for the caller to send and log.
@@ -20,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from shoal.dataplane.contract import Backend, DataplaneError, Install
+from shoal.dataplane.contract import Away, Backend, DataplaneError, Install
 from shoal.protocol.engine import Engine
 from shoal.protocol.events import Event, EventId
 
@@ -53,6 +56,7 @@ class HostRuntime:
         self.outputs_seen = -1  # the engine's outputs counter when they were last read
         self.lease_sent = float("-inf")  # the engine lease the kernel's was last set from
         self.record, self.vote = engine.record, engine.vote  # as saved
+        self.away: list[Away] = []  # away entries the kernel refused, tried again first
 
     def replace_backend(self, backend: Backend) -> None:
         """A new backend (a reload changed the cluster's rules): it enforces nothing yet."""
@@ -63,23 +67,53 @@ class HostRuntime:
     def after(self, now: float) -> Output:
         """Call after every input the engine took: install, collect frames and events,
         save the record, renew the kernel lease."""
-        e = self.engine
         out = Output()
-        if e.outputs != self.outputs_seen:
-            self.outputs_seen = e.outputs
-            inst = e.install
-            frames = e.take_frames()
-            if inst != self.installed and not self._install(inst, out):
-                # a host that cannot enforce what its heartbeats say stays silent
-                frames, out.withheld = [], len(frames)
-            out.frames = frames
-            out.events = e.take_events()
-            out.close_connections = any(ev.id in CLOSES_CONNECTIONS for ev in out.events)
-            if (e.record, e.vote) != (self.record, self.vote):
-                self.record, self.vote = e.record, e.vote
-                self.save(self.record, self.vote)
+        # twice at most: a handoff composed in the first pass is sent in the second
+        for _ in range(2):
+            if self.engine.outputs == self.outputs_seen:
+                break
+            self._carry(now, out)
         self._renew(now, out)
         return out
+
+    def _carry(self, now: float, out: Output) -> None:
+        e = self.engine
+        self.outputs_seen = e.outputs
+        inst = e.install
+        frames = e.take_frames()
+        self.away += e.take_away()
+        done = self._put_away(out) and (inst == self.installed or self._install(inst, out))
+        if not done:
+            # a host that cannot enforce what its heartbeats say stays silent
+            frames, n = [], len(frames)
+            out.withheld += n
+        out.frames += frames
+        events = e.take_events()
+        out.events += events
+        out.close_connections |= any(ev.id in CLOSES_CONNECTIONS for ev in events)
+        if (e.record, e.vote) != (self.record, self.vote):
+            self.record, self.vote = e.record, e.vote
+            self.save(self.record, self.vote)
+        wanted = e.handoff_wanted()
+        if done and wanted is not None:
+            # the release is in the kernel: no key can join the buckets given away now
+            try:
+                keys = self.backend.affine()
+            except DataplaneError as err:
+                out.problems.append({"name": "affinity_read_failed", "error": str(err)})
+            else:
+                e.handoff_keys(wanted, keys, now)
+
+    def _put_away(self, out: Output) -> bool:
+        """Away entries into the kernel, in order, before any frame that says they are."""
+        while self.away:
+            try:
+                self.backend.away(self.away[0])
+            except DataplaneError as err:
+                out.problems.append({"name": "away_failed", "error": str(err)})
+                return False
+            self.away.pop(0)
+        return True
 
     def _install(self, inst: Install, out: Output) -> bool:
         try:

@@ -15,6 +15,7 @@ from typing import Any
 from shoal.config import FilteringMode, ShoalConfig
 from shoal.dataplane.contract import (
     DEFAULT_TOKEN,
+    Away,
     Install,
     RuleCounters,
     bucket_token,
@@ -67,6 +68,12 @@ class NftBackend:
     (``shoal`` and ``shoal_pre`` for the cluster named shoal; see :func:`~.ruleset.tables`)."""
 
     def __init__(self, cfg: ShoalConfig, nft: Nft | None = None) -> None:
+        sticky = [r.key for r in cfg.cluster.effective_rules if r.sticky]
+        if sticky:
+            raise NftError(
+                f"rule {sticky[0]}: affinity_timeout_s > 0 needs affinity tables this data "
+                "plane does not have yet; set it to 0"
+            )
         self.cfg = cfg
         self.names = tables(cfg.cluster.name)  # this cluster's tables (several may share a host)
         self.nft = nft or Nft()
@@ -156,6 +163,13 @@ class NftBackend:
         self.flags, self.owned, self.keep, self.tokens = wanted, owned, keep, inst.tokens
         for i, bs in self.resets.items():
             bs &= owned[i]
+
+    def affine(self) -> dict[int, list[bytes]]:
+        """No sticky rule here (refused at construction): no affinity entries."""
+        return {}
+
+    def away(self, entries: Away) -> None:
+        raise NftError("this data plane keeps no away entries (no sticky rule)")
 
     def reset(self, tokens: frozenset[int]) -> None:
         """Answer unknown mid-stream TCP packets of these buckets with a reset, those owned

@@ -53,6 +53,24 @@ class Install(NamedTuple):
     tokens: frozenset[int]  # new connections accepted for these, while the lease runs
     serving: bool  # established connections to VIPs kept (False when stopped or suspended)
     rule_states: tuple[RuleState, ...]  # per rule: disabled drops all, draining drops new
+    # sticky rules (see shoal.protocol.engine.handoff): whose affinity entries the kernel
+    # keeps (this run and generation: another one flushes them), and the hosts whose away
+    # entries stand, each with its run and generation ((-1, -1): as they are)
+    affinity: tuple[int, int] = (0, 0)
+    sources: frozenset[tuple[int, int, int]] = frozenset()
+
+
+@dataclass(frozen=True)
+class Away:
+    """Keys (4 or 16 bytes) of sticky rule ``rule`` whose clients host ``source`` (in its run
+    ``incarnation``, affinity ``generation``) serves: their new connections are refused
+    here until they have been idle for the rule's affinity timeout and a margin."""
+
+    source: int
+    incarnation: int
+    generation: int
+    rule: int
+    keys: tuple[bytes, ...]
 
 
 class DataplaneError(RuntimeError):
@@ -87,6 +105,14 @@ class Backend(Protocol):
     def renew(self, ms: int) -> None:
         """The kernel takes new connections for ``ms`` more milliseconds and then stops on
         its own, whatever happens to the daemon (0: stop now)."""
+
+    def affine(self) -> dict[int, list[bytes]]:
+        """The keys of the affinity entries this kernel keeps in the sticky rules' buckets
+        it does not own, by bucket token (read after a release: none can be added there)."""
+
+    def away(self, entries: Away) -> None:
+        """Refuse the new connections of these clients (see :class:`Away`); entries of
+        another run or generation of that source are replaced."""
 
     def reset(self, tokens: frozenset[int]) -> None:
         """Answer mid-stream TCP packets that no connection of this host tracks, in these

@@ -9,8 +9,9 @@ Every frame is ``header | payload | tag``:
 offset   size   field
 =======  =====  ===============================================================
 0        2      magic ``SH``
-2        1      protocol version (4)
-3        1      frame type: 1 heartbeat, 2 map chunk
+2        1      protocol version (7)
+3        1      frame type: 1 heartbeat, 2 map chunk, 3 proof, 4 request, 5 answer,
+                6 handoff
 4        8      cluster id: first 8 bytes of SHA-256("shoal-cluster:" + primary VIP)
 12       2      sender host id (1..256)
 14       8      sender incarnation (chosen at each daemon start, increasing)
@@ -39,6 +40,7 @@ from typing import NamedTuple
 from shoal.protocol.frames import (
     CHUNK_DATA,
     HEADER_LEN,
+    MAX_HANDOFF_KEYS,
     MAX_HOST,
     MAX_PROOFS,
     MAX_REMOTE,
@@ -46,11 +48,13 @@ from shoal.protocol.frames import (
     NO_KEY,
     TAG_LEN,
     VERSION,
+    Affinity,
     Answer,
     EpochKey,
     Flag,
     Frame,
     FrameType,
+    Handoff,
     Heartbeat,
     HostState,
     MapChunk,
@@ -100,6 +104,9 @@ _RULE = struct.Struct("!BBH")
 _SILENCE = struct.Struct("!HI")
 _CHUNK = struct.Struct("!IHQ8sHH")
 _REMOTE = struct.Struct("!HQ")  # the target (request) or the asker (answer), the request id
+_HANDOFF = struct.Struct("!IHQHHHHBB")  # epoch, generation, to, index, count, rule, key size
+_AFFINITY = struct.Struct("!HB")  # generation, bits: 1 ready, 2 handed in, 4 a bitmap follows
+AFFINITY_FOLLOWS = 0x80  # in the dedicated address's family byte: an affinity block follows
 
 
 @functools.lru_cache(maxsize=64)
@@ -211,6 +218,14 @@ class Codec:
             kind = FrameType.REQUEST if isinstance(frame, Request) else FrameType.ANSWER
             payload = _REMOTE.pack(frame.peer, frame.request_id) + frame.body
             return self._seal(kind, frame.host_id, frame.incarnation, frame.seq, payload)
+        if isinstance(frame, Handoff):
+            return self._seal(
+                FrameType.HANDOFF,
+                frame.host_id,
+                frame.incarnation,
+                frame.seq,
+                _encode_handoff(frame),
+            )
         if isinstance(frame, Proof):
             if not 0 < len(frame.heard) <= MAX_PROOFS:
                 raise ValueError(f"a proof names 1 to {MAX_PROOFS} hosts")
@@ -289,6 +304,8 @@ def parse(env: Envelope) -> Frame | Rejection:
             return _decode_proof(env)
         if env.ftype in (FrameType.REQUEST, FrameType.ANSWER):
             return _decode_remote(env)
+        if env.ftype == FrameType.HANDOFF:
+            return _decode_handoff(env)
         return _decode_chunk(env.payload, env.host_id, env.incarnation, env.seq)
     except (_Malformed, struct.error, ValueError):
         return Rejection.MALFORMED
@@ -326,10 +343,17 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
     out += [_RULE.pack(r.weight, r.byte, r.priority) for r in hb.rules]
     out.append(struct.pack("!B", len(hb.silences)))
     out += [_SILENCE.pack(h, min(ms, 0xFFFFFFFF)) for h, ms in hb.silences]
+    a = hb.affinity
+    more = AFFINITY_FOLLOWS if a is not None else 0  # in the address family's byte
     if hb.dedicated_ip is None:
-        out.append(b"\x00")
+        out.append(bytes([more]))
     else:
-        out.append(struct.pack("!B", hb.dedicated_ip.version) + hb.dedicated_ip.packed)
+        out.append(bytes([hb.dedicated_ip.version | more]) + hb.dedicated_ip.packed)
+    if a is not None:
+        bits = (1 if a.ready else 0) | (2 if a.handed_in else 0) | (4 if a.to else 0)
+        out.append(_AFFINITY.pack(a.generation, bits))
+        if a.to:
+            out.append(host_bitmap(a.to))
     if len(hb.echoes) != len(hb.acks):
         raise ValueError("one echo per acknowledged host")
     out.append(bytes([hb.beat, *hb.echoes]))
@@ -380,6 +404,7 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
         silences.append((h, ms))
     (fam,) = struct.unpack_from("!B", p, off)
     off += 1
+    has_affinity, fam = fam & AFFINITY_FOLLOWS, fam & ~AFFINITY_FOLLOWS
     dip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
     if fam == 4:
         dip = ipaddress.IPv4Address(p[off : off + 4])
@@ -389,6 +414,19 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
         off += 16
     elif fam != 0:
         raise _Malformed
+    affinity: Affinity | None = None
+    if has_affinity:
+        gen, bits = _AFFINITY.unpack_from(p, off)
+        off += _AFFINITY.size
+        if bits & ~7:
+            raise _Malformed
+        to: frozenset[int] = frozenset()
+        if bits & 4:
+            to = hosts_from_bitmap(p[off : off + 32])
+            off += 32
+            if not to:
+                raise _Malformed
+        affinity = Affinity(gen, bool(bits & 1), to, bool(bits & 2))
     if off + 1 + len(acks) != len(p):
         raise _Malformed
     beat, echoes = p[off], tuple(p[off + 1 :])
@@ -417,7 +455,35 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
         said=env.said,
         asks=asks,
         health=health,
+        affinity=affinity,
     )
+
+
+def _encode_handoff(h: Handoff) -> bytes:
+    size = len(h.keys[0]) if h.keys else 4
+    if size not in (4, 16) or any(len(k) != size for k in h.keys):
+        raise ValueError("a handoff's keys are all IPv4 or all IPv6 addresses")
+    if len(h.keys) * size > MAX_HANDOFF_KEYS * 4:
+        raise ValueError(f"a handoff carries at most {MAX_HANDOFF_KEYS * 4} bytes of keys")
+    e = h.epoch
+    head = _HANDOFF.pack(
+        e.number, e.leader, e.origin, h.generation, h.to, h.index, h.count, h.rule, size
+    )
+    return head + b"".join(h.keys)
+
+
+def _decode_handoff(env: Envelope) -> Handoff:
+    p = env.payload
+    enum_, elead, eorig, gen, to, index, count, rule, size = _HANDOFF.unpack_from(p)
+    body = p[_HANDOFF.size :]
+    bad = not 1 <= elead <= MAX_HOST or not 1 <= to <= MAX_HOST or rule >= MAX_RULES
+    if bad or count == 0 or index >= count or size not in (4, 16) or len(body) % size:
+        raise _Malformed
+    if len(body) > MAX_HANDOFF_KEYS * 4:
+        raise _Malformed
+    keys = tuple(body[i : i + size] for i in range(0, len(body), size))
+    epoch = EpochKey(enum_, elead, eorig)
+    return Handoff(env.host_id, env.incarnation, env.seq, epoch, gen, to, index, count, rule, keys)
 
 
 def _decode_proof(env: Envelope) -> Proof:

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from shoal.dataplane.contract import RuleState
 
 ETHERTYPE = 0x886F
-VERSION = 6
+VERSION = 7
 HEADER_LEN = 32
 TAG_LEN = 32
 MTU_PAYLOAD = 1500
@@ -31,6 +31,7 @@ class FrameType(IntEnum):
     PROOF = 3
     REQUEST = 4
     ANSWER = 5
+    HANDOFF = 6
 
 
 class HostState(IntEnum):
@@ -156,9 +157,45 @@ class Heartbeat:
     said: int = 0  # the content number (header): the sender's count of changes to the rest
     asks: frozenset[int] = frozenset()  # hosts heard that have not proven they are alive now
     health: Health = Health.NONE  # of the host-wide check
+    affinity: Affinity | None = None  # where the cluster has sticky rules
 
     def has(self, flag: Flag) -> bool:
         return bool(self.flags & flag)
+
+
+@dataclass(frozen=True)
+class Affinity:
+    """What a heartbeat says of client affinity (see :mod:`shoal.protocol.engine.handoff`):
+    the generation of the sender's affinity entries (a new one each time it lost them:
+    entries handed over under an older one no longer stand); for the epoch it reports,
+    whether its handoff is ready and to whom it hands clients over, and whether it received
+    every handoff addressed to it."""
+
+    generation: int  # 0..65535, within the sender's incarnation
+    ready: bool = False  # its handoff for the epoch it reports is composed
+    to: frozenset[int] = frozenset()  # hosts it hands clients over to, in that epoch
+    handed_in: bool = False  # it holds every handoff addressed to it in that epoch
+
+
+MAX_HANDOFF_KEYS = 280  # IPv4 keys per handoff frame (70 IPv6): 32 + 24 + 1120 + 32 < 1500
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """One piece of a host's handoff to host ``to`` in epoch ``epoch``: the clients of
+    sticky rule ``rule`` that the sender keeps serving (their keys: 4 or 16 bytes each),
+    piece ``index`` of ``count``; under the sender's affinity ``generation``."""
+
+    host_id: int
+    incarnation: int
+    seq: int
+    epoch: EpochKey
+    generation: int
+    to: int
+    index: int
+    count: int
+    rule: int
+    keys: tuple[bytes, ...] = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -214,4 +251,4 @@ class Answer(Remote):
     """What host ``host_id`` answered to request ``request_id`` of host ``peer``."""
 
 
-Frame = Heartbeat | MapChunk | Proof | Request | Answer
+Frame = Heartbeat | MapChunk | Proof | Request | Answer | Handoff

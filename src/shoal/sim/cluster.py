@@ -18,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.config import FilteringMode, PartitionPolicy, ShoalConfig
-from shoal.dataplane.contract import DataplaneError, Install, RuleCounters, bucket_token
+from shoal.dataplane.contract import Away, DataplaneError, Install, RuleCounters, bucket_token
 from shoal.protocol.codec import Keys
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event
 from shoal.protocol.frames import HostState
 from shoal.runtime import HostRuntime
 from shoal.sim.adversary import Recorder
+from shoal.sim.affinity import AffinityTables, Clients, Decider, timeouts_of
 from shoal.sim.checkers import (
     EpochLedger,
     InvariantViolation,
@@ -45,6 +46,7 @@ class Kernel:
     lease_until: float = float("-inf")
     refuse_until: float = float("-inf")  # installs are refused until then
     refused: int = 0  # installs refused so far
+    affinity: AffinityTables | None = None  # the sticky rules' tables, if any
 
     def accepting(self, now: float) -> frozenset[int]:
         if not self.alive or now >= self.lease_until:
@@ -59,6 +61,20 @@ class Kernel:
             self.refused += 1
             raise DataplaneError("refused by the simulated kernel")
         self.tokens = inst.tokens
+        if self.affinity is not None:
+            self.affinity.apply(inst)
+
+    def affine(self) -> dict[int, list[bytes]]:
+        if self.affinity is None:
+            return {}
+        return self.affinity.affine(self.tokens, self.clock())
+
+    def away(self, entries: Away) -> None:
+        if self.clock() < self.refuse_until:
+            self.refused += 1
+            raise DataplaneError("refused by the simulated kernel")
+        if self.affinity is not None:
+            self.affinity.away(entries, self.clock())
 
     def renew(self, ms: int) -> None:
         self.lease_until = self.clock() + ms / 1000
@@ -123,6 +139,11 @@ class SimCluster:
         self.key = key
         self.now = 0.0
         self.period = configs[0].cluster.period_ms / 1000.0
+        self.sticky = timeouts_of(configs[0])
+        self.buckets = configs[0].cluster.buckets
+        self.clients: Clients | None = None
+        self.clients_on = True
+        self._client_every = 0.25
         self.hosts = {c.host.host_id: SimHost(c.host.host_id, c, self._kernel()) for c in configs}
         self.faults = NetFaults()
         self._queue: list[tuple[float, int, str, int, object]] = []
@@ -144,7 +165,45 @@ class SimCluster:
     # ------------------------------------------------------------- lifecycle
 
     def _kernel(self, alive: bool = True) -> Kernel:
-        return Kernel(lambda: self.now, alive)
+        k = Kernel(lambda: self.now, alive)
+        if self.sticky:
+            k.affinity = AffinityTables(self.sticky, self.buckets)
+        return k
+
+    def _decider(self, hid: int) -> Decider:
+        def tables() -> AffinityTables | None:
+            k = self.hosts[hid].kernel
+            return k.affinity if k.alive else None
+
+        return Decider(
+            tables,
+            lambda: self.hosts[hid].kernel.tokens,
+            lambda now: (
+                self.hosts[hid].kernel.accepting(now) is not frozenset()
+                and now < self.hosts[hid].kernel.lease_until
+            ),
+        )
+
+    def start_clients(self, count: int = 40, every: float = 0.25) -> Clients:
+        """Clients of the sticky rules, a moment every ``every`` seconds from now on (see
+        :mod:`shoal.sim.affinity`); the cluster must have sticky rules."""
+        self.clients = Clients(
+            {h: self._decider(h) for h in self.hosts},
+            sorted(self.sticky),
+            self.buckets,
+            random.Random(self.seed ^ 0xAFF1),
+            self.fail,
+            count,
+        )
+        self._client_every = every
+        self.at(self.now + every, self._client_moment)
+        return self.clients
+
+    def _client_moment(self) -> None:
+        if self.clients is None or not self.clients_on:
+            return
+        self.clients.step(self.now)
+        self.at(self.now + self._client_every, self._client_moment)
 
     def _boot(self, h: SimHost) -> None:
         h.incarnation += 1

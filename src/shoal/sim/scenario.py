@@ -15,6 +15,7 @@ from typing import Any
 from shoal.config import ShoalConfig, parse_config
 from shoal.protocol.engine import Command
 from shoal.sim.adversary import Recorder
+from shoal.sim.affinity import MARGIN
 from shoal.sim.checkers import InvariantViolation
 from shoal.sim.cluster import SimCluster
 
@@ -30,9 +31,12 @@ def cluster_configs(
     extra_rule: bool = False,
     checks: list[dict[str, Any]] | None = None,
     all_unhealthy: str = "serve",
+    sticky: int = 0,
 ) -> list[ShoalConfig]:
     """N host configurations sharing one cluster section (``checks``: every host's
-    ``[[host.checks]]``; their verdicts are injected, see :meth:`SimCluster.health`)."""
+    ``[[host.checks]]``; their verdicts are injected, see :meth:`SimCluster.health`;
+    ``sticky``: the web rule keeps a client's host for that many seconds of affinity, and
+    an "app" rule with network affinity does too)."""
     rules: list[dict[str, Any]] = [
         {
             "name": "web",
@@ -47,6 +51,12 @@ def cluster_configs(
     ]
     if extra_rule:
         rules.append({"name": "dns", "start": 53, "protocol": "udp", "affinity": "network"})
+    if sticky:
+        rules[0].update(affinity="single", affinity_timeout_s=sticky)
+        rules.append(
+            {"name": "app", "start": 8443, "protocol": "tcp", "affinity": "network",
+             "affinity_timeout_s": sticky}
+        )  # fmt: skip
     out = []
     for h in range(1, n + 1):
         w = (weights or {}).get(h, 50)
@@ -85,7 +95,8 @@ def reweighted(cfg: ShoalConfig, weight: int) -> ShoalConfig:
 def mismatched(cfg: ShoalConfig) -> ShoalConfig:
     doc = cfg.model_dump(mode="json")
     doc["cluster"]["key"] = KEY.decode()
-    doc["cluster"]["rules"][0]["affinity"] = "single"
+    rule = doc["cluster"]["rules"][0]
+    rule["affinity"] = "network" if rule["affinity"] == "single" else "single"
     return parse_config(doc)
 
 
@@ -133,6 +144,7 @@ def run_scenario(
     cluster: type[SimCluster] = SimCluster,
     replay: bool = False,
     health: bool = False,
+    sticky: bool = False,
 ) -> Scenario:
     """Run one random scenario; raises InvariantViolation naming the seed on a breach.
     ``observers`` are called after every input an engine handled. With ``policy``
@@ -146,13 +158,20 @@ def run_scenario(
     for a while (most often a host that is down); no host down may then count as live
     anywhere (the ``ghosts`` checker, after every input). ``health``: health-check verdicts
     are one more kind of fault (a rule's check or the host-wide one failing or passing
-    again, on any host), under an ``all_unhealthy`` policy drawn for the run."""
+    again, on any host), under an ``all_unhealthy`` policy drawn for the run. ``sticky``: the
+    rules keep their clients' hosts for an affinity timeout drawn for the run, and clients
+    connect throughout (see :mod:`shoal.sim.affinity`): none is ever taken by two hosts, or
+    by another host while one serves it by affinity, and once idle every one is taken by
+    exactly one host."""
     rng = random.Random(seed)
     n = hosts or rng.randint(2, max_hosts)
     buckets = rng.choice([16, 60, 64, 256])
     weights = {h: rng.randint(1, 100) for h in range(1, n + 1)}
     unhealthy = rng.choice(["serve", "drop"]) if health else "serve"
-    configs = cluster_configs(n, buckets, weights=weights, policy=policy, all_unhealthy=unhealthy)
+    affinity_s = rng.choice([1, 2, 4]) if sticky else 0
+    configs = cluster_configs(
+        n, buckets, weights=weights, policy=policy, all_unhealthy=unhealthy, sticky=affinity_s
+    )
     sim = cluster(configs, KEY, seed)
     sim.observers.extend(observers)
     if replay:
@@ -182,6 +201,13 @@ def run_scenario(
 
     ids = list(range(1, n + 1))
     t = 12 * p  # let the cluster form first
+    if sticky:
+        count = rng.choice([10, 40])
+
+        def clients() -> None:
+            sim.start_clients(count)
+
+        sim.at(t, clients)
     end = sc.duration
     while True:
         t += rng.uniform(0.5, 15) * p
@@ -315,6 +341,10 @@ def run_scenario(
         sim.run_until(sim.now + 20 * p)
         if not (sim.converged(set(ids)) and sim.covered()):
             raise sim.fail("covered/agreed: not converged 20 periods after a split healed")
+    if sim.clients is not None:
+        sim.clients_on = False  # every client idle until no affinity is left, then each once
+        sim.run_until(sim.now + affinity_s + MARGIN + 1.0)
+        sim.clients.settled(sim.now)
     sc.wire = sim.wire.hexdigest()
     sc.events = [(h, e.at, e.text) for h, e in sim.events]
     sc.frames = sim.frames_sent

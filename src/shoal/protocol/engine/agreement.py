@@ -16,6 +16,7 @@ from shoal.config import PortRule, ShoalConfig
 from shoal.dataplane.contract import RuleState
 from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.epochs import EpochStore
+from shoal.protocol.engine.handoff import Handoffs
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import ELIGIBLE, HostStateMachine
 from shoal.protocol.engine.leader import Create, Leader, Seat
@@ -44,6 +45,7 @@ class Agreement:
     leader: Leader
     epochs: EpochStore
     holding: Holding
+    handoffs: Handoffs
     started_at: float
     eligible_since: float
     wake: float
@@ -171,6 +173,7 @@ class Agreement:
             self.digest,
             self.timing,
             now,
+            self.handoffs.handed_in if self.handoffs.sticky else None,
         )
         if why is None:
             self._ready(now)

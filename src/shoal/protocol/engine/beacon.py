@@ -18,7 +18,15 @@ from shoal.protocol.codec import Codec
 from shoal.protocol.engine.epochs import chunks_of
 from shoal.protocol.engine.peers import NEVER, Peer, Roster
 from shoal.protocol.epoch import EpochState
-from shoal.protocol.frames import Answer, EpochKey, Heartbeat, MapChunk, Proof, Request
+from shoal.protocol.frames import (
+    Answer,
+    EpochKey,
+    Handoff,
+    Heartbeat,
+    MapChunk,
+    Proof,
+    Request,
+)
 
 MAX_SILENCES = 128  # fenced hosts whose silence one heartbeat reports
 UNKNOWN_SILENCE = 0xFFFFFFFF  # never heard (a heartbeat's silence field)
@@ -96,6 +104,11 @@ class Beacon:
             self.frames.append(self.codec.encode(ch))
             self.frames_sent += 1
         self.last_map_sent[state.key] = now
+
+    def send_handoff(self, piece: Handoff) -> None:
+        """A piece of this host's handoff (see :mod:`.handoff`), numbered in this run."""
+        self.frames.append(self.codec.encode(replace(piece, seq=self._next_seq())))
+        self.frames_sent += 1
 
     def send_proof(self, heard: list[tuple[int, int, int]]) -> None:
         """Prove this host is alive now to each asking heartbeat (host, incarnation,

@@ -23,11 +23,12 @@ from __future__ import annotations
 import ipaddress
 
 from shoal.config import InitialState, PartitionPolicy, ShoalConfig
-from shoal.dataplane.contract import Install, RuleState
+from shoal.dataplane.contract import Away, Install, RuleState
 from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.engine.agreement import Agreement
 from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.epochs import EpochStore
+from shoal.protocol.engine.handoff import Handoffs
 from shoal.protocol.engine.health import HealthInputs
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import (
@@ -56,6 +57,8 @@ from shoal.protocol.frames import (
     RuleReport,
     cluster_id,
 )
+
+RESEND = 3  # periods between two sendings of a handoff not yet taken in
 
 INITIAL = {
     InitialState.STARTED: HostState.CONVERGING,
@@ -103,6 +106,8 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         self.lease_until: float | None = None  # new connections taken until then (None: not)
         self.beacon = Beacon(self.codec, self.me, incarnation, now)
         self.beat_sent = self.beacon.beat_sent  # the beacon's, read here for every echo
+        sticky = tuple(i for i, r in enumerate(self.rules) if r.sticky)
+        self.handoffs = Handoffs(self.me, incarnation, sticky)
         self.holding = Holding(
             self.me,
             record,
@@ -110,7 +115,9 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             self.roster,
             self.beacon,
             self._emit,
+            self.handoffs.lost,
         )
+        self._sources_memo: tuple[object, frozenset[tuple[int, int, int]]] | None = None
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
         self._reports_memo: (
             tuple[ShoalConfig, tuple[RuleState, ...], tuple[Health, ...], tuple[RuleReport, ...]]
@@ -279,7 +286,17 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         states = self.rule_states
         if Health.FAILING in self.rule_health:
             states = self._kernel_rule_states()
-        self.install = Install(self.holding.installed, self.host.state in SERVING, states)
+        hs = self.handoffs
+        if hs.sticky:
+            self.install = Install(
+                self.holding.installed,
+                self.host.state in SERVING,
+                states,
+                hs.identity,
+                self._sources(),
+            )
+        else:
+            self.install = Install(self.holding.installed, self.host.state in SERVING, states)
         t = min(self.beacon.deadline(self.timing.period), self.wake, self.roster.expiry_check)
         lease = self.lease_until
         if self.holding.installed and lease is not None:
@@ -288,7 +305,42 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             t = min(t, lease)
         if self.drain_deadline is not None:
             t = min(t, self.drain_deadline)
+        if hs.sticky:
+            t = min(t, hs.next_send(self.holding.epoch, RESEND * self.timing.period))
         self._deadline = t
+
+    def _sources(self) -> frozenset[tuple[int, int, int]]:
+        """Whose away entries stand: the members of the newest READY epoch and of the epoch
+        held (a host leaves them only once surely taking nothing: fenced, or gone on
+        purpose), each with the run and generation its heartbeats report."""
+        e = self.holding.epoch
+        key = (self.roster.view, self.record, e.key if e else None)
+        memo = self._sources_memo
+        if memo is None or memo[0] != key:
+            hosts = self.record | (e.members if e else frozenset())
+            memo = self._sources_memo = (key, self.handoffs.sources(hosts, self.peers))
+        return memo[1]
+
+    # ---------------------------------------------------------------- affinity
+
+    def handoff_wanted(self) -> EpochKey | None:
+        """The epoch whose handoff waits for the kernel's affinity keys (see
+        :mod:`.handoff`): the runtime reads them once the release is in the kernel."""
+        return self.handoffs.wanted(self.holding.epoch)
+
+    def handoff_keys(self, epoch: EpochKey, keys: dict[int, list[bytes]], now: float) -> None:
+        """The kernel's affinity keys per bucket token it does not own, read after the
+        release of ``epoch`` was installed."""
+        e = self.holding.epoch
+        if e is None or e.key != epoch or self.handoffs.wanted(e) != epoch:
+            return
+        self.handoffs.compose(e, keys)
+        self.beacon.dirty = True
+        self._step(now, timers=False)
+
+    def take_away(self) -> list[Away]:
+        """Away entries to put in the kernel before the next frames leave."""
+        return self.handoffs.take_away()
 
     def _emit(self, eid: EventId, now: float, **fields: object) -> None:
         self._events.append(Event(eid, now, {"host": self.me, **fields}))
@@ -313,6 +365,14 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         if timers:
             self._expire(now)
         self._check_drain(now)
+        hs = self.handoffs
+        if hs.sticky:
+            e = self.holding.epoch
+            if hs.check_in(e, self.peers):
+                self.beacon.dirty = True
+            if e is not None:
+                for piece in hs.send(e, self.peers, now, RESEND * self.timing.period):
+                    self.beacon.send_handoff(piece)
         leader = self._leader(now)
         self.leading = leader == self.me
         self.leader_id = leader

@@ -36,6 +36,7 @@ class Holding:
         roster: Roster,
         beacon: Beacon,
         emit: Emit,
+        lost: Callable[[], None] = lambda: None,
     ) -> None:
         self.me = me
         self.record = record  # the members of the newest READY epoch known
@@ -50,6 +51,7 @@ class Holding:
         self._roster = roster
         self._beacon = beacon
         self._emit = emit
+        self._lost = lost  # this host's tokens went other than by an epoch (affinity entries go)
         self._mine_cache: tuple[EpochKey | None, frozenset[int]] = (None, frozenset())
 
     def _move(self, step: Step) -> None:
@@ -129,6 +131,7 @@ class Holding:
         self._move(Step.DROP)
         self.installed = frozenset()
         self.own_bounds = {}
+        self._lost()
 
     def may_adopt(self, state: EpochState, quorum: bool) -> bool:
         """A READY epoch is only ever left for one that descends from it, or one whose
@@ -194,6 +197,7 @@ class Holding:
         if lease is None or lease <= now or not eligible:
             self._move(Step.LAPSE)
             self.why_converging = "lease expired"
+            self._lost()
             return True
         self.installed = self.mine(e)
         self._beacon.dirty = True
@@ -206,6 +210,7 @@ class Holding:
             self.installed = frozenset()
             self._move(Step.LAPSE)
             self.why_converging = "lease expired"
+            self._lost()
             self._emit(EventId.LEASE_LOST, now)
             self._beacon.dirty = True
 
@@ -213,4 +218,5 @@ class Holding:
         if self.installed:
             self.installed = frozenset()
             self._beacon.dirty = True
+        self._lost()
         self.why_converging = why

@@ -19,6 +19,7 @@ from shoal.protocol.codec import Codec, Envelope, Repeat, parse, repeat_of
 from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.epochs import EpochStore
 from shoal.protocol.engine.freshness import Freshness
+from shoal.protocol.engine.handoff import Handoffs
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import ELIGIBLE
 from shoal.protocol.engine.leader import votes
@@ -31,6 +32,7 @@ from shoal.protocol.frames import (
     HEADER_LEN,
     Answer,
     FrameType,
+    Handoff,
     Heartbeat,
     MapChunk,
     Proof,
@@ -66,6 +68,7 @@ class FrameIntake:
     epochs: EpochStore
     tenure: Tenure
     holding: Holding
+    handoffs: Handoffs
     beacon: Beacon
     beat_sent: list[float]
     lease_until: float | None
@@ -139,6 +142,12 @@ class FrameIntake:
                 p.repeat = repeat_of(data, frame, self.me) if same else None
         elif isinstance(frame, MapChunk):
             self._on_chunk(frame)
+        elif isinstance(frame, Handoff):
+            if not self.peers[env.host_id].proven:
+                self._ask(env.host_id, now)
+                return self._reject(Rejection.UNPROVEN)
+            if not self.handoffs.on_piece(frame, self.holding.epoch):
+                return None  # a piece that completed nothing changes nothing yet
         elif isinstance(frame, Request | Answer):  # the shell's to carry out
             if not self.peers[env.host_id].proven:
                 self._ask(env.host_id, now)

@@ -11,7 +11,10 @@ READY once (:func:`blocker`):
   it has not heard each fenced host (its silences, :func:`fence_report`); a host that left
   the cluster (suspended, stopped: it lent its vote) and acknowledged it is bounded by when
   its heartbeats stopped acknowledging it, as seen here; the fence passes a lease and a
-  margin after the latest such bound.
+  margin after the latest such bound;
+* with sticky rules, every member holds every handoff addressed to it (``handed_in``: see
+  :mod:`.handoff`), so that no new owner acquires a bucket before it refuses the clients
+  that others keep serving there.
 """
 
 from __future__ import annotations
@@ -76,11 +79,14 @@ def blocker(
     digest: bytes,
     timing: Timing,
     now: float,
+    handed_in: bool | None = None,
 ) -> float | None:
     """What keeps ``e`` from READY: None when nothing does; a time when only a fence does
     (it passes then); ``inf`` when the members' reports are awaited."""
     peers = roster.peers
     wait = float("inf")
+    if handed_in is False and me in e.members:
+        return wait  # sticky rules: this host's handoffs are not all in yet
     for q in e.members:
         if q == me:
             continue
@@ -88,6 +94,8 @@ def blocker(
         if p is None or p.hb is None or not roster.alive(p, now):
             return wait
         if p.hb.epoch != e.key or not p.hb.has(Flag.RELEASED):
+            return wait
+        if handed_in is not None and not (p.hb.affinity and p.hb.affinity.handed_in):
             return wait
         if p.ack_at < eligible_since:
             return wait  # sent before it heard this host since its last start: maybe stale

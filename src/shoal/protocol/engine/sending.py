@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from shoal.protocol.engine.beacon import Beacon, acknowledged, silences
 from shoal.protocol.engine.freshness import Freshness
+from shoal.protocol.engine.handoff import Handoffs
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import HostStateMachine
 from shoal.protocol.engine.peers import NEVER, Peer, Roster, behind_on, other_cluster
@@ -37,6 +38,7 @@ class Sending:
     peers: dict[int, Peer]
     roster: Roster
     holding: Holding
+    handoffs: Handoffs
     tenure: Tenure
     beacon: Beacon
     leading: bool
@@ -120,6 +122,7 @@ class Sending:
             vote=self.vote,
             asks=self.freshness.asks(now),
             health=self.host_health,
+            affinity=self.handoffs.announce(e),
         )
         self.beacon.send_heartbeat(said, acked_peers, now, self.timing.period)
         if self.tenure.count is not None:

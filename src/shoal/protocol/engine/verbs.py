@@ -16,6 +16,7 @@ from shoal.config import FilteringMode, PartitionPolicy, PortRule, ShoalConfig
 from shoal.dataplane.contract import RuleState
 from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.engine.beacon import Beacon
+from shoal.protocol.engine.handoff import Handoffs
 from shoal.protocol.engine.holding import Holding
 from shoal.protocol.engine.host_state import RULE_COMMANDS, Act, Command, HostStateMachine
 from shoal.protocol.engine.leader import Leader
@@ -54,6 +55,7 @@ class OperatorInputs:
     detect: float
     host: HostStateMachine
     holding: Holding
+    handoffs: Handoffs
     leader: Leader
     roster: Roster
     peers: dict[int, Peer]
@@ -161,6 +163,7 @@ class OperatorInputs:
             self._stop(now)
         elif act is Act.DRAIN:
             self.holding.lend_no_vote()  # the others carry on without this host
+            self.handoffs.lost()  # its affine clients go to the owners of their buckets
             self.drain_deadline = now + timeout if timeout is not None else None
             self.drain_started = now
             self._emit(EventId.DRAIN_STARTED, now)
