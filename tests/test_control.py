@@ -21,7 +21,7 @@ from shoal.config import ConfigError, ShoalConfig, parse_config
 from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, VERBS
 from shoal.daemon.shell import Daemon
-from shoal.dataplane.contract import Backend, Install, RuleCounters, RuleState
+from shoal.dataplane.contract import Away, Backend, Install, RuleCounters, RuleState
 from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.frames import Answer, HostState, Rejection, Request
 from tests.conftest import EXAMPLES, example_doc, write_private
@@ -48,6 +48,12 @@ class RecordingBackend:
 
     def reset(self, tokens: frozenset[int]) -> None:
         self.resets = tokens
+
+    def affine(self) -> dict[int, list[bytes]]:
+        return {}
+
+    def away(self, entries: Away) -> None:
+        pass
 
     def counters(self) -> list[RuleCounters]:
         return [RuleCounters(r.key, 0, 0, 0) for r in self.cfg.cluster.effective_rules]

@@ -11,10 +11,13 @@ from hypothesis import strategies as st
 from shoal.dataplane.contract import RuleState
 from shoal.protocol.codec import Codec, Keys, repeat_of
 from shoal.protocol.frames import (
+    MAX_HANDOFF_KEYS,
     MAX_PROOFS,
     MTU_PAYLOAD,
+    Affinity,
     EpochKey,
     Flag,
+    Handoff,
     Heartbeat,
     HostState,
     MapChunk,
@@ -58,7 +61,41 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
         echoes=tuple(draw(st.lists(st.integers(0, 255), min_size=len(acks), max_size=len(acks)))),
         said=draw(st.integers(0, 2**32 - 1)),
         asks=draw(st.frozensets(hosts)),
+        affinity=draw(st.one_of(st.none(), affinities)),
     )
+
+
+affinities = st.builds(
+    Affinity, st.integers(0, 0xFFFF), st.booleans(), st.frozensets(hosts), st.booleans()
+)
+
+
+@st.composite
+def handoffs(draw: st.DrawFn) -> Handoff:
+    size = draw(st.sampled_from([4, 16]))
+    n = draw(st.integers(0, MAX_HANDOFF_KEYS * 4 // size))
+    count = draw(st.integers(1, 65535))
+    return Handoff(
+        draw(hosts),
+        draw(st.integers(0, 2**64 - 1)),
+        draw(st.integers(0, 2**32 - 1)),
+        draw(keys),
+        draw(st.integers(0, 0xFFFF)),
+        draw(hosts),
+        draw(st.integers(0, count - 1)),
+        count,
+        draw(st.integers(0, 31)),
+        tuple(draw(st.lists(st.binary(min_size=size, max_size=size), min_size=n, max_size=n))),
+    )
+
+
+@settings(max_examples=200)
+@given(h=handoffs())
+def test_handoff_round_trip_within_mtu(h: Handoff) -> None:
+    """A handoff piece, its most keys of either family included, fits a 1500-byte MTU."""
+    wire = CODEC.encode(h)
+    assert len(wire) <= MTU_PAYLOAD
+    assert CODEC.decode(wire) == h
 
 
 @settings(max_examples=300)
@@ -207,10 +244,12 @@ def steady(n: int, rules: int = 3) -> Heartbeat:
 
 def test_heartbeat_sizes() -> None:
     """The sizes docs/convergence.md gives: a steady heartbeat with 3 rules at 4 and at 256
-    hosts, and the largest one (256 hosts, 32 rules, 128 silences, every bitmap, an IPv6
-    address), which still fits a 1500-byte MTU."""
+    hosts (3 bytes more with sticky rules), and the largest one (256 hosts, 32 rules, 128
+    silences, every bitmap, an IPv6 address, a handoff to some), which still fits a 1500-byte
+    MTU."""
     assert len(CODEC.encode(steady(4))) == 151
     assert len(CODEC.encode(steady(256))) == 403
+    assert len(CODEC.encode(replace(steady(4), affinity=Affinity(3, True)))) == 154
     largest = replace(
         steady(256, rules=32),
         record=frozenset(range(1, 200)),
@@ -218,8 +257,9 @@ def test_heartbeat_sizes() -> None:
         silences=tuple((h, 5) for h in range(3, 131)),
         dedicated_ip=ipaddress.ip_address("2001:db8::12"),
         asks=frozenset(range(1, 257)),
+        affinity=Affinity(3, True, frozenset({1, 7}), True),
     )
-    assert len(CODEC.encode(largest)) == 1395 <= MTU_PAYLOAD
+    assert len(CODEC.encode(largest)) == 1430 <= MTU_PAYLOAD
 
 
 def test_accepted_keys_open_frames_and_are_counted() -> None:

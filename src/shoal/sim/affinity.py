@@ -150,19 +150,20 @@ class Clients:
         rng: random.Random,
         fail: Callable[[str], Exception],
         count: int = 40,
+        timeouts: Mapping[int, float] | None = None,
     ) -> None:
         self.hosts = hosts
+        self.timeouts = dict(timeouts or {})
         self.rng = rng
         self.fail = fail
-        self.clients = [
-            Client(rng.randrange(65536).to_bytes(2, "big") + bytes([i % 256, 0]), rules[i % 2])
-            for i in range(count)
-        ]
+        keys = [rng.randrange(65536).to_bytes(2, "big") + bytes([i % 256, 0]) for i in range(count)]
+        self.clients = [Client(k, rules[i % len(rules)]) for i, k in enumerate(keys)]
         self.buckets = buckets
         self.syns = 0
         self.taken = 0
         self.kept = 0  # SYNs taken by the host that took the client's previous connection
         self.moved = 0  # ...by another host, the previous one having lost its affinity
+        self.expired = 0  # ...by another host, the client idle for longer than the timeout
 
     def syn(self, c: Client, now: float) -> None:
         """A new connection of ``c``: checked against every host's tables."""
@@ -190,7 +191,10 @@ class Clients:
                     f"affinity: client {c.key.hex()} taken by host {h} while host {prev} "
                     "still serves it by affinity"
                 )
-            self.moved += 1
+            if now - c.active_until > self.timeouts[c.rule]:
+                self.expired += 1
+            else:
+                self.moved += 1
         elif prev == h:
             self.kept += 1
         self.taken += 1

@@ -194,6 +194,7 @@ class SimCluster:
             random.Random(self.seed ^ 0xAFF1),
             self.fail,
             count,
+            self.sticky,
         )
         self._client_every = every
         self.at(self.now + every, self._client_moment)

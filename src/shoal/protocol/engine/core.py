@@ -118,6 +118,7 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             self.handoffs.lost,
         )
         self._sources_memo: tuple[object, frozenset[tuple[int, int, int]]] | None = None
+        self._lease_ran = False  # a lease ran at the last step
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
         self._reports_memo: (
             tuple[ShoalConfig, tuple[RuleState, ...], tuple[Health, ...], tuple[RuleReport, ...]]
@@ -307,6 +308,8 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             t = min(t, self.drain_deadline)
         if hs.sticky:
             t = min(t, hs.next_send(self.holding.epoch, RESEND * self.timing.period))
+            if self._lease_ran and lease is not None:
+                t = min(t, lease)  # a lapse moves the affinity generation: seen when it comes
         self._deadline = t
 
     def _sources(self) -> frozenset[tuple[int, int, int]]:
@@ -447,6 +450,7 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         e = self.holding.epoch
         if e is None or self.me not in e.members or not self._eligible_self(now):
             self.lease_until = None
+            self._lease_ended(now)
             return
         self.lease_until = self.tenure.update(
             self.lease_until,
@@ -459,6 +463,15 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             self._lease_regime(),
             self.timing,
         )
+        self._lease_ended(now)
+
+    def _lease_ended(self, now: float) -> None:
+        """A lease that ran ends (it lapsed, or this host left): whatever the kernel took by
+        affinity under it may have been given away since, so its affinity entries go."""
+        running = self.lease_until is not None and self.lease_until > now
+        if self._lease_ran and not running:
+            self.handoffs.lost()
+        self._lease_ran = running
 
     def _lease_regime(self) -> tuple[object, ...]:
         """What a lease count is only good for (the epoch by identity: this is compared
