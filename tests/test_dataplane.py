@@ -309,3 +309,80 @@ def test_reset_buckets_stay_within_the_owned_ones() -> None:
     assert got["after_move"] == [2, 3]
     assert got["taken_over_and_moved"] == [2]
     assert got["cleared"] == []
+
+
+_STICKY_PROBE = """
+import ipaddress, json
+from shoal.dataplane.backend import NftBackend
+from shoal.dataplane.contract import Away, Install, RuleState, bucket_token
+from shoal.dataplane.nft import Nft
+from shoal.hashing import bucket_of
+from shoal.sim.scenario import cluster_configs
+
+cfg = cluster_configs(2, 64, sticky=30)[0]
+cl = cfg.cluster
+T = "shoal"
+
+def names():
+    doc = Nft().json([{"list": {"table": {"family": "inet", "name": T}}}])
+    return sorted(x["set"]["name"] for x in doc["nftables"] if "set" in x and x["set"]["name"].startswith("aw"))
+
+def chain_rules(name):
+    doc = Nft().json([{"list": {"chain": {"family": "inet", "table": T, "name": name}}}])
+    return sum(1 for x in doc["nftables"] if "rule" in x)
+
+def install(buckets, sources, ident=(5, 0)):
+    toks = frozenset(bucket_token(0, b) for b in buckets)
+    return Install(toks, True, (RuleState.ENABLED,) * 4, ident, frozenset(sources))
+
+out = {}
+b = NftBackend(cfg)
+b.create()
+b.apply(install(range(32), {(2, 9, 0)}))
+key = ipaddress.ip_address("198.19.7.7")
+b.away(Away(2, 9, 0, 0, (key.packed,)))
+out["sets"] = names()
+out["away_rules"] = chain_rules("away_0")
+bk = bucket_of(key, None, cl.seed, cl.buckets)
+out["kept_bucket"] = bk in b.keep[0]
+# a key this host keeps by affinity, in a bucket it gives away
+mine = next(ipaddress.ip_address(f"198.19.8.{i}") for i in range(1, 255)
+            if bucket_of(ipaddress.ip_address(f"198.19.8.{i}"), None, cl.seed, cl.buckets) < 32)
+Nft().run(f"add element inet {T} aff4_0 {{ {mine} }}")
+bm = bucket_of(mine, None, cl.seed, cl.buckets)
+b.apply(install([x for x in range(32) if x != bm], {(2, 9, 0)}))
+out["affine"] = {str(k): [ipaddress.ip_address(v).compressed for v in vs] for k, vs in b.affine().items()}
+out["mine"] = [bucket_token(0, bm), str(mine)]
+again = NftBackend(cfg)
+again.attach()
+out["held_after_attach"] = again.sticky.held
+again.apply(install(range(32), {(2, 9, 1)}))  # host 2 moved to another generation
+out["sets_after"] = names()
+out["affine_after_restart"] = again.affine()  # the first install of a run flushed them
+print(json.dumps(out))
+"""
+
+
+@needs_root()
+def test_sticky_tables_follow_the_installs() -> None:
+    """A sticky rule's tables in the kernel: away entries make their source's sets and
+    rules, and their bucket passes the pre-filter; the keys kept in a bucket given away are
+    read back for the handoff; a restarted daemon knows whose sets the kernel holds, drops
+    those of a source that moved to another generation, and flushes its own entries."""
+    with namespaces("sticky") as ns:
+        res = subprocess.run(
+            ["ip", "netns", "exec", ns["sticky"], sys.executable, "-c", _STICKY_PROBE],
+            capture_output=True,
+            text=True,
+            env=pyenv(),
+            timeout=60,
+        )
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert got["sets"] == ["aw4_0_2_9_0", "aw4_3_2_9_0", "aw6_0_2_9_0", "aw6_3_2_9_0"]
+    assert got["away_rules"] == 4 and got["kept_bucket"]
+    token, mine = got["mine"]
+    assert got["affine"] == {str(token): [mine]}
+    assert got["held_after_attach"] == {"2": [9, 0]} or got["held_after_attach"] == {2: [9, 0]}
+    assert got["sets_after"] == []
+    assert got["affine_after_restart"] == {}

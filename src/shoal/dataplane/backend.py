@@ -13,6 +13,7 @@ import contextlib
 from typing import Any
 
 from shoal.config import FilteringMode, ShoalConfig
+from shoal.dataplane.affinity import StickyTables
 from shoal.dataplane.contract import (
     DEFAULT_TOKEN,
     Away,
@@ -68,14 +69,9 @@ class NftBackend:
     (``shoal`` and ``shoal_pre`` for the cluster named shoal; see :func:`~.ruleset.tables`)."""
 
     def __init__(self, cfg: ShoalConfig, nft: Nft | None = None) -> None:
-        sticky = [r.key for r in cfg.cluster.effective_rules if r.sticky]
-        if sticky:
-            raise NftError(
-                f"rule {sticky[0]}: affinity_timeout_s > 0 needs affinity tables this data "
-                "plane does not have yet; set it to 0"
-            )
         self.cfg = cfg
         self.names = tables(cfg.cluster.name)  # this cluster's tables (several may share a host)
+        self.sticky = StickyTables(cfg, self.names.inet)
         self.nft = nft or Nft()
         self.owned: dict[int, set[int]] = {}
         self.keep: dict[int, set[int]] = {}
@@ -92,6 +88,7 @@ class NftBackend:
         self.owned = owned_by_rule(self.cfg, frozenset())
         self.keep = {i: set() for i in self.owned}
         self.resets = self._no_resets()
+        self.sticky = StickyTables(self.cfg, self.names.inet)
         self.flags = {}
         self.tokens = frozenset()
         self.installed = True
@@ -110,6 +107,7 @@ class NftBackend:
             return
         sets = _sets(doc)  # the pre-filter's owned and keep sets
         resets = _sets(inet)
+        self.sticky.attach(inet)
         self.resets = self._no_resets()
         self.owned = owned_by_rule(self.cfg, frozenset())
         self.keep = {i: set() for i in self.owned}
@@ -158,18 +156,42 @@ class NftBackend:
                 cmds.append({"delete": {"element": {**ref, "elem": unreset}}})
             owned[i] = (self.owned[i] - gone[i]) | came[i]
             keep[i] = self.keep[i] | set(new)
+        sticky, after = self.sticky.install(inst)
+        cmds += sticky
         if cmds:
             self.nft.json(cmds)  # raises NftError having changed nothing
+        self.sticky.commit(after)
         self.flags, self.owned, self.keep, self.tokens = wanted, owned, keep, inst.tokens
         for i, bs in self.resets.items():
             bs &= owned[i]
 
     def affine(self) -> dict[int, list[bytes]]:
-        """No sticky rule here (refused at construction): no affinity entries."""
-        return {}
+        """The affinity keys kept in buckets not owned here, by bucket token."""
+        if not self.sticky.rules:
+            return {}
+        items: list[Any] = []
+        for cmd in self.sticky.list_commands():  # one at a time: a batch of lists fails
+            items += self.nft.json([cmd]).get("nftables", [])
+        return self.sticky.keys({"nftables": items}, self.owned)
 
     def away(self, entries: Away) -> None:
-        raise NftError("this data plane keeps no away entries (no sticky rule)")
+        """Hold these away entries (their source's sets made first if new); their buckets
+        join the pre-filter's keep sets, so that their packets reach the refresh."""
+        if entries.rule not in self.sticky.rules:
+            raise NftError(f"rule {entries.rule} is not a sticky rule")
+        cmds, held, buckets = self.sticky.away(entries)
+        sets = self.sticky.new_sets(held)
+        if sets:
+            self.nft.run(sets)
+        fresh = {i: sorted(bs - self.keep.get(i, set())) for i, bs in buckets.items()}
+        for i, bs in fresh.items():
+            if bs:
+                ref = set_ref(keep_set(i), self.names.pre, "netdev")
+                cmds.append({"add": {"element": {**ref, "elem": bs}}})
+        self.nft.json(cmds)
+        self.sticky.held = held
+        for i, bs in fresh.items():
+            self.keep.setdefault(i, set()).update(bs)
 
     def reset(self, tokens: frozenset[int]) -> None:
         """Answer unknown mid-stream TCP packets of these buckets with a reset, those owned

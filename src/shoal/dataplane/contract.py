@@ -20,6 +20,7 @@ from typing import NamedTuple, Protocol
 
 DEFAULT_TOKEN = -1
 STRIDE = 65537
+AFFINITY_MARGIN_S = 2  # seconds an away entry outlives the affinity entry it mirrors
 
 
 def bucket_token(rule: int, bucket: int) -> int:

@@ -30,7 +30,13 @@ import re
 from typing import Any, NamedTuple
 
 from shoal.config import Affinity, FilteringMode, PortRule, Protocol, ShoalConfig
-from shoal.dataplane.contract import DEFAULT_TOKEN, Install, RuleState, single_token
+from shoal.dataplane.contract import (
+    AFFINITY_MARGIN_S,
+    DEFAULT_TOKEN,
+    Install,
+    RuleState,
+    single_token,
+)
 
 
 class Tables(NamedTuple):
@@ -80,8 +86,94 @@ FAMILIES = ("ipv4", "ipv6")
 
 
 def checks_owned(rule: PortRule) -> bool:
-    """Whether the inet table looks a new connection of this rule up in ``owned_<i>``."""
-    return rule.mode is FilteringMode.MULTIPLE and rule.protocol is not Protocol.TCP
+    """Whether the inet table looks a new connection of this rule up in ``owned_<i>`` (a
+    sticky rule's SYNs of buckets given away pass the pre-filter: their affine clients')."""
+    return rule.mode is FilteringMode.MULTIPLE and (
+        rule.protocol is not Protocol.TCP or rule.sticky
+    )
+
+
+AFFINITY_SIZE = 1 << 20  # affinity entries a sticky rule's set holds, per address family
+
+
+def affinity_set(family: str, rule: int) -> str:
+    """A sticky rule's affinity entries (``ipv4`` or ``ipv6`` keys)."""
+    return f"aff{family[-1]}_{rule}"
+
+
+def away_set(family: str, rule: int, source: int, incarnation: int, generation: int) -> str:
+    """The away entries of sticky rule ``rule`` that host ``source`` (that run, that
+    generation: the name says whose they are, for a daemon that takes the table over)."""
+    return f"aw{family[-1]}_{rule}_{source}_{incarnation}_{generation}"
+
+
+def key_exprs(rule: PortRule) -> tuple[str, str]:
+    """The client key a sticky rule keeps, for IPv4 and IPv6 (the address, or its prefix)."""
+    if rule.affinity is Affinity.NETWORK:
+        return (f"ip saddr & {_mask4(rule.ipv4_prefix)}", f"ip6 saddr & {_mask6(rule.ipv6_prefix)}")
+    return "ip saddr", "ip6 saddr"
+
+
+def _key_json(family: str, rule: PortRule) -> dict[str, Any]:
+    proto = "ip" if family == "ipv4" else "ip6"
+    addr = {"payload": {"protocol": proto, "field": "saddr"}}
+    if rule.affinity is not Affinity.NETWORK:
+        return addr
+    mask = _mask4(rule.ipv4_prefix) if family == "ipv4" else _mask6(rule.ipv6_prefix)
+    return {"&": [addr, mask]}
+
+
+def away_commands(
+    table: str, index: int, rule: PortRule, sources: list[tuple[int, int, int]]
+) -> list[dict[str, Any]]:
+    """Chain ``away_<i>`` whole, for these sources (libnftables JSON): a packet of one of
+    their clients that is not a SYN refreshes its entry (the client is active on that host);
+    any packet of theirs is dropped."""
+    chain = {"family": "inet", "table": table, "name": f"away_{index}"}
+    cmds: list[dict[str, Any]] = [{"flush": {"chain": chain}}]
+    syn = {"payload": {"protocol": "tcp", "field": "flags"}}
+    for src, inc, gen in sources:
+        for fam in FAMILIES:
+            key = _key_json(fam, rule)
+            ref = "@" + away_set(fam, index, src, inc, gen)
+            held = {"match": {"op": "==", "left": key, "right": ref}}
+            refresh = [
+                held,
+                {"match": {"op": "!", "left": syn, "right": "syn"}},
+                {"set": {"op": "update", "elem": key, "set": ref}},
+                {"drop": None},
+            ]
+            for expr in (refresh, [held, {"drop": None}]):
+                rule_ref = {"family": "inet", "table": table, "chain": f"away_{index}"}
+                cmds.append({"add": {"rule": {**rule_ref, "expr": expr}}})
+    return cmds
+
+
+def away_set_commands(
+    table: str, index: int, rule: PortRule, src: int, inc: int, gen: int, add: bool = True
+) -> list[dict[str, Any]]:
+    """The two away sets of one source deleted (libnftables JSON); their creation is
+    :func:`away_sets_text` (the JSON of this libnftables has no flag for a set updated from
+    the packet path)."""
+    if add:
+        return []
+    return [
+        {"delete": {"set": {"family": "inet", "table": table, "name": n}}}
+        for n in (away_set(fam, index, src, inc, gen) for fam in FAMILIES)
+    ]
+
+
+def away_sets_text(table: str, index: int, rule: PortRule, src: int, inc: int, gen: int) -> str:
+    """The two away sets of one source, created if missing (nft syntax)."""
+    t = rule.affinity_timeout_s + AFFINITY_MARGIN_S
+    out = []
+    for fam, typ in (("ipv4", "ip saddr"), ("ipv6", "ip6 saddr")):
+        name = away_set(fam, index, src, inc, gen)
+        out.append(
+            f"add set inet {table} {name} {{ typeof {typ}; flags dynamic,timeout; "
+            f"timeout {t}s; size {AFFINITY_SIZE}; }}"
+        )
+    return "\n".join(out) + "\n"
 
 
 def _mask6(prefix: int) -> str:
@@ -142,6 +234,12 @@ def base_ruleset(cfg: ShoalConfig) -> str:
             lines.append(f"  set {owned_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
         if checks_reset(rule):
             lines.append(f"  set {reset_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
+        if rule.sticky:
+            for fam, typ in (("ipv4", "ip saddr"), ("ipv6", "ip6 saddr")):
+                lines.append(
+                    f"  set {affinity_set(fam, i)} {{ typeof {typ}; flags dynamic,timeout; "
+                    f"timeout {rule.affinity_timeout_s}s; size {AFFINITY_SIZE}; }}"
+                )
     lines.append("  chain pre {")
     lines.append("    type filter hook prerouting priority -150; policy accept;")
     if v4:
@@ -164,6 +262,8 @@ def base_ruleset(cfg: ShoalConfig) -> str:
         lines.append(f"  chain r{i} {{")
         if rule.mode is FilteringMode.DISABLED:
             lines.append(f"    {dropped}")
+        elif rule.sticky:
+            lines += _sticky_chain(i, rule, cl.buckets, seed, dropped)
         else:
             lines += [
                 f"    meta nfproto @off_{i} {dropped}",
@@ -197,6 +297,10 @@ def base_ruleset(cfg: ShoalConfig) -> str:
                 )
             lines.append(f'    counter name "accepted_{i}" accept')
         lines.append("  }")
+    for i, rule in enumerate(rules):
+        if rule.sticky:
+            lines.append(f"  chain away_{i} {{")
+            lines.append("  }")
     lines.append("  chain r_default {")
     lines += [
         "    ct state established,related accept",
@@ -208,6 +312,48 @@ def base_ruleset(cfg: ShoalConfig) -> str:
     lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _sticky_chain(i: int, rule: PortRule, buckets: int, seed: str, dropped: str) -> list[str]:
+    """Chain ``r<i>`` of a sticky rule (see :mod:`shoal.protocol.engine.handoff`): every
+    packet of a connection refreshes its client's affinity entry, if it has one; the away
+    entries (refreshed and dropped in ``away_<i>``) come before the resets of a dead host's
+    clients, since a live host may serve an affine client in a bucket taken over; a new
+    connection is taken from a client that is an affinity entry (not refreshed: a SYN is no
+    sign that anyone took it; also while the rule drains), or in an owned bucket (the client
+    becomes one)."""
+    k4, k6 = key_exprs(rule)
+    e4, e6 = _hash_exprs(rule)
+    aff4, aff6 = affinity_set("ipv4", i), affinity_set("ipv6", i)
+    accepted = f'counter name "accepted_{i}" accept'
+    out = [f"    meta nfproto @off_{i} {dropped}"]
+    for nfp, k, aff in (("ipv4", k4, aff4), ("ipv6", k6, aff6)):
+        out.append(
+            f"    ct state established,related meta nfproto {nfp} {k} @{aff} "
+            f"update @{aff} {{ {k} }} accept"
+        )
+    out += ["    ct state established,related accept", f"    jump away_{i}"]
+    for nfp, e in (("ipv4", e4), ("ipv6", e6)):
+        out.append(
+            f"    meta nfproto {nfp} meta nfproto @lease meta l4proto tcp "
+            f"tcp flags & (syn|rst) == 0 jhash {e} mod {buckets} seed {seed} == "
+            f'@{reset_set(i)} counter name "reset_{i}" reject with tcp reset'
+        )
+    out += [
+        f"    {NEW_ONLY.removesuffix('drop')}{dropped}",
+        f"    {LEASE.removesuffix('drop')}{dropped}",
+    ]
+    # a draining rule takes no new client, and keeps its affine ones until they are idle
+    out += [f"    meta nfproto {nfp} {k} @{aff} {accepted}" for nfp, k, aff in
+            (("ipv4", k4, aff4), ("ipv6", k6, aff6))]  # fmt: skip
+    out.append(f"    meta nfproto @drain_{i} {dropped}")
+    for nfp, e, k, aff in (("ipv4", e4, k4, aff4), ("ipv6", e6, k6, aff6)):
+        out.append(
+            f"    meta nfproto {nfp} jhash {e} mod {buckets} seed {seed} @{owned_set(i)} "
+            f"update @{aff} {{ {k} }} {accepted}"
+        )
+    out.append(f"    {dropped}")
+    return out
 
 
 def prefilter(cfg: ShoalConfig) -> str:
@@ -246,7 +392,8 @@ def prefilter(cfg: ShoalConfig) -> str:
                 # never owned first: most buckets of a large cluster never were, and a
                 # packet in one, SYN or not, then meets one rule only
                 lines.append(f"    {match} {h} != @{keep_set(i)} drop")
-                if rule.protocol is not Protocol.UDP:
+                if rule.protocol is not Protocol.UDP and not rule.sticky:
+                    # (a sticky rule's SYN in a bucket given away may be an affine client's)
                     tcp = f"{fam} daddr {targets} {_l4(rule, Protocol.TCP)}"
                     syn = "tcp flags & (fin|syn|rst|ack) == syn"
                     lines.append(f"    {tcp} {syn} {h} != @{owned_set(i)} drop")

@@ -4,9 +4,10 @@ that connect through them, and the checks of what clients rely on.
 The model is the nftables rules' meaning, per host (see :mod:`shoal.dataplane.ruleset`):
 
 * a new connection (SYN) of client ``k`` in bucket ``b`` of sticky rule ``r``: refused if
-  ``k`` is an away entry of any source; else, under the lease, taken if ``b`` is owned (and
-  ``k`` becomes, or stays, an affinity entry for the timeout ``T``), or if ``k`` is a live
-  affinity entry (not refreshed: a SYN is no sign that anyone took it);
+  the rule is disabled here or ``k`` is an away entry of any source; else, under the lease,
+  taken if ``k`` is a live affinity entry (not refreshed: a SYN is no sign that anyone took
+  it; also while the rule drains), or if ``b`` is owned and the rule does not drain (``k``
+  becomes an affinity entry for the timeout ``T``);
 * every other packet of the client refreshes its affinity entry on the host that serves the
   connection and its away entries everywhere (``T`` and ``T + margin``): every host sees
   every frame, so an away entry outlives the affinity entry it mirrors by the margin;
@@ -28,9 +29,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from shoal.config import ShoalConfig
-from shoal.dataplane.contract import Away, Install, bucket_token
+from shoal.dataplane.contract import AFFINITY_MARGIN_S, Away, Install, RuleState, bucket_token
 
-MARGIN = 2.0  # seconds an away entry outlives the affinity entry it mirrors
+MARGIN = float(AFFINITY_MARGIN_S)  # seconds an away entry outlives the affinity entry it mirrors
 
 
 @dataclass
@@ -45,8 +46,10 @@ class AffinityTables:
         default_factory=dict
     )
     identity: tuple[int, int] | None = None
+    states: tuple[RuleState, ...] = ()  # per rule, as installed
 
     def apply(self, inst: Install) -> None:
+        self.states = inst.rule_states
         if inst.affinity != self.identity:
             self.aff = {}
             self.identity = inst.affinity
@@ -81,13 +84,20 @@ class AffinityTables:
         return None
 
     def syn(self, rule: int, key: bytes, owned: frozenset[int], leased: bool, now: float) -> bool:
+        state = self.states[rule] if rule < len(self.states) else RuleState.ENABLED
+        if state is RuleState.DISABLED:
+            return False
         if self.away_holder(rule, key, now) is not None or not leased:
             return False
         entries = self.aff.setdefault(rule, {})
+        if entries.get(key, 0.0) > now:
+            return True  # (also while the rule drains)
+        if state is RuleState.DRAINING:
+            return False
         if bucket_token(rule, bucket_of(key, self.buckets)) in owned:
             entries[key] = now + self.timeouts[rule]
             return True
-        return entries.get(key, 0.0) > now
+        return False
 
     def packet(self, rule: int, key: bytes, serves: bool, now: float) -> None:
         """A packet of one of the client's connections (not a SYN), seen here."""

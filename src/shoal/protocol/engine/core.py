@@ -119,6 +119,7 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         )
         self._sources_memo: tuple[object, frozenset[tuple[int, int, int]]] | None = None
         self._lease_ran = False  # a lease ran at the last step
+        self._sticky_off: frozenset[int] = frozenset()  # sticky rules the kernel disables
         self._send_memo: tuple[int, tuple[object, ...], bool] | None = None
         self._reports_memo: (
             tuple[ShoalConfig, tuple[RuleState, ...], tuple[Health, ...], tuple[RuleReport, ...]]
@@ -289,6 +290,10 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             states = self._kernel_rule_states()
         hs = self.handoffs
         if hs.sticky:
+            off = frozenset(i for i in hs.sticky if states[i] is RuleState.DISABLED)
+            if off - self._sticky_off:
+                hs.lost()  # the kernel drops the rule's traffic: its affine clients go
+            self._sticky_off = off
             self.install = Install(
                 self.holding.installed,
                 self.host.state in SERVING,
