@@ -325,7 +325,8 @@ T = "shoal"
 
 def names():
     doc = Nft().json([{"list": {"table": {"family": "inet", "name": T}}}])
-    return sorted(x["set"]["name"] for x in doc["nftables"] if "set" in x and x["set"]["name"].startswith("aw"))
+    sets = [x["set"]["name"] for x in doc["nftables"] if "set" in x]
+    return sorted(n for n in sets if n.startswith("aw"))
 
 def chain_rules(name):
     doc = Nft().json([{"list": {"chain": {"family": "inet", "table": T, "name": name}}}])
@@ -351,7 +352,8 @@ mine = next(ipaddress.ip_address(f"198.19.8.{i}") for i in range(1, 255)
 Nft().run(f"add element inet {T} aff4_0 {{ {mine} }}")
 bm = bucket_of(mine, None, cl.seed, cl.buckets)
 b.apply(install([x for x in range(32) if x != bm], {(2, 9, 0)}))
-out["affine"] = {str(k): [ipaddress.ip_address(v).compressed for v in vs] for k, vs in b.affine().items()}
+kept = b.affine()
+out["affine"] = {str(k): [ipaddress.ip_address(v).compressed for v in vs] for k, vs in kept.items()}
 out["mine"] = [bucket_token(0, bm), str(mine)]
 again = NftBackend(cfg)
 again.attach()

@@ -8,7 +8,6 @@ The demo, the end-to-end tests and ``bench/failover.py`` share them.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import os
@@ -47,15 +46,17 @@ class Clients:
         sniff: bool = False,
         port: int = 80,
         patience: float = 2.0,
+        affine: int = 0,
     ) -> None:
         """Start one traffic process in client namespace ``client`` (its own sources)."""
         self._n += 1
         base = self.lab.dir / f"c{client}.{self._n}"
         args = ["--seconds", str(seconds)]
-        if rate or long:
+        if rate or long or affine:
             src = base.with_suffix(".sources")
             src.write_text("\n".join(self.lab.client_sources(client, False)))
             args += ["--sources", str(src), "--rate", str(rate), "--long", str(long)]
+            args += ["--affine", str(affine)]
             args += ["--port", str(port), "--patience", str(patience)]
         if probe:
             path = base.with_suffix(".probe")
@@ -105,10 +106,13 @@ class Clients:
         return self.wait(timeout)
 
     def wait(self, timeout: float = 60) -> list[dict[str, Any]]:
+        """Until every process ended (at most ``timeout`` seconds), reading what they print
+        meanwhile: a process whose pipe is full waits for its reader."""
         deadline = time.monotonic() + timeout
+        while any(p.poll() is None for _, p in self.procs) and time.monotonic() < deadline:
+            self.collect()
+            time.sleep(0.05)
         for _, p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             if p.poll() is None:
                 p.kill()
                 p.wait()

@@ -88,6 +88,7 @@ class Lab:
     profile: str = "default"
     weights: list[int] = field(default_factory=list)  # the web rule's load weight per host
     reset_dead_clients: bool = True  # cluster.reset_dead_clients
+    affinity_timeout: int = 0  # the app rule's affinity_timeout_s (TCP 8443, affinity single)
     pids: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------- naming
@@ -193,6 +194,7 @@ name = "app"
 start = 8443
 protocol = "tcp"
 affinity = "single"
+affinity_timeout_s = {self.affinity_timeout}
 
 [host]
 host_id = {h}

@@ -10,6 +10,8 @@ client namespace and prints one JSON line per event.
 * long: N long-lived connections kept busy (a ping every 100 ms, its echo awaited
   ``--patience`` seconds, 2 unless told), an ``open`` event, then ``done`` or the error that
   broke it;
+* affine: N clients, each from one address of its own, a new connection every ``--every``
+  seconds to ``--port``, ``{"t", "kind": "affine", "src", "host", "error"}``;
 * probe: for each ``SRC SPORT`` line, connection attempts from exactly that address and
   port (so to one bucket), each closed with a reset; an event each time the outcome flips,
   ``{"t": start of the attempt, "kind": "probe", "idx", "ok"}``;
@@ -111,6 +113,23 @@ async def long_lived(src: str, clock: Clock, idx: int, patience: float) -> None:
         emit(t=time.time(), kind="long", idx=idx, host=host, error=type(e).__name__)
     finally:
         w.close()
+
+
+async def affine(src: str, clock: Clock, port: int, every: float) -> None:
+    """One client: a new connection every ``every`` seconds from the same address (any
+    port), each reading the host's name; an event per connection."""
+    while clock.running():
+        t = time.time()
+        try:
+            r, w = await asyncio.wait_for(
+                asyncio.open_connection(VIP, port, local_addr=(src, 0)), 1.0
+            )
+            host = (await asyncio.wait_for(r.readline(), 1.0)).decode().strip()
+            w.close()
+            emit(t=t, kind="affine", src=src, host=host or None, error=None)
+        except (OSError, TimeoutError) as e:
+            emit(t=t, kind="affine", src=src, host=None, error=type(e).__name__)
+        await asyncio.sleep(max(0.0, every - (time.time() - t)))
 
 
 async def attempt(src: str, sport: int) -> bool:
@@ -216,6 +235,8 @@ async def run(args: argparse.Namespace) -> None:
         asyncio.create_task(long_lived(sources[i % len(sources)], clock, i, args.patience))
         for i in range(args.long)
     ]
+    for src in sources[: args.affine]:
+        tasks.append(asyncio.create_task(affine(src, clock, args.port, args.every)))
     if args.probe:
         for i, line in enumerate(_lines(args.probe)):
             src, sport = line.split()
@@ -247,11 +268,13 @@ def main() -> None:
     ap.add_argument(
         "--patience", type=float, default=2.0, help="seconds a long connection awaits its echo"
     )
+    ap.add_argument("--affine", type=int, default=0, help="clients connecting again and again")
+    ap.add_argument("--every", type=float, default=0.5, help="seconds between their connections")
     ap.add_argument("--probe", help="file of 'SRC SPORT' lines to probe")
     ap.add_argument("--sniff", action="store_true", help="count SYN-ACKs per SYN")
     args = ap.parse_args()
-    if args.long and not args.sources:
-        ap.error("--long needs --sources")
+    if (args.long or args.affine) and not args.sources:
+        ap.error("--long and --affine need --sources")
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(args))
 
