@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from shoal.config import ShoalConfig
 from shoal.dataplane.contract import Away
-from shoal.protocol.engine import Command, Engine
+from shoal.protocol.engine import Command, Engine, ready
 from shoal.protocol.engine.agreement import Agreement
 from shoal.runtime import HostRuntime, Output
 from shoal.sim.affinity import MARGIN
@@ -142,6 +142,18 @@ def test_each_rule_of_the_handoff_is_needed(name: str, sim: type[SimCluster]) ->
             assert "affinity" in str(e), e
             caught += 1
     assert caught, f"{name}: not caught"
+
+
+def test_a_member_that_left_makes_no_stale_epoch_ready(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by 4,000 sticky scenarios (any configuration can meet it). Hosts 1-3 and 4-5 are
+    cut apart; host 2, READY in an epoch with 4 and 5, stops, and then follows host 1's
+    older epoch of hosts 1-3 as a bystander: its release report made that epoch READY while
+    4 and 5 served theirs, and both took the same tokens. A member that left since the
+    epoch was made no longer counts toward its READY."""
+    run_scenario(3083, sticky=True)
+    monkeypatch.setattr(ready, "left", lambda hb: False)
+    with pytest.raises(InvariantViolation, match="exclusive"):
+        run_scenario(3083, sticky=True)
 
 
 def test_away_entries_never_outlive_their_source() -> None:

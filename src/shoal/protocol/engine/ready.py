@@ -4,7 +4,8 @@ Adopting an epoch only *removes* what a host no longer owns. The leader declares
 READY once (:func:`blocker`):
 
 * every member is heard, follows the epoch and reports the release, in a heartbeat sent
-  after it heard this leader since the leader's last start;
+  after it heard this leader since the leader's last start, and has not left since
+  (:func:`left`);
 * every live non-member (not fenced) surely takes nothing in it (:func:`released_for`);
 * every host removed without saying so (crashed, cut off: *fenced*) has surely lost its
   lease: no acknowledgement can still be keeping it alive. Each member reports for how long
@@ -38,6 +39,14 @@ def released_for(hb: Heartbeat | None, e: EpochState, digest: bytes) -> bool:
         # another configuration: it never forms a cluster while ours holds an epoch
         return hb.epoch is None
     return hb.state not in ELIGIBLE or hb.epoch == e.key
+
+
+def left(hb: Heartbeat) -> bool:
+    """A member that left (stopped, draining, suspended) since its epoch was made: it lent
+    the others its vote, may have been READY in a competing epoch before, and follows this
+    one as a bystander. Its epoch is stale: one without it must replace it (or none, where
+    the rest are no quorum); found by the simulator (``run_scenario(3083, sticky=True)``)."""
+    return hb.state not in ELIGIBLE
 
 
 def own_bounds(e: EpochState, peers: Mapping[int, Peer]) -> dict[int, float]:
@@ -94,6 +103,8 @@ def blocker(
         if p is None or p.hb is None or not roster.alive(p, now):
             return wait
         if p.hb.epoch != e.key or not p.hb.has(Flag.RELEASED):
+            return wait
+        if left(p.hb):
             return wait
         if handed_in is not None and not (p.hb.affinity and p.hb.affinity.handed_in):
             return wait
