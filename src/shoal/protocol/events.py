@@ -39,6 +39,8 @@ class EventId(IntEnum):
     REMOTE_COMMAND = 113
     DEAD_HOST_CLIENTS = 114
     DEAD_HOST_SPARED = 115
+    HANDOFF_SENT = 116
+    HANDOFF_TAKEN = 117
 
 
 TEMPLATES: dict[EventId, str] = {
@@ -93,6 +95,13 @@ TEMPLATES: dict[EventId, str] = {
     EventId.DEAD_HOST_SPARED: (
         "host {host} took over {buckets} buckets of host {peer} and resets none of their "
         "clients: {why}"
+    ),
+    EventId.HANDOFF_SENT: (
+        "host {host} hands {clients} affine clients of rule {rule} in {buckets} buckets over "
+        "to host {peer} (epoch {epoch})"
+    ),
+    EventId.HANDOFF_TAKEN: (
+        "host {host} took host {peer}'s handoff of {clients} affine clients (epoch {epoch})"
     ),
     EventId.HEALTH_HELD: (
         "check {check} passes again on host {host}, but it flaps: back in service at the "

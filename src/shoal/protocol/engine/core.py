@@ -343,6 +343,9 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         if e is None or e.key != epoch or self.handoffs.wanted(e) != epoch:
             return
         self.handoffs.compose(e, keys)
+        for (to, rule), (clients, buckets) in sorted(self.handoffs.summary.items()):
+            self._emit(EventId.HANDOFF_SENT, now, peer=to, rule=self.rules[rule].key,
+                       clients=clients, buckets=buckets, epoch=str(epoch))  # fmt: skip
         self.beacon.dirty = True
         self._step(now, timers=False)
 

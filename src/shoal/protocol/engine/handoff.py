@@ -71,6 +71,7 @@ class Handoffs:
         self.whole: dict[int, tuple[int, int]] = {}  # source -> (incarnation, generation)
         self.away: list[Away] = []  # for the runtime, oldest first
         self.handed_in = False
+        self.summary: dict[tuple[int, int], tuple[int, int]] = {}  # (to, rule): clients, buckets
 
     # ------------------------------------------------------------ this host
 
@@ -97,6 +98,7 @@ class Handoffs:
         """This host's handoff for ``e``, from the keys its kernel keeps per bucket token
         (of the sticky rules' buckets it does not own): to each bucket's owner in ``e``."""
         per: dict[tuple[int, int], list[bytes]] = defaultdict(list)
+        buckets: dict[tuple[int, int], int] = defaultdict(int)
         for tok, ks in keys.items():
             rule, bucket = split_token(tok)
             if bucket is None or rule not in self.sticky:
@@ -105,11 +107,13 @@ class Handoffs:
             dest = owners[bucket] if owners is not None else 0
             if dest not in (0, self.me) and ks:
                 per[(dest, rule)].extend(ks)
+                buckets[(dest, rule)] += 1
         self.out = {}
         for (dest, rule), ks in sorted(per.items()):
             stream = self.out.setdefault(dest, Stream())
             stream.pieces += [(rule, piece) for piece in pieces_of(ks)]
         self.composed = (e.key, self.generation)
+        self.summary = {k: (len(ks), buckets[k]) for k, ks in per.items()}
 
     def announce(self, e: EpochState | None) -> Affinity | None:
         """What this host's heartbeat says of affinity (None without sticky rules)."""

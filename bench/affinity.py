@@ -1,0 +1,142 @@
+"""Client affinity across convergence, measured with real clients in the lab.
+
+``python bench/affinity.py --json [--timeout S]`` (root). A 4-host lab whose "app" rule (TCP
+8443, affinity single) keeps a client's host for ``--timeout`` seconds (30 by default), and
+the same lab with ``affinity_timeout_s = 0`` beside it. 300 clients (100 addresses in each
+of the three client namespaces) each make a new connection every second through the VIP;
+host 4 starts stopped. In turn, 8 s apart:
+
+* ``join``: host 4 starts and takes its share of the buckets;
+* ``rule_drain``: host 2 drains the app rule (its buckets go to the others);
+* ``weight``: host 3's load weight for the app rule goes from 50 to 10.
+
+Per event, over the 3 s before it and the 5 s after: ``clients_active`` (clients with a
+connection in that window), ``clients_kept_host`` (every connection of theirs on one host),
+``kept_fraction``, ``double_accepts`` (SYNs two hosts answered, counted on the clients for
+the whole run), ``broken_connections`` (connections that failed), ``handoff_ms`` (from the
+event to the last host converged again). Last, ``idle``: every client stops for the timeout
+and 3 s more, then connects once: ``moved_after_idle`` is how many went to another host than
+before (the owners of their buckets now).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from collections import defaultdict
+from typing import Any
+
+from shoal.daemon.control import call
+from shoal.lab import clients as C
+from shoal.lab.topology import Lab
+
+EVENTS = ("join", "rule_drain", "weight")
+GAP = 8.0  # seconds between events
+BEFORE, AFTER = 3.0, 5.0  # the window judged around each event
+
+
+def _weight(lab: Lab, host: int, weight: int) -> None:
+    path = lab.config_path(host)
+    path.write_text(path.read_text() + f'\n[[host.rules]]\nrule = "app"\nload_weight = {weight}\n')
+    res = call(lab.control(host), {"cmd": "reload"})
+    assert res["ok"], res
+
+
+def _converged_ms(lab: Lab, since: float) -> float | None:
+    done = [
+        e["at"]
+        for h in range(1, lab.hosts + 1)
+        for e in C.daemon_events(lab, h, since)
+        if e["name"] in ("converged", "converged_default")
+    ]
+    return round(1000 * (max(done) - since)) if done else None
+
+
+def _window(events: list[dict[str, Any]], t: float) -> dict[str, Any]:
+    hosts: dict[str, set[str]] = defaultdict(set)
+    broken = 0
+    for e in events:
+        if e["kind"] != "affine" or not t - BEFORE <= e["t"] <= t + AFTER:
+            continue
+        if e["host"]:
+            hosts[e["src"]].add(e["host"])
+        else:
+            broken += 1
+    kept = sum(1 for hs in hosts.values() if len(hs) == 1)
+    return {
+        "clients_active": len(hosts),
+        "clients_kept_host": kept,
+        "kept_fraction": round(kept / len(hosts), 4) if hosts else None,
+        "broken_connections": broken,
+    }
+
+
+def run(timeout: int) -> dict[str, Any]:
+    lab = Lab(name="b" + uuid.uuid4().hex[:6], hosts=4, affinity_timeout=timeout)
+    out: dict[str, Any] = {"affinity_timeout_s": timeout, "events": []}
+    try:
+        lab.up()
+        assert C.wait_states(lab, C.converged([1, 2, 3, 4]), 1, 30)
+        assert call(lab.control(4), {"cmd": "stop"})["ok"]
+        assert C.wait_states(lab, C.converged([1, 2, 3]), 1, 15)
+        clients = C.Clients(lab)
+        seconds = GAP * (len(EVENTS) + 1) + 2
+        for k in (1, 2, 3):
+            clients.start(k, seconds, affine=100, port=8443, sniff=True)
+        times = {}
+        time.sleep(GAP)
+        for name in EVENTS:
+            times[name] = time.time()
+            if name == "join":
+                assert call(lab.control(4), {"cmd": "start"})["ok"]
+            elif name == "rule_drain":
+                assert call(lab.control(2), {"cmd": "drain", "port": 8443})["ok"]
+            else:
+                _weight(lab, 3, 10)
+            time.sleep(GAP)
+        events = clients.wait(seconds + 30)
+        doubles = sum(int(e["doubles"]) for e in events if e["kind"] == "synacks")
+        last: dict[str, str] = {}
+        for e in sorted(events, key=lambda e: e["t"]):
+            if e["kind"] == "affine" and e["host"]:
+                last[e["src"]] = e["host"]
+        for name in EVENTS:
+            w = _window(events, times[name])
+            w |= {"event": name, "double_accepts": doubles,
+                  "handoff_ms": _converged_ms(lab, times[name])}  # fmt: skip
+            out["events"].append(w)
+        time.sleep(timeout + 3)  # every client idle past the timeout
+        again = C.Clients(lab)
+        for k in (1, 2, 3):
+            again.start(k, 1.5, affine=100, port=8443)
+        after = again.wait(30)
+        moved = sum(
+            1 for e in after if e["kind"] == "affine" and e["host"] and last.get(e["src"]) not in
+            (None, e["host"])
+        )  # fmt: skip
+        out["idle"] = {"clients": len({e["src"] for e in after if e["kind"] == "affine"}),
+                       "moved_after_idle": moved}  # fmt: skip
+    finally:
+        lab.down()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--timeout", type=int, default=30)
+    args = ap.parse_args()
+    doc: dict[str, Any] = {"bench": "affinity", "sticky": run(args.timeout), "timeout_0": run(0)}
+    if args.json:
+        print(json.dumps(doc))
+        return
+    for key in ("sticky", "timeout_0"):
+        for e in doc[key]["events"]:
+            print(key, e)
+        print(key, "idle", doc[key].get("idle"))
+
+
+if __name__ == "__main__":
+    main()
