@@ -148,7 +148,7 @@ def test_a_member_that_left_makes_no_stale_epoch_ready(monkeypatch: pytest.Monke
     cut apart; host 2, READY in an epoch with 4 and 5, stops, and then follows host 1's
     older epoch of hosts 1-3 as a bystander: its release report made that epoch READY while
     4 and 5 served theirs, and both took the same tokens. A member that left since the
-    epoch was made no longer counts toward its READY."""
+    epoch was made no longer counts toward its READY (``ready.left``)."""
     run_scenario(3083, sticky=True)
     monkeypatch.setattr(ready, "left", lambda hb: False)
     with pytest.raises(InvariantViolation, match="exclusive"):
