@@ -23,6 +23,7 @@ from shoal.protocol.engine.ready import own_bounds
 from shoal.protocol.epoch import EpochState
 from shoal.protocol.events import EventId
 from shoal.protocol.frames import EpochKey, Flag
+from shoal.protocol.lease import quorate
 
 Emit = Callable[..., None]
 
@@ -137,8 +138,19 @@ class Holding:
         """A READY epoch is only ever left for one that descends from it, or one whose
         leader outvoted its membership too: a host never lends its vote to a competing
         branch behind its own branch's back. An epoch this host saw READY counts as READY
-        here even after its lease lapsed (which makes it acquire again, not vote again)."""
-        if not quorum or self.epoch is None or not self.phase.seen_ready:
+        here even after its lease lapsed (which makes it acquire again, not vote again). A
+        host holding no epoch (started again, a new run) adopts only one that outvotes its
+        record and vote: it may have lent them to a branch that went on without it."""
+        if not quorum:
+            return True
+        if self.epoch is None:
+            # holding no epoch (started again, a new run) is no licence to vote twice: what
+            # it voted for before must be outvoted by the epoch it adopts now
+            return all(
+                not rec or rec in state.bases or quorate(state.members, rec)
+                for rec in (self.record, self.vote)
+            )
+        if not self.phase.seen_ready:
             return True
         return supersedes(state, self.epoch.key, self.epoch.members, self.record, self.vote)
 
