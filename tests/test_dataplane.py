@@ -205,6 +205,17 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=f"{HELPER.parent.parent / 'src'}:{HELPER.parent.parent}")
 
 
+def _in_namespace(script: str) -> Any:
+    """Run a probe script in a namespace of its own; what it printed, as JSON."""
+    with namespaces("probe") as ns:
+        res = subprocess.run(
+            ["ip", "netns", "exec", ns["probe"], sys.executable, "-c", script],
+            capture_output=True, text=True, env=pyenv(), timeout=60,
+        )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
 _LEASE_PROBE = """
 import json
 from shoal.dataplane.backend import NftBackend
@@ -239,16 +250,7 @@ def test_lease_renewals_replace_the_timeout_and_name_what_failed() -> None:
     """The daemon's most frequent kernel update, one prepared netlink batch: each renewal
     replaces the timeout (the newest wins, longer or shorter), 0 ends the lease at once, and
     a refusal names the kernel's reason."""
-    with namespaces("lease") as ns:
-        res = subprocess.run(
-            ["ip", "netns", "exec", ns["lease"], sys.executable, "-c", _LEASE_PROBE],
-            capture_output=True,
-            text=True,
-            env=pyenv(),
-            timeout=60,
-        )
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout)
+    got = _in_namespace(_LEASE_PROBE)
     assert "No such file or directory" in got["no_table"]
     assert got["first"] == [["ipv4", 5], ["ipv6", 5]]
     assert got["renewed"] == [["ipv4", 120], ["ipv6", 120]]
@@ -294,16 +296,7 @@ def test_reset_buckets_stay_within_the_owned_ones() -> None:
     """The buckets answered with resets are owned ones only: those not owned are ignored,
     an install giving a bucket away takes it out in the same transaction (also after a
     restarted daemon took the tables over), and an empty set clears them."""
-    with namespaces("reset") as ns:
-        res = subprocess.run(
-            ["ip", "netns", "exec", ns["reset"], sys.executable, "-c", _RESET_PROBE],
-            capture_output=True,
-            text=True,
-            env=pyenv(),
-            timeout=60,
-        )
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout)
+    got = _in_namespace(_RESET_PROBE)
     assert got["protocol"] != "udp"
     assert got["reset"] == [2, 3, 4]
     assert got["after_move"] == [2, 3]
@@ -371,16 +364,7 @@ def test_sticky_tables_follow_the_installs() -> None:
     rules, and their bucket passes the pre-filter; the keys kept in a bucket given away are
     read back for the handoff; a restarted daemon knows whose sets the kernel holds, drops
     those of a source that moved to another generation, and flushes its own entries."""
-    with namespaces("sticky") as ns:
-        res = subprocess.run(
-            ["ip", "netns", "exec", ns["sticky"], sys.executable, "-c", _STICKY_PROBE],
-            capture_output=True,
-            text=True,
-            env=pyenv(),
-            timeout=60,
-        )
-    assert res.returncode == 0, res.stderr
-    got = json.loads(res.stdout)
+    got = _in_namespace(_STICKY_PROBE)
     assert got["sets"] == ["aw4_0_2_9_0", "aw4_3_2_9_0", "aw6_0_2_9_0", "aw6_3_2_9_0"]
     assert got["away_rules"] == 4 and got["kept_bucket"]
     token, mine = got["mine"]

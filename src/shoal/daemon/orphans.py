@@ -23,11 +23,12 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shoal.config import ClusterConfig, FilteringMode, Protocol
+from shoal.config import ClusterConfig, FilteringMode
 from shoal.daemon import neighbour, remote
 from shoal.daemon.remote import HELD
 from shoal.dataplane import sockets
 from shoal.dataplane.contract import DataplaneError, bucket_token, split_token
+from shoal.dataplane.ruleset import checks_reset
 from shoal.protocol.epoch import EpochState
 from shoal.protocol.events import Event, EventId
 from shoal.verdict import find_rule, rule_bucket
@@ -40,17 +41,13 @@ MAX_HELD = 150  # tokens an answer carries; more, and the asker resets nothing i
 
 
 def reset_tokens(cluster: ClusterConfig, tokens: frozenset[int]) -> frozenset[int]:
-    """The tokens that are buckets of ``multiple`` rules carrying TCP."""
+    """The tokens that are buckets of the rules whose chains reset (``multiple``, TCP)."""
     rules = cluster.effective_rules
-    out = set()
-    for t in tokens:
-        rule, bucket = split_token(t)
-        if bucket is None or rule < 0:
-            continue
-        r = rules[rule]
-        if r.mode is FilteringMode.MULTIPLE and r.protocol is not Protocol.UDP:
-            out.add(t)
-    return frozenset(out)
+    return frozenset(
+        t
+        for t in tokens
+        if (rb := split_token(t))[1] is not None and rb[0] >= 0 and checks_reset(rules[rb[0]])
+    )
 
 
 def inherited(old: EpochState, new: EpochState, gone: int, me: int) -> frozenset[int]:

@@ -22,7 +22,7 @@ from shoal.dataplane.ruleset import (
     affinity_set,
     away_commands,
     away_set,
-    away_set_commands,
+    away_set_deletes,
     away_sets_text,
     set_ref,
 )
@@ -94,7 +94,7 @@ class StickyTables:
             cmds += away_commands(self.table, i, rule, sources)
             for h, ident in before.items():
                 if held.get(h) != ident:
-                    cmds += away_set_commands(self.table, i, rule, h, *ident, add=False)
+                    cmds += away_set_deletes(self.table, i, h, *ident)
         return cmds
 
     def away(self, a: Away) -> tuple[Cmds, Held, dict[int, set[int]]]:

@@ -149,14 +149,10 @@ def away_commands(
     return cmds
 
 
-def away_set_commands(
-    table: str, index: int, rule: PortRule, src: int, inc: int, gen: int, add: bool = True
-) -> list[dict[str, Any]]:
-    """The two away sets of one source deleted (libnftables JSON); their creation is
-    :func:`away_sets_text` (the JSON of this libnftables has no flag for a set updated from
+def away_set_deletes(table: str, index: int, src: int, inc: int, gen: int) -> list[dict[str, Any]]:
+    """The two away sets of one source deleted (libnftables JSON; their creation is
+    :func:`away_sets_text`: the JSON of this libnftables has no flag for a set updated from
     the packet path)."""
-    if add:
-        return []
     return [
         {"delete": {"set": {"family": "inet", "table": table, "name": n}}}
         for n in (away_set(fam, index, src, inc, gen) for fam in FAMILIES)
