@@ -14,7 +14,9 @@ go over seconds, and swing single figures by a third) cancel out; the same for t
 of the two, which the VM's speed does not move, and that ratio's excess times the fastest
 floor slice (``at_full_speed_ns``). The rows run
 interleaved, ``--rounds`` floods each. ``ns_per_packet`` is a row's cheapest slice (the
-median is beside it).
+median is beside it). The ``_sticky`` rows are the same floods with the web rule keeping
+its clients' hosts across convergence (affinity single, 300 s): the drop path of buckets a
+host does not own is the same rules, and costs the same.
 Update latency: one atomic transaction moving 1%, 25% or 100% of B buckets (B = 4096 and
 16384), median of several runs, in-process libnftables.
 
@@ -45,11 +47,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_MAC = "02:bf:c6:12:00:64"
 
 
-def config_text(buckets: int) -> str:
+def config_text(buckets: int, sticky: bool = False) -> str:
+    """The example host's file; its "web" rule without affinity (each SYN from the one
+    source address lands in a bucket of its own), or ``sticky`` (affinity single, kept for
+    300 s across convergence: the one source's bucket)."""
     doc = (ROOT / "examples" / "host1.toml").read_text()
-    return doc.replace("buckets = 4096", f"buckets = {buckets}").replace(
-        'affinity = "single"', 'affinity = "none"', 1
-    )
+    doc = doc.replace("buckets = 4096", f"buckets = {buckets}")
+    if sticky:
+        return doc.replace("# affinity_timeout_s = 300", "affinity_timeout_s = 300", 1)
+    return doc.replace('affinity = "single"', 'affinity = "none"', 1)
 
 
 TOGGLE_CODE = """
@@ -278,6 +284,9 @@ def main() -> None:
         cfg = tmp / "host1.toml"
         cfg.write_text(config_text(4096))
         cfg.chmod(0o600)  # it holds the cluster key
+        sticky = tmp / "sticky.toml"
+        sticky.write_text(config_text(4096, sticky=True))
+        sticky.chmod(0o600)
         syn, ack = tmp / "syn.cfg", tmp / "ack.cfg"
         trafgen_conf(syn, "syn")
         trafgen_conf(ack, "ack")
@@ -289,6 +298,9 @@ def main() -> None:
         def given_away() -> None:  # owning nothing, every bucket owned once
             install(sink, cfg, set(), keep_all=True)
 
+        def owning_nothing_sticky() -> None:  # the same with client affinity kept
+            install(sink, sticky, set())
+
         # each row: how the sink is set up, and what the generator sends
         setups: dict[str, tuple[Callable[[], None], Path]] = {
             "no_filter": (lambda: None, syn),
@@ -297,6 +309,8 @@ def main() -> None:
             "unowned_bucket_syn_given_away": (given_away, syn),
             "midstream_never_owned": (owning_nothing, ack),
             "midstream_untracked_given_away": (given_away, ack),
+            "unowned_bucket_syn_sticky": (owning_nothing_sticky, syn),
+            "midstream_never_owned_sticky": (owning_nothing_sticky, ack),
         }
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
         floors: dict[str, list[dict[str, float]]] = {name: [] for name in setups}

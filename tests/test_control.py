@@ -52,6 +52,12 @@ class RecordingBackend:
     def affine(self) -> dict[int, list[bytes]]:
         return {}
 
+    def affine_counts(self) -> dict[int, int]:
+        return {}
+
+    def affine_reader(self) -> Callable[[], tuple[dict[int, list[bytes]], dict[int, int]]]:
+        return lambda: ({}, {})
+
     def away(self, entries: Away) -> None:
         pass
 

@@ -372,3 +372,35 @@ def test_sticky_tables_follow_the_installs() -> None:
     assert got["held_after_attach"] == {"2": [9, 0]} or got["held_after_attach"] == {2: [9, 0]}
     assert got["sets_after"] == []
     assert got["affine_after_restart"] == {}
+
+
+_COUNTERS_PROBE = """
+import json
+from shoal.dataplane.counters import read_counters
+from shoal.dataplane.nft import Nft
+nft = Nft()
+nft.run('''table inet probe {
+  counter seen { packets 7 bytes 700 }
+  counter other { }
+  set big { type ipv4_addr; flags timeout; timeout 1h; }
+}''')
+nft.json([{"add": {"element": {"family": "inet", "table": "probe", "name": "big",
+                               "elem": [f"10.0.{i // 256}.{i % 256}" for i in range(5000)]}}}])
+listed = {
+    x["counter"]["name"]: [x["counter"]["packets"], x["counter"]["bytes"]]
+    for x in nft.json([{"list": {"table": {"family": "inet", "name": "probe"}}}])["nftables"]
+    if "counter" in x
+}
+read = {k: [v["packets"], v["bytes"]] for k, v in read_counters("inet", "probe").items()}
+missing = read_counters("inet", "absent")
+print(json.dumps({"listed": listed, "read": read, "missing": missing}))
+"""
+
+
+def test_counters_read_over_netlink_are_the_listed_ones() -> None:
+    """The counters the daemon reads over netlink (a cost that does not grow with the
+    sets beside them) are the ones libnftables lists; a table that is not there has
+    none."""
+    out = _in_namespace(_COUNTERS_PROBE)
+    assert out["read"] == out["listed"] == {"seen": [7, 700], "other": [0, 0]}
+    assert out["missing"] == {}

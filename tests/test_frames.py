@@ -66,7 +66,12 @@ def heartbeats(draw: st.DrawFn) -> Heartbeat:
 
 
 affinities = st.builds(
-    Affinity, st.integers(0, 0xFFFF), st.booleans(), st.frozensets(hosts), st.booleans()
+    Affinity,
+    st.integers(0, 0xFFFF),
+    st.booleans(),
+    st.frozensets(hosts),
+    st.booleans(),
+    st.booleans(),
 )
 
 

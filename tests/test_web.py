@@ -172,7 +172,7 @@ def test_the_page_in_a_browser_follows_a_crash(settled: Lab, tmp_path: Path) -> 
                 timeout=15000,
             )
             before = page.evaluate(PIXELS_OF, 4)
-            assert set(before) == {"web", "dns", "app"} and min(before.values()) > 0, before
+            assert set(before) == {"web", "dns", "app", "net"} and min(before.values()) > 0, before
             page.screenshot(path=str(ARTIFACTS / "web-view-4-hosts.png"), full_page=True)
             killed = C.crash(lab, 4)
 

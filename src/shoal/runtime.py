@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from shoal.dataplane.contract import Away, Backend, DataplaneError, Install
 from shoal.protocol.engine import Engine
 from shoal.protocol.events import Event, EventId
+from shoal.protocol.frames import EpochKey
 
 # after these, established connections to the VIPs are closed (stop, suspend, a drain that
 # ran out of time): the kernel stops serving them, and the client gets a reset
@@ -48,8 +49,15 @@ class Output:
 class HostRuntime:
     """Carries out what one engine asks of one backend."""
 
-    def __init__(self, engine: Engine, backend: Backend, save: Save) -> None:
+    def __init__(
+        self, engine: Engine, backend: Backend, save: Save, defer_reads: bool = False
+    ) -> None:
+        """``defer_reads``: the kernel's affinity keys are not read here but left in
+        :attr:`read_due` for the caller to read (on another thread) and hand to
+        :meth:`Engine.handoff_keys`."""
         self.engine = engine
+        self.defer_reads = defer_reads
+        self.read_due: tuple[EpochKey, int] | None = None
         self.backend = backend
         self.save = save
         self.installed: Install | None = None  # what the kernel enforces, as far as known
@@ -95,7 +103,9 @@ class HostRuntime:
             self.record, self.vote = e.record, e.vote
             self.save(self.record, self.vote)
         wanted = e.handoff_wanted()
-        if done and wanted is not None:
+        if done and wanted is not None and self.defer_reads:
+            self.read_due = wanted  # the release is in the kernel: see below
+        elif done and wanted is not None:
             # the release is in the kernel: no key can join the buckets given away now
             try:
                 keys = self.backend.affine()
@@ -103,6 +113,19 @@ class HostRuntime:
                 out.problems.append({"name": "affinity_read_failed", "error": str(err)})
             else:
                 e.handoff_keys(wanted, keys, now)
+
+    def count_affine(self, now: float) -> None:
+        """While a drainstop keeps its affine clients, tell the engine how many affinity
+        entries the kernel holds: read only once the kernel drains every rule (no entry can
+        be added then, so a count of 0 stays 0). Call :meth:`after` next."""
+        e = self.engine
+        if not e.drain_affine or self.installed != e.install:
+            return
+        try:
+            n = sum(self.backend.affine_counts().values())
+        except DataplaneError:
+            return  # read again at the next call
+        e.set_affine(n, now)
 
     def _put_away(self, out: Output) -> bool:
         """Away entries into the kernel, in order, before any frame that says they are."""

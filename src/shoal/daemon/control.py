@@ -135,6 +135,26 @@ def _rules_for(d: Daemon, port: Any, vip: Any) -> list[int] | str:
     return found or f"port: no port rule covers port {p}" + (f" on {vip}" if vip else "")
 
 
+def affinity(d: Daemon) -> list[dict[str, Any]]:
+    """Per sticky rule: its timeout, the affinity entries the kernel held at the last read
+    (``entries_read_at``, wall time; a read more than 10 s old starts another, off the
+    loop: None until one ends), and the clients handed over and taken in the epoch held."""
+    rules = d.cfg.cluster.effective_rules
+    if d.loop is not None:
+        d.affinity_reads.observe(d.loop, wanted_counts=True)
+    held = d.affinity_reads.counts
+    return [
+        {
+            "rule": rules[i].key,
+            "timeout_s": rules[i].affinity_timeout_s,
+            "entries": None if held is None else held.get(i, 0),
+            "entries_read_at": d.affinity_reads.doc()["read_at"],
+            **moves,
+        }
+        for i, moves in d.engine.handoffs.report().items()
+    ]
+
+
 def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
     """query, display and params: what this host knows, read from one snapshot."""
     if cmd == "query":
@@ -147,6 +167,7 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
             "configuration": d.cfg.cluster.digest_document(),
             "host": json.loads(d.cfg.host.model_dump_json()),
             "checks": d.checks.docs(),
+            "affinity": affinity(d),
             "events": d.events[-50:],
         }
     return {
@@ -171,6 +192,7 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
         "socket_drops": d.socket_drops(),
         "rules": [asdict(c) for c in d.backend.counters()],
         "dead_host_clients": d.orphans.docs(),
+        "affinity": affinity(d),
         "checks": d.checks.docs(),
     }
 

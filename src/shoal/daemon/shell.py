@@ -25,6 +25,7 @@ from typing import Any
 from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
 from shoal.config import ConfigError, ShoalConfig, load_host
 from shoal.daemon import wire
+from shoal.daemon.affinity_reads import AffinityReads
 from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
 from shoal.daemon.health import Checks, Result, Runner
 from shoal.daemon.local import Established
@@ -110,7 +111,10 @@ class Daemon:
             record=record,
             vote=vote,
         )
-        self.runtime = HostRuntime(self.engine, backend_factory(self.cfg), self.save_record)
+        self.runtime = HostRuntime(
+            self.engine, backend_factory(self.cfg), self.save_record, defer_reads=True
+        )
+        self.affinity_reads = AffinityReads(self)
 
     # -------------------------------------------------------------- helpers
 
@@ -301,6 +305,7 @@ class Daemon:
         self.carry_out(self.runtime.after(now))
         self.orphans.observe()
         assert self.loop is not None
+        self.affinity_reads.observe(self.loop)
         deadline = e.next_deadline()
         if self.timer is not None and self.timer_at == deadline:
             return  # most frames leave the deadline where it was: no new timer each time

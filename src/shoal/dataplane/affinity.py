@@ -144,6 +144,16 @@ class StickyTables:
                     out.setdefault(bucket_token(i, b), []).append(addr.packed)
         return out
 
+    def counts(self, listed: dict[str, Any]) -> dict[int, int]:
+        """The entries of a listing of the affinity sets, per rule."""
+        names = {affinity_set(fam, i): i for i in self.rules for fam in FAMILIES}
+        out = dict.fromkeys(self.rules, 0)
+        for item in listed.get("nftables", []):
+            name = item.get("set", {}).get("name")
+            if name in names:
+                out[names[name]] += len(item["set"].get("elem", []))
+        return out
+
     def list_commands(self) -> Cmds:
         return [
             {"list": {"set": set_ref(affinity_set(fam, i), self.table)}}

@@ -14,6 +14,7 @@ Tokens are ints, so that release and acquire are set operations:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple, Protocol
@@ -110,6 +111,14 @@ class Backend(Protocol):
     def affine(self) -> dict[int, list[bytes]]:
         """The keys of the affinity entries this kernel keeps in the sticky rules' buckets
         it does not own, by bucket token (read after a release: none can be added there)."""
+
+    def affine_reader(self) -> Callable[[], tuple[dict[int, list[bytes]], dict[int, int]]]:
+        """A read of :meth:`affine` and :meth:`affine_counts` as the kernel is now, to run on
+        another thread (a listing of a million entries takes tens of seconds)."""
+
+    def affine_counts(self) -> dict[int, int]:
+        """How many affinity entries this kernel keeps per sticky rule (by rule index), in
+        every bucket (a drainstop waits for none)."""
 
     def away(self, entries: Away) -> None:
         """Refuse the new connections of these clients (see :class:`Away`); entries of

@@ -47,14 +47,16 @@ class Clients:
         port: int = 80,
         patience: float = 2.0,
         affine: int = 0,
+        v6: bool = False,
     ) -> None:
-        """Start one traffic process in client namespace ``client`` (its own sources)."""
+        """Start one traffic process in client namespace ``client`` (its own sources, IPv6
+        ones with ``v6``: the lab must have IPv6)."""
         self._n += 1
         base = self.lab.dir / f"c{client}.{self._n}"
         args = ["--seconds", str(seconds)]
         if rate or long or affine:
             src = base.with_suffix(".sources")
-            src.write_text("\n".join(self.lab.client_sources(client, False)))
+            src.write_text("\n".join(self.lab.client_sources(client, v6)))
             args += ["--sources", str(src), "--rate", str(rate), "--long", str(long)]
             args += ["--affine", str(affine)]
             args += ["--port", str(port), "--patience", str(patience)]

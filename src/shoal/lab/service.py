@@ -13,7 +13,7 @@ from typing import Any
 
 FLUSH = 0.2  # seconds between writes of the accept log
 
-TCP_PORTS = (22, 23, 80, 443, 8080, 8443)
+TCP_PORTS = (22, 23, 80, 443, 8080, 8443, 8444)
 UDP_PORTS = (53, 80, 8080)
 
 

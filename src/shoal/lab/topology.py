@@ -88,7 +88,9 @@ class Lab:
     profile: str = "default"
     weights: list[int] = field(default_factory=list)  # the web rule's load weight per host
     reset_dead_clients: bool = True  # cluster.reset_dead_clients
-    affinity_timeout: int = 0  # the app rule's affinity_timeout_s (TCP 8443, affinity single)
+    # affinity_timeout_s of the "app" rule (TCP 8443, affinity single) and the "net" rule
+    # (TCP 8444, affinity network: a /28 or /124 of clients shares a host)
+    affinity_timeout: int = 0
     pids: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------- naming
@@ -194,6 +196,15 @@ name = "app"
 start = 8443
 protocol = "tcp"
 affinity = "single"
+affinity_timeout_s = {self.affinity_timeout}
+
+[[cluster.rules]]
+name = "net"
+start = 8444
+protocol = "tcp"
+affinity = "network"
+ipv4_prefix = 28
+ipv6_prefix = 124
 affinity_timeout_s = {self.affinity_timeout}
 
 [host]

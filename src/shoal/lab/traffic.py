@@ -39,10 +39,12 @@ import time
 from collections import defaultdict
 
 VIP = "198.18.0.100"
+VIP6 = "2001:db8::100"
 PORT = 80
 PROBE_TIMEOUT = 0.01  # a lost SYN is retried after 10 ms, with a new SYN
 PROBE_PAUSE = 0.05  # between attempts that succeed (a failing one is retried at once)
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
 
 
 def emit(**doc: object) -> None:
@@ -117,12 +119,14 @@ async def long_lived(src: str, clock: Clock, idx: int, patience: float) -> None:
 
 async def affine(src: str, clock: Clock, port: int, every: float) -> None:
     """One client: a new connection every ``every`` seconds from the same address (any
-    port), each reading the host's name; an event per connection."""
+    port; to the IPv6 VIP from an IPv6 one), each reading the host's name; an event per
+    connection."""
+    vip = VIP6 if ":" in src else VIP
     while clock.running():
         t = time.time()
         try:
             r, w = await asyncio.wait_for(
-                asyncio.open_connection(VIP, port, local_addr=(src, 0)), 1.0
+                asyncio.open_connection(vip, port, local_addr=(src, 0)), 1.0
             )
             host = (await asyncio.wait_for(r.readline(), 1.0)).decode().strip()
             w.close()
@@ -185,33 +189,69 @@ def synack_filter(vip: bytes) -> bytes:
     return b"".join(struct.pack("HBBI", *ins) for ins in prog)
 
 
+def synack_filter6(vip: bytes) -> bytes:
+    """The same for IPv6 (a TCP header right after the fixed one: the VIP sends no
+    extension headers)."""
+    words = [int.from_bytes(vip[i : i + 4], "big") for i in range(0, 16, 4)]
+    prog = [
+        (0x30, 0, 0, 6),  # ldb [6]: next header
+        (0x15, 0, 12, socket.IPPROTO_TCP),
+        *[ins for i, w in enumerate(words)
+          for ins in ((0x20, 0, 0, 8 + 4 * i), (0x15, 0, 10 - 2 * i, w))],
+        (0x30, 0, 0, 40 + 13),  # ldb [53]: TCP flags
+        (0x54, 0, 0, 0x12),
+        (0x15, 0, 1, 0x12),
+        (0x06, 0, 0, 0xFFFF),
+        (0x06, 0, 0, 0),
+    ]  # fmt: skip
+    return b"".join(struct.pack("HBBI", *ins) for ins in prog)
+
+
 class SynAckCounter:
-    """SYN-ACKs from the VIP seen on the client's interface, by the SYN they answer."""
+    """SYN-ACKs from the VIPs seen on the client's interface, by the SYN they answer."""
 
     def __init__(self, iface: str = "eth0") -> None:
         self.vip = ipaddress.ip_address(VIP).packed
-        self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_IP))
-        code = synack_filter(self.vip)
-        self._prog = ctypes.create_string_buffer(code)  # the kernel copies it; keep it anyway
-        fprog = struct.pack("HL", len(code) // 8, ctypes.addressof(self._prog))
-        self.sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
-        self.sock.bind((iface, ETH_P_IP))
-        self.sock.setblocking(False)
+        self.vip6 = ipaddress.ip_address(VIP6).packed
+        self.socks = [
+            self._open(iface, ETH_P_IP, synack_filter(self.vip)),
+            self._open(iface, ETH_P_IPV6, synack_filter6(self.vip6)),
+        ]
         self.answers: dict[tuple[bytes, int, int], set[int]] = defaultdict(set)
 
+    def _open(self, iface: str, proto: int, code: bytes) -> socket.socket:
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(proto))
+        prog = ctypes.create_string_buffer(code)  # the kernel copies it
+        fprog = struct.pack("HL", len(code) // 8, ctypes.addressof(prog))
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+        sock.bind((iface, proto))
+        sock.setblocking(False)
+        return sock
+
     def on_readable(self) -> None:
-        for _ in range(512):
-            try:
-                pkt = self.sock.recv(128)
-            except (BlockingIOError, InterruptedError):
+        for sock in self.socks:
+            for _ in range(512):
+                try:
+                    pkt = sock.recv(128)
+                except (BlockingIOError, InterruptedError):
+                    break
+                self._take(pkt)
+
+    def _take(self, pkt: bytes) -> None:
+        if len(pkt) >= 60 and pkt[0] >> 4 == 6:
+            if pkt[6] != socket.IPPROTO_TCP or pkt[8:24] != self.vip6:
                 return
-            if len(pkt) < 40 or pkt[9] != socket.IPPROTO_TCP or pkt[12:16] != self.vip:
-                continue
-            tcp = pkt[(pkt[0] & 0x0F) * 4 :]
-            if len(tcp) < 14 or tcp[13] & 0x12 != 0x12:
-                continue
-            _, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
-            self.answers[(pkt[16:20], dport, ack)].add(seq)
+            client, tcp = pkt[24:40], pkt[40:]
+        elif len(pkt) >= 40 and pkt[0] >> 4 == 4:
+            if pkt[9] != socket.IPPROTO_TCP or pkt[12:16] != self.vip:
+                return
+            client, tcp = pkt[16:20], pkt[(pkt[0] & 0x0F) * 4 :]
+        else:
+            return
+        if len(tcp) < 14 or tcp[13] & 0x12 != 0x12:
+            return
+        _, dport, seq, ack = struct.unpack("!HHII", tcp[:12])
+        self.answers[(client, dport, ack)].add(seq)
 
     def summary(self) -> dict[str, object]:
         doubles = [k for k, seqs in self.answers.items() if len(seqs) > 1]
@@ -219,7 +259,7 @@ class SynAckCounter:
             "kind": "synacks",
             "synacks": len(self.answers),
             "doubles": len(doubles),
-            "examples": [f"{socket.inet_ntoa(a)}:{p}" for a, p, _ in doubles[:5]],
+            "examples": [f"{ipaddress.ip_address(a)}:{p}" for a, p, _ in doubles[:5]],
         }
 
 
@@ -229,7 +269,8 @@ async def run(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGTERM, clock.stop)
     counter = SynAckCounter() if args.sniff else None
     if counter is not None:
-        loop.add_reader(counter.sock.fileno(), counter.on_readable)
+        for sock in counter.socks:
+            loop.add_reader(sock.fileno(), counter.on_readable)
     sources = _lines(args.sources) if args.sources else []
     tasks = [
         asyncio.create_task(long_lived(sources[i % len(sources)], clock, i, args.patience))
@@ -248,7 +289,8 @@ async def run(args: argparse.Namespace) -> None:
     if counter is not None:
         await asyncio.sleep(0.2)  # SYN-ACKs still on the way
         counter.on_readable()
-        loop.remove_reader(counter.sock.fileno())
+        for sock in counter.socks:
+            loop.remove_reader(sock.fileno())
         emit(t=time.time(), **counter.summary())
     emit(t=time.time(), kind="end")
 

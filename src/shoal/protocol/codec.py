@@ -105,7 +105,8 @@ _SILENCE = struct.Struct("!HI")
 _CHUNK = struct.Struct("!IHQ8sHH")
 _REMOTE = struct.Struct("!HQ")  # the target (request) or the asker (answer), the request id
 _HANDOFF = struct.Struct("!IHQHHHHBB")  # epoch, generation, to, index, count, rule, key size
-_AFFINITY = struct.Struct("!HB")  # generation, bits: 1 ready, 2 handed in, 4 a bitmap follows
+# generation, bits: 1 ready, 2 handed in, 4 a bitmap follows, 8 leaving
+_AFFINITY = struct.Struct("!HB")
 AFFINITY_FOLLOWS = 0x80  # in the dedicated address's family byte: an affinity block follows
 
 
@@ -350,7 +351,7 @@ def _encode_heartbeat(hb: Heartbeat) -> bytes:
     else:
         out.append(bytes([hb.dedicated_ip.version | more]) + hb.dedicated_ip.packed)
     if a is not None:
-        bits = (1 if a.ready else 0) | (2 if a.handed_in else 0) | (4 if a.to else 0)
+        bits = a.ready | a.handed_in << 1 | bool(a.to) << 2 | a.leaving << 3
         out.append(_AFFINITY.pack(a.generation, bits))
         if a.to:
             out.append(host_bitmap(a.to))
@@ -418,7 +419,7 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
     if has_affinity:
         gen, bits = _AFFINITY.unpack_from(p, off)
         off += _AFFINITY.size
-        if bits & ~7:
+        if bits & ~15:
             raise _Malformed
         to: frozenset[int] = frozenset()
         if bits & 4:
@@ -426,7 +427,7 @@ def _decode_heartbeat(env: Envelope) -> Heartbeat:
             off += 32
             if not to:
                 raise _Malformed
-        affinity = Affinity(gen, bool(bits & 1), to, bool(bits & 2))
+        affinity = Affinity(gen, bool(bits & 1), to, bool(bits & 2), bool(bits & 8))
     if off + 1 + len(acks) != len(p):
         raise _Malformed
     beat, echoes = p[off], tuple(p[off + 1 :])

@@ -245,8 +245,16 @@ def next_epoch(
         reports={h: reports[h] for h in members},
         maps=tuple(maps),
         handlers=tuple(handlers),
-        default_host=min(members) if members else 0,
+        default_host=default_of(members, reports),
     )
+
+
+def default_of(members: frozenset[int], reports: Mapping[int, tuple[RuleReport, ...]]) -> int:
+    """The default host (traffic no rule covers): the lowest member with a rule enabled (a
+    host draining every rule, as a drainstop does, takes no new traffic), else the lowest
+    member (0: none)."""
+    taking = [h for h in members if any(r.state is RuleState.ENABLED for r in reports[h])]
+    return min(taking or members, default=0)
 
 
 def same_assignment(a: EpochState, b: EpochState) -> bool:

@@ -41,6 +41,8 @@ class EventId(IntEnum):
     DEAD_HOST_SPARED = 115
     HANDOFF_SENT = 116
     HANDOFF_TAKEN = 117
+    DRAIN_AFFINE_IDLE = 118
+    HANDOFF_GIVEN_UP = 119
 
 
 TEMPLATES: dict[EventId, str] = {
@@ -101,7 +103,15 @@ TEMPLATES: dict[EventId, str] = {
         "to host {peer} (epoch {epoch})"
     ),
     EventId.HANDOFF_TAKEN: (
-        "host {host} took host {peer}'s handoff of {clients} affine clients (epoch {epoch})"
+        "host {host} took host {peer}'s handoff of {clients} affine clients of rule {rule} "
+        "(epoch {epoch})"
+    ),
+    EventId.HANDOFF_GIVEN_UP: (
+        "host {host} gave its affine clients up: the kernel did not list them in time for "
+        "epoch {epoch}"
+    ),
+    EventId.DRAIN_AFFINE_IDLE: (
+        "host {host} drains: its affine clients are idle or gone, it leaves the cluster"
     ),
     EventId.HEALTH_HELD: (
         "check {check} passes again on host {host}, but it flaps: back in service at the "

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from shoal.dataplane.contract import RuleState
 
 ETHERTYPE = 0x886F
-VERSION = 7
+VERSION = 8
 HEADER_LEN = 32
 TAG_LEN = 32
 MTU_PAYLOAD = 1500
@@ -175,6 +175,7 @@ class Affinity:
     ready: bool = False  # its handoff for the epoch it reports is composed
     to: frozenset[int] = frozenset()  # hosts it hands clients over to, in that epoch
     handed_in: bool = False  # it holds every handoff addressed to it in that epoch
+    leaving: bool = False  # drainstopped: a member only until its affine clients go idle
 
 
 MAX_HANDOFF_KEYS = 280  # IPv4 keys per handoff frame (70 IPv6): 32 + 24 + 1120 + 32 < 1500

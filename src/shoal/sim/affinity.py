@@ -67,6 +67,9 @@ class AffinityTables:
                     out.setdefault(tok, []).append(k)
         return out
 
+    def counts(self, now: float) -> dict[int, int]:
+        return {r: sum(exp > now for exp in es.values()) for r, es in self.aff.items()}
+
     def away(self, a: Away, now: float) -> None:
         ident = (a.incarnation, a.generation)
         held = self.away_of.get(a.source)

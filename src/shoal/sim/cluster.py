@@ -69,6 +69,15 @@ class Kernel:
             return {}
         return self.affinity.affine(self.tokens, self.clock())
 
+    def affine_reader(self) -> Callable[[], tuple[dict[int, list[bytes]], dict[int, int]]]:
+        keys, counts = self.affine(), self.affine_counts()
+        return lambda: (keys, counts)
+
+    def affine_counts(self) -> dict[int, int]:
+        if self.affinity is None:
+            return {}
+        return self.affinity.counts(self.clock())
+
     def away(self, entries: Away) -> None:
         if self.clock() < self.refuse_until:
             self.refused += 1
@@ -184,14 +193,15 @@ class SimCluster:
             ),
         )
 
-    def start_clients(self, count: int = 40, every: float = 0.25) -> Clients:
+    def start_clients(self, count: int = 40, every: float = 0.25, salt: int = 0) -> Clients:
         """Clients of the sticky rules, a moment every ``every`` seconds from now on (see
-        :mod:`shoal.sim.affinity`); the cluster must have sticky rules."""
+        :mod:`shoal.sim.affinity`), in place of any before; the cluster must have sticky
+        rules. Another ``salt``, other clients."""
         self.clients = Clients(
             {h: self._decider(h) for h in self.hosts},
             sorted(self.sticky),
             self.buckets,
-            random.Random(self.seed ^ 0xAFF1),
+            random.Random(self.seed ^ 0xAFF1 ^ salt << 20),
             self.fail,
             count,
             self.sticky,
@@ -312,7 +322,10 @@ class SimCluster:
         self.now = max(self.now, t_end)
 
     def _tick(self, h: SimHost, engine: Engine) -> None:
-        """An engine's timer fired (a subclass may look before and after)."""
+        """An engine's timer fired (a subclass may look before and after); a drainstop
+        keeping its affine clients hears how many the kernel holds, as the daemon's does."""
+        if h.runtime is not None:
+            h.runtime.count_affine(self.now)
         engine.tick(self.now)
 
     def _deliver(self, h: SimHost, engine: Engine, frame: bytes) -> None:

@@ -201,6 +201,7 @@ def run_scenario(
 
     ids = list(range(1, n + 1))
     t = 12 * p  # let the cluster form first
+    crowd = random.Random(seed ^ 0xC11E)
     if sticky:
         count = rng.choice([10, 40])
 
@@ -219,6 +220,14 @@ def run_scenario(
             kinds, odds = [*kinds, "replay"], [*odds, 6]
         if health:
             kinds, odds = [*kinds, "health"], [*odds, 6]
+        if sticky and crowd.random() < 0.1:
+            # others come, in buckets that may have moved and come back (drawn apart: the
+            # faults of a seed are the same with or without them)
+
+            def fresh(salt: int = int(t * 1000)) -> None:
+                sim.start_clients(count, salt=salt)
+
+            act(t, f"{count} new clients take over from the others", fresh)
         kind = rng.choices(kinds, weights=odds)[0]
         if kind == "health":
             which = rng.choice([0, 1, None])  # the web rule, the single ssh rule, the host

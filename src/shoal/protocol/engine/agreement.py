@@ -18,7 +18,7 @@ from shoal.protocol.engine.beacon import Beacon
 from shoal.protocol.engine.epochs import EpochStore
 from shoal.protocol.engine.handoff import Handoffs
 from shoal.protocol.engine.holding import Holding
-from shoal.protocol.engine.host_state import ELIGIBLE, HostStateMachine
+from shoal.protocol.engine.host_state import HostStateMachine
 from shoal.protocol.engine.leader import Create, Leader, Seat
 from shoal.protocol.engine.peers import Peer, Roster
 from shoal.protocol.engine.ready import blocker
@@ -61,6 +61,8 @@ class Agreement:
 
         def _emit(self, eid: EventId, now: float, **fields: object) -> None: ...
         def _eligible_self(self, now: float) -> bool: ...
+        def _started(self) -> bool: ...
+        def _offered_states(self) -> tuple[RuleState, ...]: ...
         @property
         def record(self) -> frozenset[int]: ...
         @property
@@ -69,7 +71,7 @@ class Agreement:
     def _reports(self) -> tuple[RuleReport, ...]:
         """This host's parameters per rule (the same tuple until they change: every step
         and heartbeat reads them)."""
-        cfg, states, health = self.cfg, self.rule_states, self.rule_health
+        cfg, states, health = self.cfg, self._offered_states(), self.rule_health
         memo = self._reports_memo
         if memo is not None and memo[0] is cfg and memo[1] is states and memo[2] is health:
             return memo[3]
@@ -156,7 +158,7 @@ class Agreement:
         return e is None or self.me not in e.members or leader.ack_at >= self.eligible_since
 
     def _adopt(self, state: EpochState, now: float) -> None:
-        self.holding.adopt(state, self.host.state in ELIGIBLE, self._eligible_self(now), now)
+        self.holding.adopt(state, self._started(), self._eligible_self(now), now)
 
     def _declare_ready(self, now: float) -> None:
         """Leader: READY once releases are reported and fences have passed."""
@@ -183,7 +185,7 @@ class Agreement:
     def _ready(self, now: float) -> None:
         """The epoch is READY: the record moves, and this host acquires at the end of the
         step if its lease runs then (a lapse before this acquisition says nothing of it)."""
-        self.holding.on_ready(self.host.state in ELIGIBLE, self._eligible_self(now), now)
+        self.holding.on_ready(self._started(), self._eligible_self(now), now)
         lease = self.lease_until
         if self.holding.acquiring and lease is not None and lease <= now:
             self.lease_until = None

@@ -134,6 +134,9 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         self.connections: int | None = None  # unknown until the shell reports them
         self.drain_deadline: float | None = None
         self.drain_started = NEVER
+        self.drain_affine = False  # draining, a member until its affine clients went idle
+        self.affine_left: int | None = None  # the kernel's affinity entries, as last reported
+        self._offered_memo: tuple[tuple[RuleState, ...], tuple[RuleState, ...]] | None = None
         self.heal_reported: set[EpochKey] = set()
         self._start_intake()
         self.epochs_created = 0
@@ -218,9 +221,10 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             hb = p.hb
             assert hb is not None
             default = bool(e and e.default_host == p.host_id and hb.epoch == e.key)
+            leaving = hb.affinity is not None and hb.affinity.leaving
             view = PeerView(
                 p.host_id,
-                hb.state,
+                HostState.DRAINING if leaving else hb.state,
                 hb.dedicated_ip,
                 hb.epoch,
                 default,
@@ -285,11 +289,12 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         (:attr:`install`, the deadline): both change only in a step, and frames that
         repeat what a peer said never step."""
         self.outputs += 1
-        states = self.rule_states
+        states = self._offered_states()
         if Health.FAILING in self.rule_health:
             states = self._kernel_rule_states()
         hs = self.handoffs
         if hs.sticky:
+            hs.installed(self.holding.installed)
             off = frozenset(i for i in hs.sticky if states[i] is RuleState.DISABLED)
             if off - self._sticky_off:
                 hs.lost()  # the kernel drops the rule's traffic: its affine clients go
@@ -313,6 +318,7 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             t = min(t, self.drain_deadline)
         if hs.sticky:
             t = min(t, hs.next_send(self.holding.epoch, RESEND * self.timing.period))
+            t = min(t, hs.wait_deadline(self.timing.period))
             if self._lease_ran and lease is not None:
                 t = min(t, lease)  # a lapse moves the affinity generation: seen when it comes
         self._deadline = t
@@ -331,23 +337,33 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
 
     # ---------------------------------------------------------------- affinity
 
-    def handoff_wanted(self) -> EpochKey | None:
-        """The epoch whose handoff waits for the kernel's affinity keys (see
-        :mod:`.handoff`): the runtime reads them once the release is in the kernel."""
-        return self.handoffs.wanted(self.holding.epoch)
+    def handoff_wanted(self) -> tuple[EpochKey, int] | None:
+        """The epoch (and affinity generation) whose handoff waits for the kernel's
+        affinity keys (see :mod:`.handoff`): the runtime reads them once the release is in
+        the kernel, and hands them to :meth:`handoff_keys` with what this returned."""
+        key = self.handoffs.wanted(self.holding.epoch)
+        return None if key is None else (key, self.handoffs.generation)
 
-    def handoff_keys(self, epoch: EpochKey, keys: dict[int, list[bytes]], now: float) -> None:
+    def handoff_keys(
+        self, wanted: tuple[EpochKey, int], keys: dict[int, list[bytes]], now: float
+    ) -> None:
         """The kernel's affinity keys per bucket token it does not own, read after the
-        release of ``epoch`` was installed."""
+        release of the epoch ``wanted`` names was installed (ignored if that epoch or
+        generation is no longer the one waiting: read too late)."""
         e = self.holding.epoch
-        if e is None or e.key != epoch or self.handoffs.wanted(e) != epoch:
+        epoch, generation = wanted
+        hs = self.handoffs
+        if e is None or e.key != epoch or hs.wanted(e) != epoch or hs.generation != generation:
             return
-        self.handoffs.compose(e, keys)
+        self._compose(e, keys, now)
+        self._step(now, timers=False)
+
+    def _compose(self, e: EpochState, keys: dict[int, list[bytes]] | None, now: float) -> None:
+        self.handoffs.compose(e, keys, self.peers)
         for (to, rule), (clients, buckets) in sorted(self.handoffs.summary.items()):
             self._emit(EventId.HANDOFF_SENT, now, peer=to, rule=self.rules[rule].key,
-                       clients=clients, buckets=buckets, epoch=str(epoch))  # fmt: skip
+                       clients=clients, buckets=buckets, epoch=str(e.key))  # fmt: skip
         self.beacon.dirty = True
-        self._step(now, timers=False)
 
     def take_away(self) -> list[Away]:
         """Away entries to put in the kernel before the next frames leave."""
@@ -367,10 +383,33 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         self.connections = max(0, count)
         self._step(now)
 
+    def set_affine(self, count: int, now: float) -> None:
+        """The affinity entries the kernel holds, read after an install (a drainstop that
+        keeps its affine clients waits for 0: see :attr:`drain_affine`)."""
+        self.affine_left = max(0, count)
+        self._step(now)
+
     # ------------------------------------------------------------- the step
 
+    def _started(self) -> bool:
+        """A member by its own will: started, or draining while its affine clients stay."""
+        return self.host.state in ELIGIBLE or self.drain_affine
+
     def _eligible_self(self, now: float) -> bool:
-        return self.host.state in ELIGIBLE and self.duplicate_until < now
+        return self._started() and self.duplicate_until < now
+
+    def _offered_states(self) -> tuple[RuleState, ...]:
+        """The rule states this host reports and enforces: the operator's, every enabled
+        rule draining while a drainstop keeps its affine clients."""
+        if not self.drain_affine:
+            return self.rule_states
+        memo = self._offered_memo
+        if memo is None or memo[0] is not self.rule_states:
+            drained = tuple(
+                RuleState.DRAINING if s is RuleState.ENABLED else s for s in self.rule_states
+            )
+            memo = self._offered_memo = (self.rule_states, drained)
+        return memo[1]
 
     def _step(self, now: float, timers: bool = True) -> None:
         if timers:
@@ -379,6 +418,13 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         hs = self.handoffs
         if hs.sticky:
             e = self.holding.epoch
+            if e is not None and hs.wanted(e):
+                if not hs.needs_read(e, self.peers):
+                    self._compose(e, None, now)  # every key kept is where it must be already
+                elif hs.overdue(e, now, self.timing.period):
+                    hs.lost()  # the kernel's keys came too late: its affine clients go
+                    self._emit(EventId.HANDOFF_GIVEN_UP, now, epoch=str(e.key))
+                    self._compose(e, None, now)
             if hs.check_in(e, self.peers):
                 self.beacon.dirty = True
             if e is not None:
@@ -398,6 +444,8 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             # same stale count again
             self.tenure.count = None
         self._refresh_state(now)
+        if hs.sticky and hs.check_in(self.holding.epoch, self.peers):
+            self.beacon.dirty = True  # (an epoch adopted in this step is checked at once)
         self._maybe_send(now, leader)
         self._publish()
 
@@ -420,6 +468,10 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             self.host.move(Observed.DRAIN_ENDED)
             self._stop(now, announce=False)
             self._emit(EventId.DRAIN_TIMEOUT, now)
+        elif self.drain_affine:
+            # its affine clients went idle, or its lease ran out (their entries went then)
+            if self.affine_left == 0 or self.lease_until is None:
+                self._let_affine_go(now)
         elif self.connections == 0 and (
             (not self.holding.installed and (e is None or self.me not in e.members))
             # nobody took its buckets over: no started host is left (every host drained),

@@ -19,7 +19,15 @@ the owners hold them as *away* entries before they acquire:
 * a host's affinity entries have a *generation*: whenever it loses its tokens other than by
   an epoch (its lease lapsed, it stopped, it restarted) its entries are flushed and the
   generation moves, and the away entries of an older generation are dropped wherever they
-  are held: their host no longer serves those clients.
+  are held: their host no longer serves those clients;
+* a handoff sends only what its receiver does not hold yet: the keys of a bucket are
+  *delivered* once the bucket's owner (in that run) was handed in for the epoch they were
+  sent in, and are not sent to it again while this host keeps its generation and does not
+  own the bucket again. The away entries stay where they are until then: a host drops a
+  source's entries only once that source left its membership, which ended the source's
+  lease and moved its generation. A bucket that had no key when composed gets none while
+  it is not owned (only an owned bucket adds keys), so it needs no read either: when no
+  bucket this host ever held in this generation has a new owner, the kernel is not read.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from shoal.protocol.epoch import EpochState
 from shoal.protocol.frames import MAX_HANDOFF_KEYS, Affinity, EpochKey, Handoff
 
 NEVER_AGAIN = float("inf")
+WAIT = 2.0  # periods a handoff waits for the kernel's keys; then the entries are given up
 KEEP = (-1, -1)  # a source whose identity is not known here: its away entries stay as they are
 
 
@@ -44,6 +53,8 @@ class Stream:
     pieces: list[tuple[int, tuple[bytes, ...]]] = field(default_factory=list)
     sent_at: float = NEVER
     taken: bool = False  # its host (in the run last heard) holds every handoff addressed to it
+    tokens: tuple[int, ...] = ()  # the buckets whose keys it carries
+    incarnation: int | None = None  # its host's run when composed (None: not known)
 
 
 def pieces_of(keys: Sequence[bytes]) -> list[tuple[bytes, ...]]:
@@ -54,6 +65,12 @@ def pieces_of(keys: Sequence[bytes]) -> list[tuple[bytes, ...]]:
         per = MAX_HANDOFF_KEYS * 4 // size
         out += [tuple(same[i : i + per]) for i in range(0, len(same), per)]
     return out
+
+
+def _run(peers: Mapping[int, Peer], host: int) -> int | None:
+    """The incarnation host ``host`` last reported (None: not heard)."""
+    p = peers.get(host)
+    return p.hb.incarnation if p is not None and p.hb is not None else None
 
 
 class Handoffs:
@@ -72,6 +89,12 @@ class Handoffs:
         self.away: list[Away] = []  # for the runtime, oldest first
         self.handed_in = False
         self.summary: dict[tuple[int, int], tuple[int, int]] = {}  # (to, rule): clients, buckets
+        self.delivered: dict[int, tuple[int, int]] = {}  # token -> (host, run) holding its keys
+        self.empty: set[int] = set()  # tokens with no key, not owned since they were read so
+        self.ever: set[int] = set()  # tokens held in this generation: only these have keys
+        self._installed: frozenset[int] = frozenset()
+        self.waiting: tuple[EpochKey, int, float] | None = None  # (epoch, generation, since)
+        self.taken: dict[tuple[int, int], int] = {}  # (from, rule): clients, in this epoch
 
     # ------------------------------------------------------------ this host
 
@@ -82,6 +105,20 @@ class Handoffs:
             self.generation = (self.generation + 1) & 0xFFFF
             self.composed = None
             self.out = {}
+            self.delivered, self.empty, self.ever = {}, set(), set(self._installed)
+            self.waiting = None
+
+    def installed(self, tokens: frozenset[int]) -> None:
+        """The tokens the kernel is given: a bucket owned again may gain keys, so what was
+        delivered or read empty of it no longer holds."""
+        if not self.sticky or tokens is self._installed:
+            return
+        new = tokens - self._installed
+        self._installed = tokens
+        self.ever |= new
+        for t in new:
+            self.delivered.pop(t, None)
+        self.empty -= new
 
     @property
     def identity(self) -> tuple[int, int]:
@@ -94,34 +131,86 @@ class Handoffs:
             return None
         return e.key
 
-    def compose(self, e: EpochState, keys: Mapping[int, Sequence[bytes]]) -> None:
+    def overdue(self, e: EpochState, now: float, period: float) -> bool:
+        """The keys for ``e`` were wanted for longer than :data:`WAIT` periods (a kernel
+        slow to list them must not hold a READY, a failover's above all): this host then
+        gives its affinity entries up (:meth:`lost`) and hands over nothing."""
+        mark = (e.key, self.generation)
+        if self.waiting is None or self.waiting[:2] != mark:
+            self.waiting = (*mark, now)
+        return now - self.waiting[2] >= WAIT * period
+
+    def wait_deadline(self, period: float) -> float:
+        """When :meth:`overdue` turns true for the keys wanted now."""
+        w = self.waiting
+        return NEVER_AGAIN if w is None else w[2] + WAIT * period
+
+    def _owner(self, e: EpochState, tok: int) -> int:
+        rule, bucket = split_token(tok)
+        owners = e.maps[rule] if rule in self.sticky else None
+        return owners[bucket] if owners is not None and bucket is not None else 0
+
+    def needs_read(self, e: EpochState, peers: Mapping[int, Peer]) -> bool:
+        """Whether a bucket held in this generation may keep keys its owner in ``e`` does
+        not hold yet (else the handoff is composed without reading the kernel)."""
+        for tok in self.ever:
+            dest = self._owner(e, tok)
+            if dest in (0, self.me) or tok in self.empty:
+                continue
+            if self.delivered.get(tok) != (dest, _run(peers, dest)):
+                return True
+        return False
+
+    def compose(
+        self,
+        e: EpochState,
+        keys: Mapping[int, Sequence[bytes]] | None,
+        peers: Mapping[int, Peer],
+    ) -> None:
         """This host's handoff for ``e``, from the keys its kernel keeps per bucket token
-        (of the sticky rules' buckets it does not own): to each bucket's owner in ``e``."""
+        (of the sticky rules' buckets it does not own): to each bucket's owner in ``e``,
+        but what that owner holds already. ``keys`` None: nothing was read, as nothing new
+        is to be sent (:meth:`needs_read`)."""
         per: dict[tuple[int, int], list[bytes]] = defaultdict(list)
         buckets: dict[tuple[int, int], int] = defaultdict(int)
+        tokens: dict[int, list[int]] = defaultdict(list)
+        if keys is None:
+            keys = {}
+        else:
+            for tok in self.ever:
+                if tok not in keys and self._owner(e, tok) not in (0, self.me):
+                    self.empty.add(tok)
         for tok, ks in keys.items():
-            rule, bucket = split_token(tok)
-            if bucket is None or rule not in self.sticky:
+            rule, _ = split_token(tok)
+            dest = self._owner(e, tok)
+            if dest in (0, self.me) or not ks:
                 continue
-            owners = e.maps[rule]
-            dest = owners[bucket] if owners is not None else 0
-            if dest not in (0, self.me) and ks:
-                per[(dest, rule)].extend(ks)
-                buckets[(dest, rule)] += 1
+            if self.delivered.get(tok) == (dest, _run(peers, dest)):
+                continue
+            per[(dest, rule)].extend(ks)
+            buckets[(dest, rule)] += 1
+            tokens[dest].append(tok)
         self.out = {}
         for (dest, rule), ks in sorted(per.items()):
             stream = self.out.setdefault(dest, Stream())
             stream.pieces += [(rule, piece) for piece in pieces_of(ks)]
+            stream.tokens = tuple(tokens[dest])
+            stream.incarnation = _run(peers, dest)
         self.composed = (e.key, self.generation)
+        self.waiting = None
         self.summary = {k: (len(ks), buckets[k]) for k, ks in per.items()}
 
-    def announce(self, e: EpochState | None) -> Affinity | None:
-        """What this host's heartbeat says of affinity (None without sticky rules)."""
+    def announce(self, e: EpochState | None, leaving: bool) -> Affinity | None:
+        """What this host's heartbeat says of affinity (None without sticky rules);
+        ``leaving``: it drains, a member only while its affine clients stay."""
         if not self.sticky:
             return None
         ready = e is not None and self.composed == (e.key, self.generation)
         to = frozenset(self.out) if ready else frozenset()
-        return Affinity(self.generation, ready, to, self.handed_in)
+        # handed in as checked for this very epoch and composition: an epoch adopted or a
+        # generation moved since the last check is not (a READY must never count on it)
+        handed_in = self.handed_in and ready and e is not None and self.epoch == e.key
+        return Affinity(self.generation, ready, to, handed_in, leaving)
 
     def send(
         self, e: EpochState, peers: Mapping[int, Peer], now: float, every: float
@@ -134,9 +223,16 @@ class Handoffs:
             p = peers.get(dest)
             hb = p.hb if p is not None else None
             # a host that restarts forgets what it was handed: asked afresh at each step
-            stream.taken = bool(
+            taken = bool(
                 hb is not None and hb.epoch == e.key and hb.affinity and hb.affinity.handed_in
             )
+            # handed in says it holds what each member of ``e`` addressed to it: what this
+            # host sent counts only if it is one (a bystander's handoff is not waited for)
+            now_held = taken and not stream.taken and self.me in e.members
+            if now_held and hb is not None and stream.incarnation == hb.incarnation:
+                for tok in stream.tokens:  # its host holds them now
+                    self.delivered[tok] = (dest, hb.incarnation)
+            stream.taken = taken
             if stream.taken or now - stream.sent_at < every:
                 continue
             stream.sent_at = now
@@ -162,7 +258,7 @@ class Handoffs:
         key = e.key if e is not None else None
         if key != self.epoch:
             self.epoch = key
-            self.pieces, self.whole = {}, {}
+            self.pieces, self.whole, self.taken = {}, {}, {}
             self.handed_in = False
 
     def on_piece(self, h: Handoff, e: EpochState | None) -> bool:
@@ -180,8 +276,11 @@ class Handoffs:
         if len(got) < h.count or self.whole.get(h.host_id) == run[1:]:
             return False
         self.whole[h.host_id] = run[1:]
+        self.taken = {k: n for k, n in self.taken.items() if k[0] != h.host_id}
         for piece in sorted(got.values(), key=lambda x: x.index):
             self.away.append(Away(*run, piece.rule, piece.keys))
+            key = (h.host_id, piece.rule)
+            self.taken[key] = self.taken.get(key, 0) + len(piece.keys)
         return True
 
     def check_in(self, e: EpochState | None, peers: Mapping[int, Peer]) -> bool:
@@ -211,6 +310,18 @@ class Handoffs:
 
     def take_away(self) -> list[Away]:
         out, self.away = self.away, []
+        return out
+
+    def report(self) -> dict[int, dict[str, list[dict[str, int]]]]:
+        """Per sticky rule, the clients handed over to each host and taken from each, in
+        the epoch held (for ``params`` and ``display``)."""
+        out: dict[int, dict[str, list[dict[str, int]]]] = {
+            i: {"handed_over": [], "taken": []} for i in self.sticky
+        }
+        for (to, rule), (clients, buckets) in sorted(self.summary.items()):
+            out[rule]["handed_over"].append({"to": to, "clients": clients, "buckets": buckets})
+        for (src, rule), clients in sorted(self.taken.items()):
+            out[rule]["taken"].append({"from": src, "clients": clients})
         return out
 
     def sources(

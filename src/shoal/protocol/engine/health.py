@@ -40,6 +40,7 @@ class HealthInputs:
         def _step(self, now: float, timers: bool = True) -> None: ...
         def _emit(self, eid: EventId, now: float, **fields: object) -> None: ...
         def _carry_out(self, act: Act, now: float, timeout: float | None, by: str) -> None: ...
+        def _offered_states(self) -> tuple[RuleState, ...]: ...
 
     def _start_health(self) -> None:
         self.rule_health: tuple[Health, ...] = self._checked_rules()
@@ -103,7 +104,7 @@ class HealthInputs:
     def _kernel_rule_states(self) -> tuple[RuleState, ...]:
         """The rule states the kernel enforces: the operator's, and a rule whose check fails
         with ``on_failure = "disable"`` off once this host holds none of its share."""
-        out = list(self.rule_states)
+        out = list(self._offered_states())
         for i, h in enumerate(self.rule_health):
             if h is not Health.FAILING or out[i] is RuleState.DISABLED:
                 continue

@@ -50,7 +50,9 @@ class Act(Enum):
     RESTART = "restart"  # a drain interrupted by start: keep the epoch
     STOP = "stop"  # let go of everything, leave the cluster
     INTERRUPT_AND_STOP = "interrupt_and_stop"  # a drain interrupted by stop
-    DRAIN = "drain"  # no new connections; the others carry on without this host
+    DRAIN = "drain"  # no new connections but from affine clients, then none at all
+    DRAIN_NOW = "drain_now"  # no new connections at all: the application failed
+    AFFINE_GO = "affine_go"  # a draining host's affine clients go: the application failed
     SUSPEND = "suspend"  # stop, and take no command but resume
     RESUME = "resume"
     RULES = "rules"  # per-rule verbs: the host state does not move
@@ -125,12 +127,10 @@ MOVES: dict[tuple[HostState, Command | Observed], Move] = {
     (_S.DRAINING, Observed.DRAIN_ENDED): Move(_S.STOPPED, Act.STOP),
     # the host-wide health check: failing drains as drainstop does; passing again undoes
     # that (the engine feeds HEALTHY only to a host the check took out)
-    (_S.CONVERGING, Observed.UNHEALTHY): Move(_S.DRAINING, Act.DRAIN),
-    (_S.CONVERGED, Observed.UNHEALTHY): Move(_S.DRAINING, Act.DRAIN),
-    **{
-        (s, Observed.UNHEALTHY): Move(None, Act.NOTHING)
-        for s in (_S.STOPPED, _S.DRAINING, _S.SUSPENDED)
-    },
+    (_S.CONVERGING, Observed.UNHEALTHY): Move(_S.DRAINING, Act.DRAIN_NOW),
+    (_S.CONVERGED, Observed.UNHEALTHY): Move(_S.DRAINING, Act.DRAIN_NOW),
+    (_S.DRAINING, Observed.UNHEALTHY): Move(None, Act.AFFINE_GO),
+    **{(s, Observed.UNHEALTHY): Move(None, Act.NOTHING) for s in (_S.STOPPED, _S.SUSPENDED)},
     (_S.DRAINING, Observed.HEALTHY): Move(_S.CONVERGING, Act.RESTART),
     (_S.STOPPED, Observed.HEALTHY): Move(_S.CONVERGING, Act.START),
     **{

@@ -148,9 +148,10 @@ class FrameIntake:
                 return self._reject(Rejection.UNPROVEN)
             if not self.handoffs.on_piece(frame, self.holding.epoch):
                 return None  # a piece that completed nothing changes nothing yet
-            taken = sum(len(a.keys) for a in self.handoffs.away if a.source == frame.host_id)
-            self._emit(EventId.HANDOFF_TAKEN, now, peer=frame.host_id, clients=taken,
-                       epoch=str(frame.epoch))  # fmt: skip
+            for (src, rule), taken in sorted(self.handoffs.taken.items()):
+                if src == frame.host_id:
+                    self._emit(EventId.HANDOFF_TAKEN, now, peer=src, rule=self.rules[rule].key,
+                               clients=taken, epoch=str(frame.epoch))  # fmt: skip
         elif isinstance(frame, Request | Answer):  # the shell's to carry out
             if not self.peers[env.host_id].proven:
                 self._ask(env.host_id, now)

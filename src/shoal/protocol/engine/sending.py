@@ -47,6 +47,7 @@ class Sending:
     freshness: Freshness
     host_health: Health
     _send_memo: tuple[int, tuple[object, ...], bool] | None
+    drain_affine: bool
 
     if TYPE_CHECKING:
 
@@ -93,6 +94,14 @@ class Sending:
                     self._emit(EventId.PARTITION_HEALED, now, a=e.default_host, b=p.host_id)
         return behind
 
+    def _wire_state(self) -> HostState:
+        """The state heartbeats say: a host that drains while its affine clients stay is a
+        member whose rules all drain (its affinity block says it leaves)."""
+        if self.drain_affine:
+            converged = self.holding.converged(True)
+            return HostState.CONVERGED if converged else HostState.CONVERGING
+        return self.host.state
+
     def _send_heartbeat(self, now: float) -> None:
         e = self.holding.epoch
         acks: frozenset[int] = frozenset()
@@ -109,7 +118,7 @@ class Sending:
             host_id=self.me,
             incarnation=self.incarnation,
             seq=0,
-            state=self.host.state,
+            state=self._wire_state(),
             flags=self.holding.flags(self.leading),
             config_digest=self.digest,
             epoch=e.key if e else None,
@@ -122,7 +131,7 @@ class Sending:
             vote=self.vote,
             asks=self.freshness.asks(now),
             health=self.host_health,
-            affinity=self.handoffs.announce(e),
+            affinity=self.handoffs.announce(e, self.drain_affine),
         )
         self.beacon.send_heartbeat(said, acked_peers, now, self.timing.period)
         if self.tenure.count is not None:

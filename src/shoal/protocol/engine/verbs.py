@@ -65,6 +65,9 @@ class OperatorInputs:
     eligible_since: float
     drain_deadline: float | None
     drain_started: float
+    drain_affine: bool
+    affine_left: int | None
+    lease_until: float | None
     health_out: bool
 
     if TYPE_CHECKING:
@@ -154,6 +157,7 @@ class OperatorInputs:
         elif act is Act.RESTART:
             self._emit(EventId.DRAIN_INTERRUPTED, now, command=by)
             self.drain_deadline = None
+            self.drain_affine = False  # a member still, if it was one: its rules come back
         elif act is Act.INTERRUPT_AND_STOP:
             self._emit(EventId.DRAIN_INTERRUPTED, now, command=by)
         if act in (Act.START, Act.RESTART):
@@ -161,12 +165,19 @@ class OperatorInputs:
             self._emit(EventId.CLUSTER_STARTED, now)
         elif act in (Act.STOP, Act.INTERRUPT_AND_STOP):
             self._stop(now)
-        elif act is Act.DRAIN:
-            self.holding.lend_no_vote()  # the others carry on without this host
-            self.handoffs.lost()  # its affine clients go to the owners of their buckets
+        elif act in (Act.DRAIN, Act.DRAIN_NOW):
             self.drain_deadline = now + timeout if timeout is not None else None
-            self.drain_started = now
             self._emit(EventId.DRAIN_STARTED, now)
+            # a member under a lease may serve affine clients: on drainstop it stays one,
+            # every rule draining, until they went idle (see :meth:`_let_affine_go`)
+            keep = act is Act.DRAIN and self.lease_until is not None
+            self.drain_affine = bool(self.handoffs.sticky) and keep
+            self.drain_started = now
+            self.affine_left = None
+            if not self.drain_affine:
+                self._let_affine_go(now, announce=False)
+        elif act is Act.AFFINE_GO and self.drain_affine:
+            self._let_affine_go(now)
         elif act is Act.SUSPEND:
             self._stop(now, announce=False)
             self._emit(EventId.SUSPENDED, now)
@@ -182,9 +193,21 @@ class OperatorInputs:
         which = "all rules" if rule is None else f"rule {self.rules[rule].key}"
         return CommandResult(True, f"{which}: {target.name.lower()}")
 
+    def _let_affine_go(self, now: float, announce: bool = True) -> None:
+        """A draining host leaves the cluster: the others carry on without it, and its
+        affine clients go to the owners of their buckets."""
+        self.drain_affine = False
+        self.drain_started = now  # its connections are counted from here
+        self.holding.lend_no_vote()
+        self.handoffs.lost()
+        self.beacon.dirty = True
+        if announce:
+            self._emit(EventId.DRAIN_AFFINE_IDLE, now)
+
     def _stop(self, now: float, announce: bool = True) -> None:
         """Let go of everything and leave (the host state moved already)."""
         self.drain_deadline = None
+        self.drain_affine = False
         self._leave()
         if announce:
             self._emit(EventId.CLUSTER_STOPPED, now)
