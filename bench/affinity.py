@@ -31,7 +31,7 @@ import argparse
 import json
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 
 from shoal.daemon.control import call
@@ -155,8 +155,13 @@ def run(timeout: int, port: int, v6: bool) -> dict[str, Any]:
             e["src"] for e in after if e["kind"] == "affine" and e["host"]
             and last.get(e["src"]) not in (None, e["host"])
         })  # fmt: skip
+        hosts_after: dict[str, int] = defaultdict(int)
+        for e in after:
+            if e["kind"] == "affine" and e["host"]:
+                hosts_after[e["host"]] += 1
         out["idle"] = {"clients": len({e["src"] for e in after if e["kind"] == "affine"}),
-                       "moved_after_idle": moved}  # fmt: skip
+                       "moved_after_idle": moved, "hosts_before": dict(Counter(last.values())),
+                       "connections_after": dict(hosts_after)}  # fmt: skip
     finally:
         lab.down()
     return out

@@ -36,7 +36,7 @@ from tests.test_simulation import scenarios
 TIMEOUT = 3  # seconds of affinity in the deterministic runs
 
 
-@scenarios(40)
+@scenarios(60)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_scenarios_with_sticky_rules_keep_the_contract(seed: int) -> None:
     """Crashes, daemon-only crashes, partitions, loss, restarts, verbs, weight changes, with

@@ -32,14 +32,14 @@ def scenarios(count: int) -> settings:
     )
 
 
-@scenarios(500)
+@scenarios(300)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_scenarios_keep_the_contract(seed: int) -> None:
     sc = run_scenario(seed)
     assert sc.steps  # something happened, and the cluster converged again afterwards
 
 
-@scenarios(25)
+@scenarios(15)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_scenarios_in_larger_clusters_keep_the_contract(seed: int) -> None:
     """8 to 16 hosts: more epochs in flight at once, longer chains of them before one is
