@@ -20,14 +20,19 @@ the owners hold them as *away* entries before they acquire:
   an epoch (its lease lapsed, it stopped, it restarted) its entries are flushed and the
   generation moves, and the away entries of an older generation are dropped wherever they
   are held: their host no longer serves those clients;
+* a heartbeat says handed in only for the epoch and composition that were checked (never
+  a flag left from the epoch before);
 * a handoff sends only what its receiver does not hold yet: the keys of a bucket are
   *delivered* once the bucket's owner (in that run) was handed in for the epoch they were
-  sent in, and are not sent to it again while this host keeps its generation and does not
-  own the bucket again. The away entries stay where they are until then: a host drops a
+  sent in, this host being a member of it (a bystander's handoff is not waited for), and
+  are not sent to it again while this host keeps its generation and does not own the
+  bucket again. The away entries stay where they are until then: a host drops a
   source's entries only once that source left its membership, which ended the source's
   lease and moved its generation. A bucket that had no key when composed gets none while
   it is not owned (only an owned bucket adds keys), so it needs no read either: when no
-  bucket this host ever held in this generation has a new owner, the kernel is not read.
+  bucket this host ever held in this generation has a new owner, the kernel is not read;
+* keys wanted for longer than :data:`WAIT` periods are given up (:meth:`Handoffs.overdue`):
+  a kernel slow to list a large set never holds an epoch longer than that.
 """
 
 from __future__ import annotations
