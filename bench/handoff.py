@@ -81,7 +81,7 @@ def inside(n: int) -> dict[str, Any]:
     out["kernel_bytes_per_entry"] = round((settled_slab() - before) / n, 1)
 
     t = time.perf_counter()
-    counts = backend.affine_counts()
+    counts = backend.affine_reader()().counts
     out["count_s"] = round(time.perf_counter() - t, 3)
     assert counts[0] == n, counts
     t = time.perf_counter()
@@ -90,7 +90,7 @@ def inside(n: int) -> dict[str, Any]:
 
     backend.apply(Install(frozenset(), True, states, (1, 0), frozenset({(2, 1, 0)})))
     t = time.perf_counter()
-    kept = backend.affine()
+    kept = backend.affine_reader()().keys
     out["read_s"] = round(time.perf_counter() - t, 3)
     keys = [k for ks in kept.values() for k in ks]
     assert len(keys) == n, len(keys)

@@ -21,7 +21,14 @@ from shoal.config import ConfigError, ShoalConfig, parse_config
 from shoal.daemon import wire
 from shoal.daemon.control import MAX_REQUEST, VERBS
 from shoal.daemon.shell import Daemon
-from shoal.dataplane.contract import Away, Backend, Install, RuleCounters, RuleState
+from shoal.dataplane.contract import (
+    AffinityRead,
+    Away,
+    Backend,
+    Install,
+    RuleCounters,
+    RuleState,
+)
 from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.frames import Answer, HostState, Rejection, Request
 from tests.conftest import EXAMPLES, example_doc, write_private
@@ -49,14 +56,8 @@ class RecordingBackend:
     def reset(self, tokens: frozenset[int]) -> None:
         self.resets = tokens
 
-    def affine(self) -> dict[int, list[bytes]]:
-        return {}
-
-    def affine_counts(self) -> dict[int, int]:
-        return {}
-
-    def affine_reader(self) -> Callable[[], tuple[dict[int, list[bytes]], dict[int, int]]]:
-        return lambda: ({}, {})
+    def affine_reader(self) -> Callable[[], AffinityRead]:
+        return lambda: AffinityRead({}, {})
 
     def away(self, entries: Away) -> None:
         pass

@@ -108,24 +108,29 @@ class HostRuntime:
         elif done and wanted is not None:
             # the release is in the kernel: no key can join the buckets given away now
             try:
-                keys = self.backend.affine()
+                keys = self.backend.affine_reader()().keys
             except DataplaneError as err:
                 out.problems.append({"name": "affinity_read_failed", "error": str(err)})
             else:
                 e.handoff_keys(wanted, keys, now)
 
+    @property
+    def counting(self) -> bool:
+        """A drainstop keeps its affine clients, and the kernel drains every rule: no entry
+        can be added, so a count of the entries read from now on that finds none stays
+        true."""
+        return self.engine.drain_affine and self.installed == self.engine.install
+
     def count_affine(self, now: float) -> None:
-        """While a drainstop keeps its affine clients, tell the engine how many affinity
-        entries the kernel holds: read only once the kernel drains every rule (no entry can
-        be added then, so a count of 0 stays 0). Call :meth:`after` next."""
-        e = self.engine
-        if not e.drain_affine or self.installed != e.install:
+        """While :attr:`counting`, tell the engine how many affinity entries the kernel
+        holds (inline: the simulator's kernel). Call :meth:`after` next."""
+        if not self.counting:
             return
         try:
-            n = sum(self.backend.affine_counts().values())
+            n = sum(self.backend.affine_reader()().counts.values())
         except DataplaneError:
             return  # read again at the next call
-        e.set_affine(n, now)
+        self.engine.set_affine(n, now)
 
     def _put_away(self, out: Output) -> bool:
         """Away entries into the kernel, in order, before any frame that says they are."""

@@ -18,12 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from shoal.dataplane.contract import DataplaneError
+from shoal.dataplane.contract import AffinityRead, DataplaneError
 from shoal.protocol.frames import EpochKey
 
 FRESH = 10.0  # seconds a count serves params and display before it is read again
-
-Result = tuple[dict[int, list[bytes]], dict[int, int]]
 
 
 class AffinityReads:
@@ -34,7 +32,7 @@ class AffinityReads:
         self.busy = False
         self.counts: dict[int, int] | None = None  # per sticky rule, as last read
         self.counted_at = float("-inf")  # when that read started (monotonic)
-        self.counted_wall: float | None = None  # ... in wall time, for operators
+        self.read_at: float | None = None  # ... in wall time (rounded), for operators
         self.count_due_at = float("-inf")  # a drainstop's next count
 
     def observe(self, loop: asyncio.AbstractEventLoop, wanted_counts: bool = False) -> None:
@@ -44,15 +42,14 @@ class AffinityReads:
             return
         now = d.now()
         handoff = d.runtime.read_due
-        e = d.engine
-        drain = e.drain_affine and d.runtime.installed == e.install and now >= self.count_due_at
+        drain = d.runtime.counting and now >= self.count_due_at
         stale = wanted_counts and now - self.counted_at >= FRESH
         if handoff is None and not drain and not stale:
             return
         d.runtime.read_due = None
         if drain:
-            self.count_due_at = now + e.timing.period
-        read: Callable[[], Result] = d.backend.affine_reader()
+            self.count_due_at = now + d.engine.timing.period
+        read: Callable[[], AffinityRead] = d.backend.affine_reader()
         self.busy = True
         started = now
         fut = loop.run_in_executor(None, read)
@@ -60,7 +57,7 @@ class AffinityReads:
 
     def _done(
         self,
-        fut: asyncio.Future[Result],
+        fut: asyncio.Future[AffinityRead],
         handoff: tuple[EpochKey, int] | None,
         drain: bool,
         started: float,
@@ -76,16 +73,9 @@ class AffinityReads:
                 d.runtime.read_due = handoff  # read again: the engine gives up when late
             return
         now = d.now()
-        self.counts, self.counted_at, self.counted_wall = counts, started, time.time()
+        self.counts, self.counted_at, self.read_at = counts, started, round(time.time(), 3)
         if handoff is not None:
             d.engine.handoff_keys(handoff, keys, now)
         if drain and d.engine.drain_affine:
             d.engine.set_affine(sum(counts.values()), now)
         d.after()
-
-    def doc(self) -> dict[str, Any]:
-        """The last count, for params and display (None: not read yet)."""
-        return {
-            "counts": self.counts,
-            "read_at": None if self.counted_wall is None else round(self.counted_wall, 3),
-        }

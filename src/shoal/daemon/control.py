@@ -148,7 +148,7 @@ def affinity(d: Daemon) -> list[dict[str, Any]]:
             "rule": rules[i].key,
             "timeout_s": rules[i].affinity_timeout_s,
             "entries": None if held is None else held.get(i, 0),
-            "entries_read_at": d.affinity_reads.doc()["read_at"],
+            "entries_read_at": d.affinity_reads.read_at,
             **moves,
         }
         for i, moves in d.engine.handoffs.report().items()

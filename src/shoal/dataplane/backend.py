@@ -17,6 +17,7 @@ from shoal.config import FilteringMode, ShoalConfig
 from shoal.dataplane.affinity import StickyTables
 from shoal.dataplane.contract import (
     DEFAULT_TOKEN,
+    AffinityRead,
     Away,
     Install,
     RuleCounters,
@@ -63,14 +64,6 @@ def _sets(doc: dict[str, Any]) -> dict[str, set[int]]:
         if st:
             out[st["name"]] = {int(e) for e in st.get("elem", []) if isinstance(e, int)}
     return out
-
-
-def _listed(nft: Nft, sticky: StickyTables) -> dict[str, Any]:
-    """The affinity sets, listed (one at a time: a batch of lists fails)."""
-    items: list[Any] = []
-    for cmd in sticky.list_commands():
-        items += nft.json([cmd]).get("nftables", [])
-    return {"nftables": items}
 
 
 class NftBackend:
@@ -174,38 +167,26 @@ class NftBackend:
         for i, bs in self.resets.items():
             bs &= owned[i]
 
-    def _affinity_listed(self) -> dict[str, Any]:
-        return _listed(self.nft, self.sticky)
-
-    def affine(self) -> dict[int, list[bytes]]:
-        """The affinity keys kept in buckets not owned here, by bucket token."""
-        if not self.sticky.rules:
-            return {}
-        return self.sticky.keys(self._affinity_listed(), self.owned)
-
-    def affine_reader(self) -> Callable[[], tuple[dict[int, list[bytes]], dict[int, int]]]:
+    def affine_reader(self) -> Callable[[], AffinityRead]:
         """A read of the affinity sets as they are now (the owned buckets as of this call),
         on its own libnftables context: it may run on another thread."""
         owned = {i: set(bs) for i, bs in self.owned.items()}
         sticky = self.sticky
 
-        def read() -> tuple[dict[int, list[bytes]], dict[int, int]]:
+        def read() -> AffinityRead:
             if not sticky.rules:
-                return {}, {}
+                return AffinityRead({}, {})
             nft = Nft()
             try:
-                listed = _listed(nft, sticky)
+                items: list[Any] = []
+                for cmd in sticky.list_commands():  # one at a time: a batch of lists fails
+                    items += nft.json([cmd]).get("nftables", [])
             finally:
                 nft.close()
-            return sticky.keys(listed, owned), sticky.counts(listed)
+            listed = {"nftables": items}
+            return AffinityRead(sticky.keys(listed, owned), sticky.counts(listed))
 
         return read
-
-    def affine_counts(self) -> dict[int, int]:
-        """The affinity entries held per sticky rule, in every bucket."""
-        if not self.sticky.rules:
-            return {}
-        return self.sticky.counts(self._affinity_listed())
 
     def away(self, entries: Away) -> None:
         """Hold these away entries (their source's sets made first if new); their buckets

@@ -75,6 +75,15 @@ class Away:
     keys: tuple[bytes, ...]
 
 
+class AffinityRead(NamedTuple):
+    """What a read of the sticky rules' affinity entries found."""
+
+    # the keys kept in the buckets not owned, by bucket token (read after a release: none
+    # can be added there)
+    keys: dict[int, list[bytes]]
+    counts: dict[int, int]  # the entries per sticky rule (by index), in every bucket
+
+
 class DataplaneError(RuntimeError):
     """The kernel refused a change; nothing of it was applied, and the backend's view of
     the kernel is what it was before the call."""
@@ -108,17 +117,10 @@ class Backend(Protocol):
         """The kernel takes new connections for ``ms`` more milliseconds and then stops on
         its own, whatever happens to the daemon (0: stop now)."""
 
-    def affine(self) -> dict[int, list[bytes]]:
-        """The keys of the affinity entries this kernel keeps in the sticky rules' buckets
-        it does not own, by bucket token (read after a release: none can be added there)."""
-
-    def affine_reader(self) -> Callable[[], tuple[dict[int, list[bytes]], dict[int, int]]]:
-        """A read of :meth:`affine` and :meth:`affine_counts` as the kernel is now, to run on
-        another thread (a listing of a million entries takes tens of seconds)."""
-
-    def affine_counts(self) -> dict[int, int]:
-        """How many affinity entries this kernel keeps per sticky rule (by rule index), in
-        every bucket (a drainstop waits for none)."""
+    def affine_reader(self) -> Callable[[], AffinityRead]:
+        """A read of the affinity entries this kernel keeps, as it is now (the buckets owned
+        as of this call), that may run on another thread: a listing of a million entries
+        takes tens of seconds."""
 
     def away(self, entries: Away) -> None:
         """Refuse the new connections of these clients (see :class:`Away`); entries of

@@ -94,6 +94,12 @@ def checks_owned(rule: PortRule) -> bool:
 
 
 AFFINITY_SIZE = 1 << 20  # affinity entries a sticky rule's set holds, per address family
+SADDR = (("ipv4", "ip saddr"), ("ipv6", "ip6 saddr"))  # each family and its key's type
+
+
+def client_set(typ: str, timeout: int) -> str:
+    """The body of a set of client keys that the packet path adds and refreshes."""
+    return f"{{ typeof {typ}; flags dynamic,timeout; timeout {timeout}s; size {AFFINITY_SIZE}; }}"
 
 
 def affinity_set(family: str, rule: int) -> str:
@@ -162,14 +168,10 @@ def away_set_deletes(table: str, index: int, src: int, inc: int, gen: int) -> li
 def away_sets_text(table: str, index: int, rule: PortRule, src: int, inc: int, gen: int) -> str:
     """The two away sets of one source, created if missing (nft syntax)."""
     t = rule.affinity_timeout_s + AFFINITY_MARGIN_S
-    out = []
-    for fam, typ in (("ipv4", "ip saddr"), ("ipv6", "ip6 saddr")):
-        name = away_set(fam, index, src, inc, gen)
-        out.append(
-            f"add set inet {table} {name} {{ typeof {typ}; flags dynamic,timeout; "
-            f"timeout {t}s; size {AFFINITY_SIZE}; }}"
-        )
-    return "\n".join(out) + "\n"
+    return "".join(
+        f"add set inet {table} {away_set(fam, index, src, inc, gen)} {client_set(typ, t)}\n"
+        for fam, typ in SADDR
+    )
 
 
 def _mask6(prefix: int) -> str:
@@ -231,11 +233,9 @@ def base_ruleset(cfg: ShoalConfig) -> str:
         if checks_reset(rule):
             lines.append(f"  set {reset_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
         if rule.sticky:
-            for fam, typ in (("ipv4", "ip saddr"), ("ipv6", "ip6 saddr")):
-                lines.append(
-                    f"  set {affinity_set(fam, i)} {{ typeof {typ}; flags dynamic,timeout; "
-                    f"timeout {rule.affinity_timeout_s}s; size {AFFINITY_SIZE}; }}"
-                )
+            for fam, typ in SADDR:
+                body = client_set(typ, rule.affinity_timeout_s)
+                lines.append(f"  set {affinity_set(fam, i)} {body}")
     lines.append("  chain pre {")
     lines.append("    type filter hook prerouting priority -150; policy accept;")
     if v4:

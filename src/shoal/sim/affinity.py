@@ -29,7 +29,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from shoal.config import ShoalConfig
-from shoal.dataplane.contract import AFFINITY_MARGIN_S, Away, Install, RuleState, bucket_token
+from shoal.dataplane.contract import (
+    AFFINITY_MARGIN_S,
+    AffinityRead,
+    Away,
+    Install,
+    RuleState,
+    bucket_token,
+)
 
 MARGIN = float(AFFINITY_MARGIN_S)  # seconds an away entry outlives the affinity entry it mirrors
 
@@ -58,17 +65,19 @@ class AffinityTables:
             if h not in sources or (sources[h] != (-1, -1) and sources[h] != self.away_of[h][0]):
                 del self.away_of[h]
 
-    def affine(self, owned: frozenset[int], now: float) -> dict[int, list[bytes]]:
-        out: dict[int, list[bytes]] = {}
+    def read(self, owned: frozenset[int], now: float) -> AffinityRead:
+        keys: dict[int, list[bytes]] = {}
+        counts: dict[int, int] = {}
         for rule, entries in self.aff.items():
+            counts[rule] = 0
             for k, exp in entries.items():
+                if exp <= now:
+                    continue
+                counts[rule] += 1
                 tok = bucket_token(rule, bucket_of(k, self.buckets))
-                if exp > now and tok not in owned:
-                    out.setdefault(tok, []).append(k)
-        return out
-
-    def counts(self, now: float) -> dict[int, int]:
-        return {r: sum(exp > now for exp in es.values()) for r, es in self.aff.items()}
+                if tok not in owned:
+                    keys.setdefault(tok, []).append(k)
+        return AffinityRead(keys, counts)
 
     def away(self, a: Away, now: float) -> None:
         ident = (a.incarnation, a.generation)

@@ -18,7 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from shoal.config import FilteringMode, PartitionPolicy, ShoalConfig
-from shoal.dataplane.contract import Away, DataplaneError, Install, RuleCounters, bucket_token
+from shoal.dataplane.contract import (
+    AffinityRead,
+    Away,
+    DataplaneError,
+    Install,
+    RuleCounters,
+    bucket_token,
+)
 from shoal.protocol.codec import Keys
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event
@@ -64,19 +71,11 @@ class Kernel:
         if self.affinity is not None:
             self.affinity.apply(inst)
 
-    def affine(self) -> dict[int, list[bytes]]:
-        if self.affinity is None:
-            return {}
-        return self.affinity.affine(self.tokens, self.clock())
-
-    def affine_reader(self) -> Callable[[], tuple[dict[int, list[bytes]], dict[int, int]]]:
-        keys, counts = self.affine(), self.affine_counts()
-        return lambda: (keys, counts)
-
-    def affine_counts(self) -> dict[int, int]:
-        if self.affinity is None:
-            return {}
-        return self.affinity.counts(self.clock())
+    def affine_reader(self) -> Callable[[], AffinityRead]:
+        t = self.affinity
+        now = self.clock()
+        read = AffinityRead({}, {}) if t is None else t.read(self.tokens, now)
+        return lambda: read
 
     def away(self, entries: Away) -> None:
         if self.clock() < self.refuse_until:

@@ -20,13 +20,12 @@ from shoal.sim.scenario import run_scenario
 
 def trace(first: int, last: int, policy: str, sticky: bool = False) -> dict[str, object]:
     h = hashlib.sha256()
-    frames = violations = 0
+    frames = 0
     breached: list[int] = []
     for seed in range(first, last):
         try:
             sc = run_scenario(seed, policy=policy, sticky=sticky)
         except InvariantViolation as e:
-            violations += 1
             breached.append(seed)
             h.update(str(e).encode())
             continue
@@ -37,7 +36,7 @@ def trace(first: int, last: int, policy: str, sticky: bool = False) -> dict[str,
         "policy": policy,
         "sticky": sticky,
         "frames": frames,
-        "violations": violations,
+        "violations": len(breached),
         "breached": breached[:100],
         "digest": h.hexdigest(),
     }

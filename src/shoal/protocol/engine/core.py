@@ -11,11 +11,12 @@ is a read-only picture for the control protocol and the views. Time is always pa
 
 The engine owns no protocol rule itself: it wires the parts that do (see the package's
 docstring) and runs them in one order at every step: silences, drain, election, lead or
-follow, lease, tokens, host state, send. Four of its parts are bases of the class rather
+follow, lease, tokens, host state, send. Six of its parts are bases of the class rather
 than objects, each declaring what of the engine it reads: the receive path
 (:class:`~.intake.FrameIntake`, which runs for every frame), the verbs
-(:class:`~.verbs.OperatorInputs`), lead or follow (:class:`~.agreement.Agreement`) and what
-is sent (:class:`~.sending.Sending`).
+(:class:`~.verbs.OperatorInputs`), the health checks' verdicts
+(:class:`~.health.HealthInputs`), lead or follow (:class:`~.agreement.Agreement`), what is
+sent (:class:`~.sending.Sending`) and client affinity (:class:`~.sticky.StickyRules`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from __future__ import annotations
 import ipaddress
 
 from shoal.config import InitialState, PartitionPolicy, ShoalConfig
-from shoal.dataplane.contract import Away, Install, RuleState
+from shoal.dataplane.contract import Install, RuleState
 from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.engine.agreement import Agreement
 from shoal.protocol.engine.beacon import Beacon
@@ -43,6 +44,7 @@ from shoal.protocol.engine.peers import NEVER, Roster
 from shoal.protocol.engine.phase import Phase
 from shoal.protocol.engine.sending import Sending
 from shoal.protocol.engine.snapshot import PeerView, Snapshot
+from shoal.protocol.engine.sticky import StickyRules
 from shoal.protocol.engine.tenure import Tenure
 from shoal.protocol.engine.timing import Timing
 from shoal.protocol.engine.verbs import OperatorInputs
@@ -58,8 +60,6 @@ from shoal.protocol.frames import (
     cluster_id,
 )
 
-RESEND = 3  # periods between two sendings of a handoff not yet taken in
-
 INITIAL = {
     InitialState.STARTED: HostState.CONVERGING,
     InitialState.STOPPED: HostState.STOPPED,
@@ -67,7 +67,7 @@ INITIAL = {
 }
 
 
-class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
+class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending, StickyRules):
     """One host's convergence state machine."""
 
     def __init__(
@@ -292,22 +292,12 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         states = self._offered_states()
         if Health.FAILING in self.rule_health:
             states = self._kernel_rule_states()
-        hs = self.handoffs
-        if hs.sticky:
-            hs.installed(self.holding.installed)
-            off = frozenset(i for i in hs.sticky if states[i] is RuleState.DISABLED)
-            if off - self._sticky_off:
-                hs.lost()  # the kernel drops the rule's traffic: its affine clients go
-            self._sticky_off = off
-            self.install = Install(
-                self.holding.installed,
-                self.host.state in SERVING,
-                states,
-                hs.identity,
-                self._sources(),
-            )
+        serving = self.host.state in SERVING
+        sticky = bool(self.handoffs.sticky)
+        if sticky:
+            self.install = self._sticky_install(serving, states)
         else:
-            self.install = Install(self.holding.installed, self.host.state in SERVING, states)
+            self.install = Install(self.holding.installed, serving, states)
         t = min(self.beacon.deadline(self.timing.period), self.wake, self.roster.expiry_check)
         lease = self.lease_until
         if self.holding.installed and lease is not None:
@@ -316,58 +306,9 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             t = min(t, lease)
         if self.drain_deadline is not None:
             t = min(t, self.drain_deadline)
-        if hs.sticky:
-            t = min(t, hs.next_send(self.holding.epoch, RESEND * self.timing.period))
-            t = min(t, hs.wait_deadline(self.timing.period))
-            if self._lease_ran and lease is not None:
-                t = min(t, lease)  # a lapse moves the affinity generation: seen when it comes
+        if sticky:
+            t = min(t, self._sticky_deadline())
         self._deadline = t
-
-    def _sources(self) -> frozenset[tuple[int, int, int]]:
-        """Whose away entries stand: the members of the newest READY epoch and of the epoch
-        held (a host leaves them only once surely taking nothing: fenced, or gone on
-        purpose), each with the run and generation its heartbeats report."""
-        e = self.holding.epoch
-        key = (self.roster.view, self.record, e.key if e else None)
-        memo = self._sources_memo
-        if memo is None or memo[0] != key:
-            hosts = self.record | (e.members if e else frozenset())
-            memo = self._sources_memo = (key, self.handoffs.sources(hosts, self.peers))
-        return memo[1]
-
-    # ---------------------------------------------------------------- affinity
-
-    def handoff_wanted(self) -> tuple[EpochKey, int] | None:
-        """The epoch (and affinity generation) whose handoff waits for the kernel's
-        affinity keys (see :mod:`.handoff`): the runtime reads them once the release is in
-        the kernel, and hands them to :meth:`handoff_keys` with what this returned."""
-        key = self.handoffs.wanted(self.holding.epoch)
-        return None if key is None else (key, self.handoffs.generation)
-
-    def handoff_keys(
-        self, wanted: tuple[EpochKey, int], keys: dict[int, list[bytes]], now: float
-    ) -> None:
-        """The kernel's affinity keys per bucket token it does not own, read after the
-        release of the epoch ``wanted`` names was installed (ignored if that epoch or
-        generation is no longer the one waiting: read too late)."""
-        e = self.holding.epoch
-        epoch, generation = wanted
-        hs = self.handoffs
-        if e is None or e.key != epoch or hs.wanted(e) != epoch or hs.generation != generation:
-            return
-        self._compose(e, keys, now)
-        self._step(now, timers=False)
-
-    def _compose(self, e: EpochState, keys: dict[int, list[bytes]] | None, now: float) -> None:
-        self.handoffs.compose(e, keys, self.peers)
-        for (to, rule), (clients, buckets) in sorted(self.handoffs.summary.items()):
-            self._emit(EventId.HANDOFF_SENT, now, peer=to, rule=self.rules[rule].key,
-                       clients=clients, buckets=buckets, epoch=str(e.key))  # fmt: skip
-        self.beacon.dirty = True
-
-    def take_away(self) -> list[Away]:
-        """Away entries to put in the kernel before the next frames leave."""
-        return self.handoffs.take_away()
 
     def _emit(self, eid: EventId, now: float, **fields: object) -> None:
         self._events.append(Event(eid, now, {"host": self.me, **fields}))
@@ -383,12 +324,6 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
         self.connections = max(0, count)
         self._step(now)
 
-    def set_affine(self, count: int, now: float) -> None:
-        """The affinity entries the kernel holds, read after an install (a drainstop that
-        keeps its affine clients waits for 0: see :attr:`drain_affine`)."""
-        self.affine_left = max(0, count)
-        self._step(now)
-
     # ------------------------------------------------------------- the step
 
     def _started(self) -> bool:
@@ -398,38 +333,13 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
     def _eligible_self(self, now: float) -> bool:
         return self._started() and self.duplicate_until < now
 
-    def _offered_states(self) -> tuple[RuleState, ...]:
-        """The rule states this host reports and enforces: the operator's, every enabled
-        rule draining while a drainstop keeps its affine clients."""
-        if not self.drain_affine:
-            return self.rule_states
-        memo = self._offered_memo
-        if memo is None or memo[0] is not self.rule_states:
-            drained = tuple(
-                RuleState.DRAINING if s is RuleState.ENABLED else s for s in self.rule_states
-            )
-            memo = self._offered_memo = (self.rule_states, drained)
-        return memo[1]
-
     def _step(self, now: float, timers: bool = True) -> None:
         if timers:
             self._expire(now)
         self._check_drain(now)
         hs = self.handoffs
         if hs.sticky:
-            e = self.holding.epoch
-            if e is not None and hs.wanted(e):
-                if not hs.needs_read(e, self.peers):
-                    self._compose(e, None, now)  # every key kept is where it must be already
-                elif hs.overdue(e, now, self.timing.period):
-                    hs.lost()  # the kernel's keys came too late: its affine clients go
-                    self._emit(EventId.HANDOFF_GIVEN_UP, now, epoch=str(e.key))
-                    self._compose(e, None, now)
-            if hs.check_in(e, self.peers):
-                self.beacon.dirty = True
-            if e is not None:
-                for piece in hs.send(e, self.peers, now, RESEND * self.timing.period):
-                    self.beacon.send_handoff(piece)
+            self._hand_off(now)
         leader = self._leader(now)
         self.leading = leader == self.me
         self.leader_id = leader
@@ -524,14 +434,6 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending):
             self.timing,
         )
         self._lease_ended(now)
-
-    def _lease_ended(self, now: float) -> None:
-        """A lease that ran ends (it lapsed, or this host left): whatever the kernel took by
-        affinity under it may have been given away since, so its affinity entries go."""
-        running = self.lease_until is not None and self.lease_until > now
-        if self._lease_ran and not running:
-            self.handoffs.lost()
-        self._lease_ran = running
 
     def _lease_regime(self) -> tuple[object, ...]:
         """What a lease count is only good for (the epoch by identity: this is compared

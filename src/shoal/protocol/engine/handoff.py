@@ -212,10 +212,18 @@ class Handoffs:
             return None
         ready = e is not None and self.composed == (e.key, self.generation)
         to = frozenset(self.out) if ready else frozenset()
-        # handed in as checked for this very epoch and composition: an epoch adopted or a
-        # generation moved since the last check is not (a READY must never count on it)
-        handed_in = self.handed_in and ready and e is not None and self.epoch == e.key
-        return Affinity(self.generation, ready, to, handed_in, leaving)
+        return Affinity(self.generation, ready, to, self.handed_in_for(e), leaving)
+
+    def handed_in_for(self, e: EpochState | None) -> bool:
+        """Handed in, as last checked, for this very epoch and composition: an epoch
+        adopted or a generation moved since that check is not (a READY, this host's or the
+        leader's from its heartbeat, must never count on it)."""
+        return (
+            self.handed_in
+            and e is not None
+            and self.epoch == e.key
+            and self.composed == (e.key, self.generation)
+        )
 
     def send(
         self, e: EpochState, peers: Mapping[int, Peer], now: float, every: float

@@ -45,7 +45,8 @@ def left(hb: Heartbeat) -> bool:
     """A member that left (stopped, draining, suspended) since its epoch was made: it lent
     the others its vote, may have been READY in a competing epoch before, and follows this
     one as a bystander. Its epoch is stale: one without it must replace it (or none, where
-    the rest are no quorum); found by the simulator (``run_scenario(3083, sticky=True)``)."""
+    the rest are no quorum); found by a sticky sweep of the simulator (see
+    ``tests/test_affinity_sim.py::test_a_member_that_left_counts_toward_no_ready``)."""
     return hb.state not in ELIGIBLE
 
 
