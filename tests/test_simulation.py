@@ -16,6 +16,7 @@ from shoal.config import ShoalConfig
 from shoal.protocol.engine import MAX_BASES, Command, Engine
 from shoal.protocol.engine.tenure import Tenure
 from shoal.protocol.engine.timing import Timing
+from shoal.protocol.events import EventId
 from shoal.protocol.frames import HostState
 from shoal.sim.checkers import InvariantViolation
 from shoal.sim.cluster import SimCluster
@@ -278,3 +279,18 @@ def test_an_epoch_that_can_never_be_ready_is_replaced_past_the_bases_limit() -> 
 
     assert run_scenario(101, hosts=16, observers=[watch]).steps
     assert bases, "the scenario no longer outgrows the bases limit: pick another seed"
+
+
+def test_every_survivor_times_a_crash_from_when_it_last_heard_the_host() -> None:
+    """A crashed host leaves every survivor's log with ``silent_s`` (what the failover
+    timeline starts from), also on a host that adopted the next epoch before its own
+    deadline passed."""
+    sim = steady(4, "quorum", 0)  # host 3 adopts epoch 2 before its own deadline
+    crashed_at = sim.now
+    sim.crash_host(4)
+    sim.run_until(sim.now + 20 * sim.period)
+    left = {h: e for h, e in sim.events if e.id is EventId.HOST_LEFT and e.fields["peer"] == 4}
+    assert set(left) == {1, 2, 3}, left
+    for h, e in left.items():
+        silent = e.fields.get("silent_s")
+        assert isinstance(silent, float) and 0 < e.at - silent <= crashed_at + 1e-9, (h, e)

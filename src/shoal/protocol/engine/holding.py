@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from shoal.protocol.engine.beacon import Beacon
+from shoal.protocol.engine.host_state import ELIGIBLE
 from shoal.protocol.engine.leader import supersedes
 from shoal.protocol.engine.peers import Roster
 from shoal.protocol.engine.phase import Phase, Step, moved
@@ -176,7 +177,11 @@ class Holding:
         for h in sorted(old - state.members - {self.me}):
             p = peers.get(h)
             if p is None or p.joined_reported or self._roster.alive(p, now):
-                self._emit(EventId.HOST_LEFT, now, peer=h, reason=f"not in epoch {state.key}")
+                fields: dict[str, object] = {"reason": f"not in epoch {state.key}"}
+                if p is not None and p.hb is not None and p.hb.state in ELIGIBLE:
+                    # it left serving: a failure another host saw first, timed from here
+                    fields["silent_s"] = round(now - p.last_heard, 3)
+                self._emit(EventId.HOST_LEFT, now, peer=h, **fields)
             if p is not None:
                 p.joined_reported = False
         self._beacon.dirty = True
