@@ -5,7 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-DEBS=(nftables libnftables1 iproute2 procps curl wrk netsniff-ng prometheus chromium nginx openssl systemd)
+# clang-14 and libbpf-dev build the XDP program from source (src/shoal/dataplane/bpf/screen.c)
+DEBS=(nftables libnftables1 iproute2 procps curl wrk netsniff-ng prometheus chromium nginx openssl systemd
+      clang-14 libbpf-dev)
 # Debian's own python3 makes virtual environments only with python3-venv
 "$PY" -c "import ensurepip" >/dev/null 2>&1 || DEBS+=(python3-venv)
 missing=()
@@ -35,3 +37,4 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]' 2>&1 \
     | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import shoal" 
+.venv/bin/python -m shoal.dataplane.xdp build >/dev/null

@@ -75,6 +75,18 @@ class InitialState(StrEnum):
     SUSPENDED = "suspended"
 
 
+XDP_MAX_RULES = 32  # what the XDP program's rule table holds (bpf/screen.c)
+XDP_MAX_VIPS = 64
+
+
+class Dataplane(StrEnum):
+    """What drops the packets that are not this host's: nftables alone, or an XDP program
+    in front of the same nftables table (see docs/operations.md, "Choosing a data plane")."""
+
+    NFTABLES = "nftables"
+    XDP = "xdp"
+
+
 class Profile(StrEnum):
     """Heartbeat timing presets.
 
@@ -346,6 +358,7 @@ class HostConfig(BaseModel):
     dedicated_ips: list[IPInterface] = Field(default_factory=list)
     initial_state: InitialState = InitialState.STARTED
     interface: str | None = Field(default=None, min_length=1, max_length=15)
+    dataplane: Dataplane = Dataplane.NFTABLES
     rules: list[HostRule] = Field(default_factory=list)
     # Prometheus metrics on "ADDRESS:PORT" ("[ADDRESS]:PORT" for IPv6); off when unset
     metrics_address: str | None = None
@@ -408,6 +421,18 @@ class ShoalConfig(BaseModel):
             if dip.ip in vips:
                 raise ValueError(f"host.dedicated_ips[{i}]: {dip.ip} is a cluster VIP")
         self._checks(known)
+        if self.host.dataplane is Dataplane.XDP:
+            rules, vips_n = len(self.cluster.effective_rules), len(self.cluster.all_vips)
+            if rules > XDP_MAX_RULES:
+                raise ValueError(
+                    f"host.dataplane: 'xdp' takes {XDP_MAX_RULES} port rules at most "
+                    f"(the cluster has {rules})"
+                )
+            if vips_n > XDP_MAX_VIPS:
+                raise ValueError(
+                    f"host.dataplane: 'xdp' takes {XDP_MAX_VIPS} VIPs at most "
+                    f"(the cluster has {vips_n})"
+                )
         return self
 
     def _checks(self, rules: dict[str, PortRule]) -> None:

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from shoal.config import FilteringMode, ShoalConfig
+from shoal.config import Dataplane, FilteringMode, ShoalConfig
 from shoal.dataplane.affinity import StickyTables
 from shoal.dataplane.contract import (
     DEFAULT_TOKEN,
@@ -38,6 +38,7 @@ from shoal.dataplane.ruleset import (
     set_ref,
     tables,
 )
+from shoal.dataplane.xdp import XdpScreen
 
 
 def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int]]:
@@ -56,6 +57,10 @@ def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int
     return out
 
 
+def _table(family: str, name: str) -> dict[str, str]:
+    return {"family": family, "name": name}
+
+
 def _sets(doc: dict[str, Any]) -> dict[str, set[int]]:
     """The integer sets of a listed table, by name."""
     out: dict[str, set[int]] = {}
@@ -67,11 +72,19 @@ def _sets(doc: dict[str, Any]) -> dict[str, set[int]]:
 
 
 class NftBackend:
-    """Owns one cluster's ``inet`` and ``netdev`` pre-filter tables in this namespace
-    (``shoal`` and ``shoal_pre`` for the cluster named shoal; see :func:`~.ruleset.tables`)."""
+    """Owns one cluster's ``inet`` table and its first stage in this namespace: the
+    ``netdev`` pre-filter table (``shoal`` and ``shoal_pre`` for the cluster named shoal; see
+    :func:`~.ruleset.tables`), or with ``dataplane = "xdp"`` the XDP program on the cluster
+    interface (:class:`~.xdp.XdpScreen`) in the pre-filter's place.
+
+    With XDP, a change that releases buckets is made in three steps, each atomic for a
+    packet: the XDP bitmaps lose the released buckets, the nftables transaction runs, the
+    bitmaps gain the acquired ones. A packet meets both stages, and at every moment each
+    stage enforces the change's before or after, and never more than either allows."""
 
     def __init__(self, cfg: ShoalConfig, nft: Nft | None = None) -> None:
         self.cfg = cfg
+        self.xdp = XdpScreen(cfg) if cfg.host.dataplane is Dataplane.XDP else None
         self.names = tables(cfg.cluster.name)  # this cluster's tables (several may share a host)
         self.sticky = StickyTables(cfg, self.names.inet)
         self.nft = nft or Nft()
@@ -86,7 +99,9 @@ class NftBackend:
     def create(self) -> None:
         """(Re)create both tables, owning nothing and serving nothing."""
         self.remove()
-        self.nft.run(base_ruleset(self.cfg) + prefilter(self.cfg))
+        self.nft.run(base_ruleset(self.cfg) + ("" if self.xdp else prefilter(self.cfg)))
+        if self.xdp:
+            self.xdp.attach()  # (nothing of an earlier run is left: remove() detached it)
         self.owned = owned_by_rule(self.cfg, frozenset())
         self.keep = {i: set() for i in self.owned}
         self.resets = self._no_resets()
@@ -102,12 +117,18 @@ class NftBackend:
         """Take over tables left by an earlier run (their buckets keep their connections),
         or create them."""
         try:
-            doc = self.nft.json([{"list": {"table": {"family": "netdev", "name": self.names.pre}}}])
+            doc = {}
+            if not self.xdp:
+                doc = self.nft.json(
+                    [{"list": {"table": {"family": "netdev", "name": self.names.pre}}}]
+                )
             inet = self.nft.json([{"list": {"table": {"family": "inet", "name": self.names.inet}}}])
         except NftError:
             self.create()
             return
         sets = _sets(doc)  # the pre-filter's owned and keep sets
+        if self.xdp:
+            sets = self._screen_sets(inet)
         resets = _sets(inet)
         self.sticky.attach(inet)
         self.resets = self._no_resets()
@@ -120,6 +141,25 @@ class NftBackend:
         self.tokens = frozenset(bucket_token(i, b) for i, bs in self.owned.items() for b in bs)
         self.flags = {}
         self.installed = True
+
+    def _screen_sets(self, inet: dict[str, Any]) -> dict[str, set[int]]:
+        """The owned and keep sets the XDP program held, taken over; or, if it held none
+        for this configuration, the inet table's owned sets, loaded into a new program."""
+        assert self.xdp is not None
+        found = self.xdp.attach()
+        if found is not None:
+            owned, keep = found
+        else:
+            listed = _sets(inet)
+            owned = {i: listed.get(owned_set(i), set()) for i in self.xdp.owned}
+            keep = owned
+            self.xdp.change(
+                {i: ([], sorted(bs)) for i, bs in owned.items()},
+                {i: sorted(bs) for i, bs in keep.items()},
+            )
+        out = {owned_set(i): bs for i, bs in owned.items()}
+        out.update({keep_set(i): bs for i, bs in keep.items()})
+        return out
 
     def apply(self, inst: Install) -> None:
         """Make the kernel enforce ``inst`` (one atomic transaction). Only the tokens that
@@ -138,18 +178,21 @@ class NftBackend:
         rules = self.cfg.cluster.effective_rules
         owned: dict[int, set[int]] = {}
         keep: dict[int, set[int]] = {}
+        moves: dict[int, tuple[list[int], list[int], list[int]]] = {}
         for i in self.owned:
             out = sorted(gone[i] & self.owned[i])
             new = sorted(came[i] - self.owned[i])
             fresh = [b for b in new if b not in self.keep[i]]
             inet = [(self.names.inet, "inet")] if checks_owned(rules[i]) else []
-            for table, family in [*inet, (self.names.pre, "netdev")]:
+            pre = [] if self.xdp else [(self.names.pre, "netdev")]
+            for table, family in [*inet, *pre]:
                 name = set_ref(owned_set(i), table, family)
                 if out:
                     cmds.append({"delete": {"element": {**name, "elem": out}}})
                 if new:
                     cmds.append({"add": {"element": {**name, "elem": new}}})
-            if fresh:
+            moves[i] = (out, new, fresh)
+            if fresh and not self.xdp:
                 ref = set_ref(keep_set(i), self.names.pre, "netdev")
                 cmds.append({"add": {"element": {**ref, "elem": fresh}}})
             unreset = sorted(set(out) & self.resets.get(i, set()))
@@ -160,12 +203,40 @@ class NftBackend:
             keep[i] = self.keep[i] | set(new)
         sticky, after = self.sticky.install(inst)
         cmds += sticky
-        if cmds:
-            self.nft.json(cmds)  # raises NftError having changed nothing
+        if self.xdp is None:
+            if cmds:
+                self.nft.json(cmds)  # raises NftError having changed nothing
+        else:
+            self._staged(cmds, moves)
         self.sticky.commit(after)
         self.flags, self.owned, self.keep, self.tokens = wanted, owned, keep, inst.tokens
         for i, bs in self.resets.items():
             bs &= owned[i]
+        if self.xdp is not None:  # the buckets acquired, into the XDP program last
+            came_in: dict[int, tuple[list[int], list[int]]]
+            came_in = {i: ([], new) for i, (_, new, _) in moves.items() if new}
+            fresh_in = {i: fresh for i, (_, _, fresh) in moves.items() if fresh}
+            if came_in or fresh_in or self.xdp.dirty:
+                self.xdp.change(came_in, fresh_in)
+
+    def _staged(
+        self, cmds: list[dict[str, Any]], moves: dict[int, tuple[list[int], list[int], list[int]]]
+    ) -> None:
+        """The XDP program's released buckets out first, then the nftables transaction; if
+        the kernel refuses that, the released buckets go back (as if nothing happened)."""
+        assert self.xdp is not None
+        gone: dict[int, tuple[list[int], list[int]]]
+        gone = {i: (out, []) for i, (out, _, _) in moves.items() if out}
+        if gone or self.xdp.dirty:
+            self.xdp.change(gone, {})
+        if not cmds:
+            return
+        try:
+            self.nft.json(cmds)
+        except NftError:
+            if gone:
+                self.xdp.change({i: ([], out) for i, (out, _) in gone.items()}, {})
+            raise
 
     def affine_reader(self) -> Callable[[], AffinityRead]:
         """A read of the affinity sets as they are now (the owned buckets as of this call),
@@ -199,13 +270,15 @@ class NftBackend:
             self.nft.run(sets)
         fresh = {i: sorted(bs - self.keep.get(i, set())) for i, bs in buckets.items()}
         for i, bs in fresh.items():
-            if bs:
+            if bs and not self.xdp:
                 ref = set_ref(keep_set(i), self.names.pre, "netdev")
                 cmds.append({"add": {"element": {**ref, "elem": bs}}})
         self.nft.json(cmds)
         self.sticky.held = held
         for i, bs in fresh.items():
             self.keep.setdefault(i, set()).update(bs)
+        if self.xdp is not None and any(fresh.values()):
+            self.xdp.change({}, {i: bs for i, bs in fresh.items() if bs})
 
     def reset(self, tokens: frozenset[int]) -> None:
         """Answer unknown mid-stream TCP packets of these buckets with a reset, those owned
@@ -250,6 +323,8 @@ class NftBackend:
         return out
 
     def remove(self) -> None:
+        if self.xdp is not None:
+            self.xdp.remove()
         if self.lease is not None:
             self.lease.close()
             self.lease = None

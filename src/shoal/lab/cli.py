@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from shoal.cluster_mac import ClusterMode
-from shoal.config import Profile
+from shoal.config import Dataplane, Profile
 from shoal.console import fail
 from shoal.lab.topology import Lab, LabError
 
@@ -38,6 +38,9 @@ def lab_up(
     weights: Annotated[
         str, typer.Option(help="The web rule's load weight per host, e.g. 1,2,3 (default equal).")
     ] = "",
+    dataplane: Annotated[
+        Dataplane, typer.Option(help="Every host's data plane (host.dataplane).")
+    ] = Dataplane.NFTABLES,
 ) -> None:
     """Build a lab: switch, hosts h1..hN, router, clients c1..c3."""
     try:
@@ -52,6 +55,7 @@ def lab_up(
         daemons=not no_daemon,
         profile=profile.value,
         weights=loads,
+        dataplane=dataplane.value,
     )
     try:
         lab.up(service=not no_service)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cluster_mac import ClusterMode, cluster_mac_bytes, format_mac
-from shoal.config import ShoalConfig, load_config
+from shoal.config import Dataplane, ShoalConfig, load_config
 
 STATE = Path("/run/shoal-lab")
 CLIENTS = 3
@@ -91,6 +91,7 @@ class Lab:
     # affinity_timeout_s of the "app" rule (TCP 8443, affinity single) and the "net" rule
     # (TCP 8444, affinity network: a /28 or /124 of clients shares a host)
     affinity_timeout: int = 0
+    dataplane: str = "nftables"  # host.dataplane of every host: "nftables" or "xdp"
     pids: dict[str, int] = field(default_factory=dict)
 
     # ------------------------------------------------------------- naming
@@ -209,6 +210,7 @@ affinity_timeout_s = {self.affinity_timeout}
 
 [host]
 host_id = {h}
+dataplane = "{self.dataplane}"
 dedicated_ips = [{", ".join(dips)}]
 metrics_address = "198.18.0.{10 + h}:{METRICS_PORT}"
 web_address = "198.18.0.{10 + h}:{WEB_PORT}"
@@ -237,6 +239,8 @@ handling_priority = {h}
             raise LabError(f"weights {self.weights}: give one load weight per host")
         if self.mode not in {m.value for m in ClusterMode}:
             raise LabError(f"--mode {self.mode!r}: use unicast, multicast or igmp")
+        if self.dataplane not in {d.value for d in Dataplane}:
+            raise LabError(f"--dataplane {self.dataplane!r}: use nftables or xdp")
         if (self.dir / "lab.json").exists() or self.ns("sw") in list_namespaces():
             raise LabError(f"lab {self.name!r} exists: shoal lab down {self.name}")
         self.dir.mkdir(parents=True, exist_ok=True)

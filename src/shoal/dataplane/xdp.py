@@ -1,0 +1,372 @@
+"""The XDP screen: the program in ``bpf/screen.c``, built, loaded, attached, and its maps.
+
+It takes the place of the nftables pre-filter (see :func:`~shoal.dataplane.ruleset.prefilter`)
+with the same verdicts: a packet whose bucket was never owned here is dropped, and a pure SYN
+whose bucket is not owned now, for the rules whose SYNs the pre-filter checks. What it passes
+meets the same ``inet`` table as before, which keeps everything connection-aware.
+
+State lives in three maps this module writes (``shoal_cfg``: the rules in match order, the
+seed, the bucket count and the slot packets read; ``shoal_vips``; ``shoal_bits``: per slot,
+rule and kind, a bitmap of the buckets owned now and ever owned) and one it reads
+(``shoal_tally``: packets and bytes per rule and verdict, per CPU). A change writes a slot
+that no packet reads and then flips ``slot``: one element update, atomic for a packet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.config import XDP_MAX_RULES as MAX_RULES
+from shoal.config import XDP_MAX_VIPS as MAX_VIPS
+from shoal.config import Affinity, FilteringMode, Protocol, ShoalConfig
+from shoal.dataplane import libbpf
+from shoal.dataplane.contract import DataplaneError
+
+SOURCE = Path(__file__).with_name("bpf") / "screen.c"
+OBJECT = SOURCE.with_suffix(".o")
+PROGRAM = "shoal_screen"
+MAPS = ("shoal_cfg", "shoal_vips", "shoal_bits", "shoal_tally")
+WORDS = 1024  # 65,536 buckets
+SLOTS = 3
+VERDICTS = ("passed", "never_owned", "syn_unowned", "malformed")
+MODE_FLAGS = {True: libbpf.XDP_FLAGS_DRV_MODE, False: libbpf.XDP_FLAGS_SKB_MODE}  # native?
+GRACE_S = 0.01  # a slot flipped away from is written again no sooner (no packet still reads it)
+
+R_TCP, R_UDP, R_CHECK_SYN, R_ANY_VIP = 1, 2, 4, 8
+K_PORT, K_ADDR, K_PREFIX = 0, 1, 2
+_RULE = struct.Struct("<IHHBBBBI16s")
+_HEAD = struct.Struct("<IIII")
+
+
+def build(out: Path = OBJECT) -> Path:
+    """Compile ``screen.c`` with clang (Debian's clang-14 and libbpf-dev) into ``out``."""
+    cc = shutil.which("clang-14") or shutil.which("clang")
+    if cc is None:
+        raise DataplaneError("building the XDP program needs clang (Debian: clang-14, libbpf-dev)")
+    arch = subprocess.run(["gcc", "-dumpmachine"], capture_output=True, text=True).stdout.strip()
+    tmp = out.with_suffix(".o.tmp")
+    cmd = [cc, "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-I/usr/include/{arch}"]
+    res = subprocess.run([*cmd, "-c", str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise DataplaneError(f"clang failed on {SOURCE}:\n{res.stderr}")
+    tmp.replace(out)
+    return out
+
+
+def built() -> Path:
+    """The object file, built again if the source is newer (or it is missing)."""
+    if not OBJECT.exists() or OBJECT.stat().st_mtime < SOURCE.stat().st_mtime:
+        return build()
+    return OBJECT
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The rules as the program matches them: ``order[j]`` is the configuration's rule index
+    of the program's rule ``j`` (rules for one VIP first, as the nftables tables do)."""
+
+    order: tuple[int, ...]
+    config: bytes  # shoal_cfg's value with slot 0
+    vips: tuple[bytes, ...]  # shoal_vips' keys, the value of each is its index
+    multiple: tuple[int, ...]  # program rule indexes that have buckets
+
+
+def _mask4(prefix: int) -> int:
+    raw = ipaddress.IPv4Network(f"0.0.0.0/{prefix}").netmask.packed
+    return int.from_bytes(raw, "little")  # as the program reads the address
+
+
+def layout(cfg: ShoalConfig) -> Layout:
+    cl = cfg.cluster
+    rules = cl.effective_rules
+    if len(rules) > MAX_RULES or len(cl.all_vips) > MAX_VIPS:  # (the configuration refuses it)
+        raise DataplaneError(f"XDP: more than {MAX_RULES} rules or {MAX_VIPS} VIPs")
+    vips = list(cl.all_vips)
+    order = tuple(sorted(range(len(rules)), key=lambda i: rules[i].vip == "all"))
+    body = b""
+    multiple = []
+    for j, i in enumerate(order):
+        r = rules[i]
+        flags = (R_TCP if r.protocol is not Protocol.UDP else 0) | (
+            R_UDP if r.protocol is not Protocol.TCP else 0
+        )
+        many = r.mode is FilteringMode.MULTIPLE
+        if many:
+            multiple.append(j)
+            if r.protocol is not Protocol.UDP and not r.sticky:
+                flags |= R_CHECK_SYN
+        vip = 0
+        if r.vip == "all":
+            flags |= R_ANY_VIP
+        else:
+            vip = vips.index(r.vip)
+        key = {Affinity.NONE: K_PORT, Affinity.SINGLE: K_ADDR}.get(r.affinity, K_PREFIX)
+        mask6 = ipaddress.IPv6Network(f"::/{r.ipv6_prefix}").netmask.packed
+        body += _RULE.pack(
+            vip, r.start, r.last, flags, key, int(many), 0, _mask4(r.ipv4_prefix), mask6
+        )
+    body += bytes(_RULE.size * (MAX_RULES - len(order)))
+    head = _HEAD.pack(0, len(order), cl.seed, cl.buckets)
+    keys = tuple(struct.pack("<I", v.version) + v.packed.ljust(16, b"\0") for v in vips)
+    return Layout(order, head + body, keys, tuple(multiple))
+
+
+def _set_bits(bits: bytearray, buckets: set[int] | list[int], on: bool) -> None:
+    for b in buckets:
+        if on:
+            bits[b >> 3] |= 1 << (b & 7)
+        else:
+            bits[b >> 3] &= ~(1 << (b & 7)) & 0xFF
+
+
+def _buckets(bits: bytes | bytearray) -> set[int]:
+    out: set[int] = set()
+    for i, byte in enumerate(bits):
+        if byte:
+            out.update(i * 8 + k for k in range(8) if byte >> k & 1)
+    return out
+
+
+def _name_of(prog: int) -> str:
+    name, fds = libbpf.prog_maps(prog)
+    for fd in fds.values():
+        os.close(fd)
+    return name
+
+
+def _possible_cpus() -> int:
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+class XdpScreen:
+    """The XDP program on one interface, for one cluster configuration: bitmaps of the
+    buckets owned and ever owned per ``multiple`` rule (by configuration rule index), kept
+    here and written to the kernel whole, one slot at a time."""
+
+    def __init__(self, cfg: ShoalConfig) -> None:
+        self.cfg = cfg
+        self.layout = layout(cfg)
+        self.interface = cfg.interface
+        self.obj: libbpf.BpfObject | None = None
+        self.fds: dict[str, int] = {}
+        self.own_fds = False  # descriptors of maps found attached (closed by this object)
+        self.ifindex = 0
+        self.mode = ""  # "native" or "generic", once attached
+        self.slot = 0
+        self.dirty = False
+        self.flipped = {s: 0.0 for s in range(SLOTS)}  # when each slot was flipped away from
+        size = WORDS * 8
+        self.owned = {i: bytearray(size) for i in self._multiple()}
+        self.keep = {i: bytearray(size) for i in self._multiple()}
+
+    def _multiple(self) -> list[int]:
+        return [self.layout.order[j] for j in self.layout.multiple]
+
+    # ------------------------------------------------------------- attach
+
+    def attach(self) -> tuple[dict[int, set[int]], dict[int, set[int]]] | None:
+        """Take over the program an earlier run attached for this same layout (returning
+        the owned and ever-owned buckets its maps hold), or attach a new one owning
+        nothing (returning None). A program of anyone else is left alone: an error."""
+        try:
+            self.ifindex = socket.if_nametoindex(self.interface)
+        except OSError:
+            raise DataplaneError(f"interface {self.interface!r} does not exist") from None
+        try:
+            found = self._take_over()
+            if found is None:
+                self._load()
+        except libbpf.BpfError as e:
+            self.close()
+            raise DataplaneError(f"XDP on {self.interface}: {e}") from None
+        return found
+
+    def _take_over(self) -> tuple[dict[int, set[int]], dict[int, set[int]]] | None:
+        prog = libbpf.xdp_prog_id(self.ifindex)
+        if not prog:
+            return None
+        name, fds = libbpf.prog_maps(prog)
+        if name != PROGRAM:
+            for fd in fds.values():
+                os.close(fd)
+            raise DataplaneError(
+                f"interface {self.interface} has another XDP program attached ({name!r}, id "
+                f"{prog}): shoal does not replace it"
+            )
+        cfgv = libbpf.lookup(fds.get("shoal_cfg", -1), bytes(4), len(self.layout.config))
+        if set(fds) != set(MAPS) or cfgv is None or cfgv[4:] != self.layout.config[4:]:
+            for fd in fds.values():
+                os.close(fd)
+            return None  # shoal's, for another configuration: replaced by a new one
+        self.fds, self.own_fds = fds, True
+        self.slot = struct.unpack_from("<I", cfgv)[0] % SLOTS
+        self.mode = (
+            "native" if libbpf.xdp_prog_id(self.ifindex, libbpf.XDP_FLAGS_DRV_MODE) else "generic"
+        )
+        owned, keep = {}, {}
+        for i in self._multiple():
+            j = self.layout.order.index(i)
+            for kind, into in ((0, self.owned), (1, self.keep)):
+                raw = libbpf.lookup(fds["shoal_bits"], self._key(self.slot, j, kind), WORDS * 8)
+                into[i][:] = raw or bytes(WORDS * 8)
+            owned[i], keep[i] = _buckets(self.owned[i]), _buckets(self.keep[i])
+        return owned, keep
+
+    def _load(self) -> None:
+        for bits in (*self.owned.values(), *self.keep.values()):
+            bits[:] = bytes(len(bits))
+        obj = libbpf.BpfObject(str(built()))
+        self.obj = obj
+        obj.load()
+        self.fds = {m: obj.map_fd(m) for m in MAPS}
+        libbpf.update(self.fds["shoal_cfg"], bytes(4), self.layout.config)
+        for idx, key in enumerate(self.layout.vips):
+            libbpf.update(self.fds["shoal_vips"], key, struct.pack("<I", idx))
+        self.slot = 0
+        prog = obj.prog_fd(PROGRAM)
+        # another mode's program (an earlier shoal's, for another layout) would refuse ours
+        for mode in (libbpf.XDP_FLAGS_DRV_MODE, libbpf.XDP_FLAGS_SKB_MODE):
+            if libbpf.xdp_prog_id(self.ifindex, mode):
+                libbpf.xdp_detach(self.ifindex, mode)
+        try:
+            libbpf.xdp_attach(self.ifindex, prog, libbpf.XDP_FLAGS_DRV_MODE)
+            self.mode = "native"
+        except libbpf.BpfError:
+            libbpf.xdp_attach(self.ifindex, prog, libbpf.XDP_FLAGS_SKB_MODE)
+            self.mode = "generic"
+
+    # ------------------------------------------------------------- changes
+
+    @staticmethod
+    def _key(slot: int, j: int, kind: int) -> bytes:
+        return struct.pack("<I", (slot * MAX_RULES + j) * 2 + kind)
+
+    def change(
+        self, owned: dict[int, tuple[list[int], list[int]]], keep: dict[int, list[int]]
+    ) -> None:
+        """Per rule (configuration index), buckets (out, in) of the owned bitmap and buckets
+        into the ever-owned one; then the whole state into a free slot and one flip."""
+        for i, (out, came) in owned.items():
+            _set_bits(self.owned[i], out, False)
+            _set_bits(self.owned[i], came, True)
+        for i, bs in keep.items():
+            _set_bits(self.keep[i], bs, True)
+        self.publish()
+
+    def publish(self) -> None:
+        """Write every bitmap into the next slot and flip to it. A failed write leaves
+        ``dirty`` set: the bitmaps here are what is wanted, and the next call writes them."""
+        if not self.fds:
+            return
+        self.dirty = True
+        nxt = (self.slot + 1) % SLOTS
+        wait = self.flipped[nxt] + GRACE_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        try:
+            for i in self._multiple():
+                j = self.layout.order.index(i)
+                libbpf.update(self.fds["shoal_bits"], self._key(nxt, j, 0), bytes(self.owned[i]))
+                libbpf.update(self.fds["shoal_bits"], self._key(nxt, j, 1), bytes(self.keep[i]))
+            cfgv = struct.pack("<I", nxt) + self.layout.config[4:]
+            libbpf.update(self.fds["shoal_cfg"], bytes(4), cfgv)
+        except libbpf.BpfError as e:
+            raise DataplaneError(f"XDP maps on {self.interface}: {e}") from None
+        self.flipped[self.slot] = time.monotonic()
+        self.slot = nxt
+        self.dirty = False
+
+    # ------------------------------------------------------------- reading
+
+    def counters(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per rule (by name; "" for packets no rule was found for) and verdict: packets and
+        bytes, summed over the CPUs."""
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        fd = self.fds.get("shoal_tally")
+        if fd is None:
+            return out
+        cpus = _possible_cpus()
+        rules = self.cfg.cluster.effective_rules
+        for j in [*range(len(self.layout.order)), MAX_RULES]:
+            name = rules[self.layout.order[j]].key if j < MAX_RULES else ""
+            per: dict[str, dict[str, int]] = {}
+            for v, verdict in enumerate(VERDICTS):
+                raw = libbpf.lookup(fd, struct.pack("<I", j * len(VERDICTS) + v), 16 * cpus)
+                pk = by = 0
+                if raw:
+                    for c in range(cpus):
+                        p, b = struct.unpack_from("<QQ", raw, 16 * c)
+                        pk, by = pk + p, by + b
+                per[verdict] = {"packets": pk, "bytes": by}
+            out[name] = per
+        return out
+
+    def held(self) -> dict[str, set[int]]:
+        """The buckets owned now in the slot packets read, per rule by name (what the
+        kernel enforces; for tests and ``shoal lab verify``)."""
+        rules = self.cfg.cluster.effective_rules
+        out = {}
+        for i in self._multiple():
+            j = self.layout.order.index(i)
+            raw = libbpf.lookup(self.fds["shoal_bits"], self._key(self.slot, j, 0), WORDS * 8)
+            out[rules[i].key] = _buckets(raw or b"")
+        return out
+
+    # ------------------------------------------------------------- removal
+
+    def remove(self) -> None:
+        """Detach the program (if it is still the one these maps belong to) and close."""
+        if self.ifindex and self.fds:
+            with contextlib.suppress(libbpf.BpfError, DataplaneError):
+                prog = libbpf.xdp_prog_id(self.ifindex)
+                if prog and _name_of(prog) == PROGRAM:
+                    flag = (
+                        libbpf.XDP_FLAGS_DRV_MODE
+                        if self.mode == "native"
+                        else libbpf.XDP_FLAGS_SKB_MODE
+                    )
+                    libbpf.xdp_detach(self.ifindex, flag)
+        self.close()
+
+    def close(self) -> None:
+        if self.own_fds:
+            for fd in self.fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fds, self.own_fds = {}, False
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m shoal.dataplane.xdp build``: compile the program (the set-up runs it)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["build"]:
+        print("usage: python -m shoal.dataplane.xdp build", file=sys.stderr)
+        return 2
+    try:
+        print(build())
+    except DataplaneError as e:
+        print(f"shoal: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
