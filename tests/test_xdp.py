@@ -15,7 +15,7 @@ from shoal.lab.topology import pyenv
 from tests.conftest import needs_root
 from tests.nethelp import namespaces, sh
 
-PROBE = r'''
+PROBE = r"""
 import ipaddress, json, random, socket, struct, threading, time
 from shoal.config import parse_config
 from shoal.dataplane.backend import NftBackend
@@ -170,7 +170,7 @@ except NftError:
 out["held_after_refusal"] = sorted(b.xdp.held()["dns"]) == list(range(100))
 b.remove()
 print(json.dumps(out))
-'''
+"""
 
 
 @needs_root()
