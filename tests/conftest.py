@@ -46,10 +46,11 @@ def example_files(tmp_path: Path) -> list[str]:
     return out
 
 
-def converged_lab(prefix: str, hosts: int) -> Iterator[Lab]:
+def converged_lab(prefix: str, hosts: int, dataplane: str = "nftables") -> Iterator[Lab]:
     """A lab of ``hosts`` converged hosts for a module's tests (a fixture's body), named
     with ``prefix`` and a random part; down however the tests end."""
-    with Lab(name=prefix + uuid.uuid4().hex[:6], hosts=hosts).running() as lab:
+    lab = Lab(name=prefix + uuid.uuid4().hex[:6], hosts=hosts, dataplane=dataplane)
+    with lab.running():
         yield settle(lab)
 
 

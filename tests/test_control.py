@@ -65,6 +65,9 @@ class RecordingBackend:
     def counters(self) -> list[RuleCounters]:
         return [RuleCounters(r.key, 0, 0, 0) for r in self.cfg.cluster.effective_rules]
 
+    def describe(self) -> dict[str, Any]:
+        return {"dataplane": "recorded"}
+
     def remove(self) -> None:
         self.removed = True
 

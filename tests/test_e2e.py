@@ -17,9 +17,16 @@ import pytest
 from shoal.daemon.control import call
 from shoal.lab import clients as C
 from shoal.lab.topology import Lab, run_module, sh
-from tests.conftest import needs_root, revived
+from tests.conftest import converged_lab, needs_root, revived
 
 pytestmark = [needs_root(), pytest.mark.root]
+
+
+@pytest.fixture(scope="module", params=["nftables", "xdp"])
+def lab4(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """Four converged hosts, with each data plane in turn: every test here runs on both."""
+    yield from converged_lab("q", 4, request.param)
+
 
 ALL = [1, 2, 3, 4]
 

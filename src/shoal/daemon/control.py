@@ -191,6 +191,7 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
         "reads": dict(d.reads),
         "socket_drops": d.socket_drops(),
         "rules": [asdict(c) for c in d.backend.counters()],
+        **d.backend.describe(),
         "dead_host_clients": d.orphans.docs(),
         "affinity": affinity(d),
         "checks": d.checks.docs(),

@@ -122,6 +122,16 @@ class ShoalCollector(Collector):
         yield accepted
         yield dropped
         yield reset
+        if r.screen:
+            screened = CounterMetricFamily(
+                "shoal_xdp_packets",
+                'Packets the XDP screen passed or dropped, per rule ("" for none) and verdict.',
+                labels=["rule", "verdict"],
+            )
+            for rule, verdicts in r.screen.items():
+                for verdict, tally in verdicts.items():
+                    screened.add_metric([rule, verdict], float(tally["packets"]))
+            yield screened
         open_now = GaugeMetricFamily(
             "shoal_rule_established_connections",
             "TCP connections to a VIP established on this host, per rule.",

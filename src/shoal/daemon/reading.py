@@ -28,6 +28,8 @@ class Reading:
     owned: tuple[int, ...]  # buckets (or a single rule's handling) owned, per rule
     counters: dict[str, int]  # the daemon's counters (the kernel's screen included)
     rule_counters: tuple[RuleCounters, ...]
+    # an XDP screen's packets and bytes per rule ("" for none) and verdict; empty without
+    screen: dict[str, dict[str, dict[str, int]]] = field(default_factory=dict)
     socket_drops: dict[str, int] = field(default_factory=dict)
     events: tuple[dict[str, Any], ...] = ()  # the most recent, oldest first
     checks: tuple[dict[str, Any], ...] = ()  # this host's health checks, as params shows them

@@ -285,6 +285,7 @@ class Daemon:
             owned=owned_per_rule(e.install.tokens, rules),
             counters=self.counters(),
             rule_counters=tuple(self.backend.counters()),
+            screen=self.backend.describe().get("screen", {}),
             socket_drops=self.socket_drops(),
             events=tuple(self.events[-RECENT_EVENTS:]),
             checks=tuple(self.checks.docs()),
@@ -462,6 +463,8 @@ class Daemon:
             return {"ok": False, "error": "; ".join(e.problems), "kept": "running configuration"}
         if cfg.host.host_id != self.cfg.host.host_id or cfg.interface != self.cfg.interface:
             return {"ok": False, "error": "host.host_id and the interface need a restart"}
+        if cfg.host.dataplane != self.cfg.host.dataplane:
+            return {"ok": False, "error": "host.dataplane needs a restart"}
         for key in ("metrics_address", "web_address"):
             if getattr(cfg.host, key) != getattr(self.cfg.host, key):
                 return {"ok": False, "error": f"host.{key} needs a restart"}
@@ -534,6 +537,14 @@ class Daemon:
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.backend.attach()
+        said = self.backend.describe()["dataplane"]
+        self.log(
+            Event(
+                EventId.DATAPLANE_ATTACHED,
+                self.now(),
+                {"host": self.cfg.host.host_id, "dataplane": said, "interface": self.cfg.interface},
+            )
+        )
         self.open_sockets()
         self.control.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):

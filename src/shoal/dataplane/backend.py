@@ -322,6 +322,14 @@ class NftBackend:
             )
         return out
 
+    def describe(self) -> dict[str, Any]:
+        if self.xdp is None:
+            return {"dataplane": "nftables"}
+        return {
+            "dataplane": f"xdp ({self.xdp.mode or 'not attached'})",
+            "screen": self.xdp.counters(),
+        }
+
     def remove(self) -> None:
         if self.xdp is not None:
             self.xdp.remove()

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 DEFAULT_TOKEN = -1
 STRIDE = 65537
@@ -133,6 +133,10 @@ class Backend(Protocol):
 
     def counters(self) -> list[RuleCounters]:
         """Per rule: new connections accepted and packets dropped, since attach."""
+
+    def describe(self) -> dict[str, Any]:
+        """What filters (``dataplane``: "nftables", or "xdp (native)" / "xdp (generic)"
+        once attached) and, for an XDP screen, its counts per rule and verdict."""
 
     def remove(self) -> None:
         """Take everything out of the kernel: the host filters nothing any more."""

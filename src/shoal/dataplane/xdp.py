@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import shutil
 import socket
@@ -354,14 +355,36 @@ class XdpScreen:
             self.obj = None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m shoal.dataplane.xdp build``: compile the program (the set-up runs it)."""
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["build"]:
-        print("usage: python -m shoal.dataplane.xdp build", file=sys.stderr)
-        return 2
+def held(cfg: ShoalConfig) -> dict[str, list[int]]:
+    """The buckets owned now per rule, as the program attached for ``cfg`` in this
+    namespace reads them (nothing is loaded or changed); empty if there is none."""
+    screen = XdpScreen(cfg)
     try:
-        print(build())
+        screen.ifindex = socket.if_nametoindex(screen.interface)
+        if screen._take_over() is None:
+            return {}
+        return {rule: sorted(bs) for rule, bs in screen.held().items()}
+    finally:
+        screen.close()
+
+
+USAGE = "usage: python -m shoal.dataplane.xdp build | held CONFIG"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``build``: compile the program (the set-up runs it); ``held CONFIG``: print the
+    buckets the attached program holds per rule, as JSON (the lab reads them)."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        if args == ["build"]:
+            print(build())
+        elif len(args) == 2 and args[0] == "held":
+            from shoal.config import load_config
+
+            print(json.dumps(held(load_config(Path(args[1])))))
+        else:
+            print(USAGE, file=sys.stderr)
+            return 2
     except DataplaneError as e:
         print(f"shoal: {e}", file=sys.stderr)
         return 1

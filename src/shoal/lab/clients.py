@@ -21,7 +21,7 @@ from typing import Any
 
 from shoal.daemon.control import call
 from shoal.dataplane.ruleset import owned_set, tables
-from shoal.lab.topology import Lab, LabError, alive, pyenv, sh
+from shoal.lab.topology import Lab, LabError, alive, pyenv, run_module, sh
 from shoal.verdict import rule_bucket
 
 WEB_RULE = 0  # the lab's "web" rule (TCP 80-443, no affinity) comes first
@@ -225,7 +225,14 @@ def wait_states(lab: Lab, want: dict[int, str], host: int, seconds: float = 15) 
 
 
 def owned_buckets(lab: Lab, host: int, rule: int = WEB_RULE) -> set[int]:
-    """The buckets of a rule the host's kernel accepts new connections for."""
+    """The buckets of a rule the host's kernel accepts new connections for (the pre-filter's
+    owned set, or the XDP program's bitmap)."""
+    if lab.dataplane == "xdp":
+        name = lab.config(host).cluster.effective_rules[rule].key
+        text = run_module(
+            lab.ns(f"h{host}"), "shoal.dataplane.xdp", "held", str(lab.config_path(host))
+        )
+        return set(json.loads(text).get(name, []))
     out = sh(
         "nft",
         "-j",

@@ -43,6 +43,7 @@ class EventId(IntEnum):
     HANDOFF_TAKEN = 117
     DRAIN_AFFINE_IDLE = 118
     HANDOFF_GIVEN_UP = 119
+    DATAPLANE_ATTACHED = 120
 
 
 TEMPLATES: dict[EventId, str] = {
@@ -110,6 +111,7 @@ TEMPLATES: dict[EventId, str] = {
         "host {host} gave its affine clients up: the kernel did not list them in time for "
         "epoch {epoch}"
     ),
+    EventId.DATAPLANE_ATTACHED: "host {host} filters with {dataplane} on {interface}",
     EventId.DRAIN_AFFINE_IDLE: (
         "host {host} drains: its affine clients are idle or gone, it leaves the cluster"
     ),

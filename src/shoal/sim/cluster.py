@@ -16,6 +16,7 @@ import heapq
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from shoal.config import FilteringMode, PartitionPolicy, ShoalConfig
 from shoal.dataplane.contract import (
@@ -92,6 +93,9 @@ class Kernel:
 
     def counters(self) -> list[RuleCounters]:
         return []
+
+    def describe(self) -> dict[str, Any]:
+        return {"dataplane": "model"}
 
     def remove(self) -> None:
         self.tokens = frozenset()
