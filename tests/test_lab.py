@@ -40,14 +40,11 @@ def _up(labs: list[Lab], **kw: object) -> Lab:
 
 
 @pytest.mark.parametrize("dataplane", ["nftables", "xdp"])
-@pytest.mark.parametrize(
-    ("mode", "ipv6"), [("unicast", False), ("unicast", True), ("multicast", True), ("igmp", True)]
-)
-def test_verify_matches_reference(
-    lab_factory: list[Lab], mode: str, ipv6: bool, dataplane: str
-) -> None:
-    """Each host's kernel decides every flow as the reference does, with either data plane."""
-    lab = _up(lab_factory, hosts=3, mode=mode, ipv6=ipv6, dataplane=dataplane)
+@pytest.mark.parametrize("mode", ["unicast", "multicast", "igmp"])
+def test_verify_matches_reference(lab_factory: list[Lab], mode: str, dataplane: str) -> None:
+    """Each host's kernel decides every flow as the reference does, with either data plane:
+    2000 flows, about half of them IPv4 and half IPv6."""
+    lab = _up(lab_factory, hosts=3, mode=mode, ipv6=True, dataplane=dataplane)
     result = verify(lab, flows=2000, seed=11)
     assert result["flows"] == 2000
     assert (result["mismatches"], result["double_accepts"], result["unaccepted"]) == (0, 0, 0), (

@@ -82,7 +82,7 @@ def test_without_proofs_the_replay_makes_a_ghost(forget: bool) -> None:
         _crash_and_replay(with_engine(TrustsAnyRun), forget)
 
 
-@scenarios(100)
+@scenarios(60)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_scenarios_with_a_replaying_neighbour_keep_the_contract(seed: int) -> None:
     """Every fault, plus replays of any host's recorded frames (mostly a host that is

@@ -33,14 +33,14 @@ def scenarios(count: int) -> settings:
     )
 
 
-@scenarios(300)
+@scenarios(160)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_scenarios_keep_the_contract(seed: int) -> None:
     sc = run_scenario(seed)
     assert sc.steps  # something happened, and the cluster converged again afterwards
 
 
-@scenarios(15)
+@scenarios(10)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_scenarios_in_larger_clusters_keep_the_contract(seed: int) -> None:
     """8 to 16 hosts: more epochs in flight at once, longer chains of them before one is
@@ -123,7 +123,7 @@ def test_a_leader_outside_the_epoch_it_leads_makes_it_ready() -> None:
     assert seen, "the scenario no longer leads an epoch from outside it: pick another seed"
 
 
-@scenarios(100)
+@scenarios(60)
 @given(seed=st.integers(0, 2**31 - 1))
 def test_random_scenarios_with_the_available_policy_keep_the_contract(seed: int) -> None:
     """NLB's policy: every side of a split serves on; until a split (a partition, a
