@@ -17,8 +17,14 @@ interleaved, ``--rounds`` floods each. ``ns_per_packet`` is a row's cheapest sli
 median is beside it). The ``_sticky`` rows are the same floods with the web rule keeping
 its clients' hosts across convergence (affinity single, 300 s): the drop path of buckets a
 host does not own is the same rules, and costs the same.
+The ``xdp_`` rows are the sink with ``dataplane = "xdp"``: a frame in a bucket never owned,
+and a pure SYN in a bucket owned once but not now, each dropped by the XDP program; their
+floor (``xdp_drop``, ``"floor"`` in each row) is a bare XDP_DROP program attached in the
+screen's place for the floor slices. ``xdp_to_nftables_ratio`` sets each beside the nftables
+row it stands in for (medians, same run).
 Update latency: one atomic transaction moving 1%, 25% or 100% of B buckets (B = 4096 and
-16384), median of several runs, in-process libnftables.
+16384), median of several runs, in-process libnftables; ``update_ms_xdp`` the same with the
+XDP screen (the web rule carries TCP alone: its buckets are the XDP program's bitmaps only).
 
     python bench/dataplane.py --json [--rounds 5] [--pairs 4] [--slice 0.5]
 """
@@ -47,12 +53,14 @@ ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_MAC = "02:bf:c6:12:00:64"
 
 
-def config_text(buckets: int, sticky: bool = False) -> str:
+def config_text(buckets: int, sticky: bool = False, xdp: bool = False) -> str:
     """The example host's file; its "web" rule without affinity (each SYN from the one
     source address lands in a bucket of its own), or ``sticky`` (affinity single, kept for
-    300 s across convergence: the one source's bucket)."""
+    300 s across convergence: the one source's bucket); ``xdp``: with the XDP screen."""
     doc = (ROOT / "examples" / "host1.toml").read_text()
     doc = doc.replace("buckets = 4096", f"buckets = {buckets}")
+    if xdp:
+        doc = doc.replace("host_id = 1\n", 'host_id = 1\ndataplane = "xdp"\n', 1)
     if sticky:
         return doc.replace("# affinity_timeout_s = 300", "affinity_timeout_s = 300", 1)
     return doc.replace('affinity = "single"', 'affinity = "none"', 1)
@@ -74,13 +82,27 @@ def rx():
     with open("/sys/class/net/eth0/statistics/rx_packets") as f:
         return int(f.read())
 nft, out = Nft(), {"floor": [], "row": []}
+if floor == "xdp":  # the floor is a bare XDP_DROP in the XDP program's place
+    import ctypes, socket
+    from shoal.dataplane import libbpf
+    lib, ifindex = libbpf.lib(), socket.if_nametoindex("eth0")
+    mode = libbpf.XDP_FLAGS_DRV_MODE
+    screen = libbpf.lib().bpf_prog_get_fd_by_id(libbpf.xdp_prog_id(ifindex, mode))
+    insns = bytes.fromhex("b700000001000000" "9500000000000000")  # r0 = XDP_DROP; exit
+    lib.bpf_prog_load.restype = ctypes.c_int
+    lib.bpf_prog_load.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p,
+                                  ctypes.c_char_p, ctypes.c_size_t, ctypes.c_void_p]
+    drop = lib.bpf_prog_load(6, b"floor", b"GPL", insns, 2, None)
+    assert screen >= 0 and drop >= 0, (screen, drop)
+    def lay(on):
+        libbpf.xdp_attach(ifindex, drop if on else screen, mode)
+else:
+    def lay(on):
+        nft.run(floor if on else "delete table netdev floor")
 time.sleep(0.3)  # let the flood start
 for _ in range(pairs):
     for kind in ("floor", "row"):
-        if kind == "floor":
-            nft.run(floor)
-        else:
-            nft.run("delete table netdev floor")
+        lay(kind == "floor")
         time.sleep(0.02)
         p0, c0 = rx(), busy()
         time.sleep(slice_s)
@@ -104,15 +126,16 @@ def _per_packet(s: dict[str, float]) -> dict[str, float]:
 
 
 def flood(
-    gen: str, sink: str, conf: Path, pairs: int, slice_s: float
+    gen: str, sink: str, conf: Path, pairs: int, slice_s: float, xdp: bool = False
 ) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
     """One flood of the sink with ``conf``; during it, ``pairs`` times, a slice with the
     cheapest drop laid over the sink's tables (a netdev table at priority -1000 dropping
-    everything) and a slice without. CPU time is CPU 0's: trafgen -P 1 runs pinned there,
+    everything; for an XDP row, a bare XDP_DROP program in the screen's place) and a slice
+    without. CPU time is CPU 0's: trafgen -P 1 runs pinned there,
     and a veth delivers on the sending CPU, so the whole path of every packet is on it
     (the helper that toggles and reads runs on CPU 1). Returns (floor slices, row slices)."""
     seconds = 0.6 + pairs * 2 * (slice_s + 0.05)
-    helper_args = (str(pairs), str(slice_s), FLOOR_TABLE)
+    helper_args = (str(pairs), str(slice_s), "xdp" if xdp else FLOOR_TABLE)
     tg = subprocess.Popen(
         ["ip", "netns", "exec", gen, "timeout", "-s", "INT", f"{seconds:.2f}", *TRAFGEN, str(conf)],
         stdout=subprocess.DEVNULL,
@@ -207,6 +230,7 @@ def clear(sink: str) -> None:
         subprocess.run(
             ["ip", "netns", "exec", sink, "nft", "delete", "table", *t.split()], capture_output=True
         )
+    subprocess.run(["ip", "-n", sink, "link", "set", "eth0", "xdp", "off"], capture_output=True)
 
 
 UPDATE_CODE = """
@@ -230,19 +254,24 @@ for pct in (1, 25, 100):
         nxt = set(mine)
         for bucket in moving:  # each moving bucket leaves or joins this host
             nxt ^= {bucket}
+        time.sleep(0.05)  # a change, not two back to back
         t0 = time.perf_counter()
         b.apply(Install(frozenset(nxt), True, st))
         times.append((time.perf_counter() - t0) * 1000)
+        b.remove()
     out[str(pct)] = round(statistics.median(times), 3)
 print(json.dumps(out))
 """
 
 
-def update_latency(sink: str, tmp: Path) -> dict[str, dict[str, float]]:
+def update_latency(sink: str, tmp: Path, xdp: bool = False) -> dict[str, dict[str, float]]:
+    """Per bucket count and share moved: the median time of one whole install (with
+    ``xdp``, the XDP program's bitmaps and the nftables flags; the web rule is TCP alone,
+    whose buckets only the first stage holds)."""
     out = {}
     for b in (4096, 16384):
-        cfg = tmp / f"b{b}.toml"
-        cfg.write_text(config_text(b))
+        cfg = tmp / f"b{b}{'x' if xdp else ''}.toml"
+        cfg.write_text(config_text(b, xdp=xdp))
         cfg.chmod(0o600)  # it holds the cluster key
         res = subprocess.run(
             ["ip", "netns", "exec", sink, sys.executable, "-c", UPDATE_CODE, str(cfg)],
@@ -287,6 +316,9 @@ def main() -> None:
         sticky = tmp / "sticky.toml"
         sticky.write_text(config_text(4096, sticky=True))
         sticky.chmod(0o600)
+        xcfg = tmp / "xdp.toml"
+        xcfg.write_text(config_text(4096, xdp=True))
+        xcfg.chmod(0o600)
         syn, ack = tmp / "syn.cfg", tmp / "ack.cfg"
         trafgen_conf(syn, "syn")
         trafgen_conf(ack, "ack")
@@ -301,6 +333,12 @@ def main() -> None:
         def owning_nothing_sticky() -> None:  # the same with client affinity kept
             install(sink, sticky, set())
 
+        def xdp_owning_nothing() -> None:
+            install(sink, xcfg, set())
+
+        def xdp_given_away() -> None:
+            install(sink, xcfg, set(), keep_all=True)
+
         # each row: how the sink is set up, and what the generator sends
         setups: dict[str, tuple[Callable[[], None], Path]] = {
             "no_filter": (lambda: None, syn),
@@ -311,7 +349,10 @@ def main() -> None:
             "midstream_untracked_given_away": (given_away, ack),
             "unowned_bucket_syn_sticky": (owning_nothing_sticky, syn),
             "midstream_never_owned_sticky": (owning_nothing_sticky, ack),
+            "xdp_never_owned": (xdp_owning_nothing, ack),
+            "xdp_unowned_bucket_syn": (xdp_given_away, syn),
         }
+        xdp_rows = {"xdp_never_owned", "xdp_unowned_bucket_syn"}
         samples: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
         floors: dict[str, list[dict[str, float]]] = {name: [] for name in setups}
         last = None
@@ -321,29 +362,47 @@ def main() -> None:
                     clear(sink)
                     setup()
                     last = setup
-                low, row = flood(gen, sink, frames, args.pairs, args.slice)
+                xdp = name in xdp_rows
+                low, row = flood(gen, sink, frames, args.pairs, args.slice, xdp)
                 floors[name] += low
                 samples[name] += row
         clear(sink)
-        every_floor = [x for runs in floors.values() for x in runs]
-        rows: dict[str, dict[str, Any]] = {"cheapest_drop": summary(every_floor)}
+        every_floor = [x for n, runs in floors.items() if n not in xdp_rows for x in runs]
+        xdp_floor = [x for n, runs in floors.items() if n in xdp_rows for x in runs]
+        rows: dict[str, dict[str, Any]] = {
+            "cheapest_drop": summary(every_floor),
+            "xdp_drop": summary(xdp_floor),
+        }
         rows.update((n, summary(runs)) for n, runs in samples.items())
-        least = rows["cheapest_drop"]
         base = rows["no_filter"]
         for name, r in rows.items():
+            own_floor = xdp_floor if name in xdp_rows | {"xdp_drop"} else every_floor
+            r["floor"] = "xdp_drop" if own_floor is xdp_floor else "cheapest_drop"
             r["over_cheapest_drop_ns_paired"] = paired(
-                samples.get(name, every_floor),
-                floors.get(name, every_floor),
-                least["ns_per_packet"],
+                samples.get(name, own_floor),
+                floors.get(name, own_floor),
+                min(x["ns_per_packet"] for x in own_floor),
             )
-            r["over_cheapest_drop_ns"] = round(r["ns_per_packet"] - least["ns_per_packet"])
+            under = rows[r["floor"]]
+            r["over_cheapest_drop_ns"] = round(r["ns_per_packet"] - under["ns_per_packet"])
             r["over_cheapest_drop_ns_median"] = round(
-                r["ns_per_packet_median"] - least["ns_per_packet_median"]
+                r["ns_per_packet_median"] - under["ns_per_packet_median"]
             )
             r["ratio_to_no_filter"] = round(r["ns_per_packet"] / base["ns_per_packet"], 3)
+        # the XDP drop paths against the nftables ones they stand in for (same run, medians)
+        pairs_xn = {
+            "never_owned": ("xdp_never_owned", "midstream_never_owned"),
+            "unowned_bucket_syn": ("xdp_unowned_bucket_syn", "unowned_bucket_syn_given_away"),
+        }
+        xdp_vs_nft = {
+            what: round(rows[x]["ns_per_packet_median"] / rows[n]["ns_per_packet_median"], 3)
+            for what, (x, n) in pairs_xn.items()
+        }
         doc = {
             "per_packet": rows,
+            "xdp_to_nftables_ratio": xdp_vs_nft,
             "update_ms": update_latency(sink, tmp),
+            "update_ms_xdp": update_latency(sink, tmp, xdp=True),
             "rounds": args.rounds,
             "pairs": args.pairs,
             "slice_seconds": args.slice,

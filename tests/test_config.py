@@ -55,6 +55,7 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         (("host", "dedicated_ips"), ["198.18.0.100/24"], "is a cluster VIP"),
         (("host", "dedicated_ips"), ["not-an-ip"], "host.dedicated_ips[0]"),
         (("host", "initial_state"), "running", "host.initial_state"),
+        (("host", "dataplane"), "ebpf", "host.dataplane"),
     ],
 )
 def test_bad_values_are_named(path: tuple[str, str], value: Any, needle: str) -> None:
@@ -64,6 +65,19 @@ def test_bad_values_are_named(path: tuple[str, str], value: Any, needle: str) ->
     assert needle in msg
     if not isinstance(value, list) and "key" not in path[1]:
         assert repr(value) in msg or str(value) in msg
+
+
+def test_the_xdp_data_plane_takes_what_its_program_holds() -> None:
+    """The XDP program's rule table has 32 entries: a cluster with more rules is refused
+    with dataplane "xdp", by name, and taken with nftables."""
+    doc = example_doc()
+    doc["cluster"]["rules"] = [
+        {"name": f"r{i}", "start": 1000 + i, "protocol": "tcp"} for i in range(33)
+    ]
+    doc["host"]["rules"] = []
+    parse_config(doc)
+    doc["host"]["dataplane"] = "xdp"
+    assert "host.dataplane: 'xdp' takes 32 port rules at most (the cluster has 33)" in refused(doc)
 
 
 def test_reversed_range_is_refused() -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from shoal.daemon.control import call
 from shoal.lab import clients as C
-from shoal.lab.topology import Lab, run_module, sh
+from shoal.lab.topology import METRICS_PORT, Lab, run_module, sh
 from tests.conftest import converged_lab, needs_root, revived
 
 pytestmark = [needs_root(), pytest.mark.root]
@@ -270,3 +270,35 @@ def test_affinity_single_and_network_keep_a_client_on_one_host(settled: Lab) -> 
         per_net.setdefault(src.rsplit(".", 1)[0], set()).add(host)
     assert len(per_net) == 2
     assert all(len(h) == 1 and "-" not in h for h in per_net.values()), per_net
+
+
+def test_params_and_metrics_say_what_filters(settled: Lab) -> None:
+    """Each host says which data plane it runs; with XDP, in native mode on the lab's veth,
+    with the program's counts per rule and verdict in ``params`` and the metrics: the flows
+    sent to the web rule were passed on one host and dropped on the three others."""
+    lab = settled
+    rng = random.Random(11)
+    flows = [("tcp", f"198.19.2.{rng.randrange(10, 250)}", rng.randrange(20000, 60000), 80)]
+    flows += [("tcp", f"198.19.2.{rng.randrange(10, 250)}", rng.randrange(20000, 60000), 443)
+              for _ in range(39)]  # fmt: skip
+    before = {h: call(lab.control(h), {"cmd": "params"}, timeout=5) for h in ALL}
+    got = answers(lab, 2, flows)
+    assert all(a.startswith("h") for a in got), got
+    after = {h: call(lab.control(h), {"cmd": "params"}, timeout=5) for h in ALL}
+    if lab.dataplane == "nftables":
+        assert {p["dataplane"] for p in after.values()} == {"nftables"}
+        assert all("screen" not in p for p in after.values())
+        return
+    assert {p["dataplane"] for p in after.values()} == {"xdp (native)"}
+
+    def web(p: dict[str, Any], verdict: str) -> int:
+        return int(p["screen"]["web"][verdict]["packets"])
+
+    passed = sum(web(after[h], "passed") - web(before[h], "passed") for h in ALL)
+    dropped = sum(
+        web(after[h], v) - web(before[h], v) for h in ALL for v in ("never_owned", "syn_unowned")
+    )
+    assert passed >= len(flows) and dropped >= 3 * len(flows), (passed, dropped)
+    metrics = sh("curl", "-sf", "--max-time", "5", f"http://198.18.0.11:{METRICS_PORT}/metrics",
+                 ns=lab.ns("rt"))  # fmt: skip
+    assert 'shoal_xdp_packets_total{rule="web",verdict="never_owned"}' in metrics

@@ -152,6 +152,17 @@ end, _ = counts(again)
 out["flips"] = 600
 out["flip_syn_drops"] = end["syn_unowned"] - base["syn_unowned"]
 out["flip_passed"] = end["passed"] - base["passed"]
+# another cluster's daemon on this interface is refused, and this cluster's is untouched
+import copy
+from shoal.dataplane.contract import DataplaneError
+other = copy.deepcopy(doc)
+other["cluster"]["name"] = "other"
+try:
+    XdpScreen(parse_config(other)).attach()
+    out["other_cluster"] = "attached"
+except DataplaneError as e:
+    out["other_cluster"] = str(e)
+out["still_ours"] = again.held()["web"] == OWNED  # (600 flips: back where they began)
 again.remove()
 
 # the backend: a change the kernel refuses leaves the XDP bitmaps as they were
@@ -179,7 +190,8 @@ def test_the_screen_drops_what_is_not_ours_and_flips_whole() -> None:
     ACK, SYNs behind IPv6 extension headers, truncated headers, too many extension headers,
     later fragments, no rule), counted per rule and verdict; a new run takes the maps over;
     600 changes under a stream of SYNs drop none of those owned before and after each;
-    a change the kernel refuses leaves the XDP program as it was."""
+    a change the kernel refuses leaves the XDP program as it was; another cluster's daemon
+    is refused the interface."""
     xdp.built()
     with namespaces("x") as ns:
         sh("ip", "link", "add", "name", "xa", "type", "veth", "peer", "name", "xb", ns=ns["x"])
@@ -198,3 +210,4 @@ def test_the_screen_drops_what_is_not_ours_and_flips_whole() -> None:
     assert out["blasted"] > 1000 and out["flip_passed"] > 1000, out
     assert out["flip_syn_drops"] == 0, out
     assert out["refused"] and out["held_after_refusal"], out
+    assert "another cluster's XDP program" in out["other_cluster"] and out["still_ours"], out

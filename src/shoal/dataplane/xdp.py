@@ -15,6 +15,7 @@ that no packet reads and then flips ``slot``: one element update, atomic for a p
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import json
 import os
@@ -46,7 +47,7 @@ GRACE_S = 0.01  # a slot flipped away from is written again no sooner (no packet
 R_TCP, R_UDP, R_CHECK_SYN, R_ANY_VIP = 1, 2, 4, 8
 K_PORT, K_ADDR, K_PREFIX = 0, 1, 2
 _RULE = struct.Struct("<IHHBBBBI16s")
-_HEAD = struct.Struct("<IIII")
+_HEAD = struct.Struct("<IIIII")
 
 
 def build(out: Path = OBJECT) -> Path:
@@ -117,7 +118,8 @@ def layout(cfg: ShoalConfig) -> Layout:
             vip, r.start, r.last, flags, key, int(many), 0, _mask4(r.ipv4_prefix), mask6
         )
     body += bytes(_RULE.size * (MAX_RULES - len(order)))
-    head = _HEAD.pack(0, len(order), cl.seed, cl.buckets)
+    tag = int.from_bytes(hashlib.sha256(cl.name.encode()).digest()[:4], "little")
+    head = _HEAD.pack(0, len(order), cl.seed, cl.buckets, tag)
     keys = tuple(struct.pack("<I", v.version) + v.packed.ljust(16, b"\0") for v in vips)
     return Layout(order, head + body, keys, tuple(multiple))
 
@@ -209,11 +211,19 @@ class XdpScreen:
                 f"interface {self.interface} has another XDP program attached ({name!r}, id "
                 f"{prog}): shoal does not replace it"
             )
-        cfgv = libbpf.lookup(fds.get("shoal_cfg", -1), bytes(4), len(self.layout.config))
-        if set(fds) != set(MAPS) or cfgv is None or cfgv[4:] != self.layout.config[4:]:
+        cfgv = None
+        if set(fds) == set(MAPS):
+            cfgv = libbpf.lookup(fds["shoal_cfg"], bytes(4), len(self.layout.config))
+        if cfgv is None or cfgv[4:] != self.layout.config[4:]:
             for fd in fds.values():
                 os.close(fd)
-            return None  # shoal's, for another configuration: replaced by a new one
+            tag = _HEAD.size - 4
+            if cfgv is not None and cfgv[tag : tag + 4] != self.layout.config[tag : tag + 4]:
+                raise DataplaneError(
+                    f"interface {self.interface} carries another cluster's XDP program (id "
+                    f'{prog}): clusters sharing an interface use dataplane = "nftables"'
+                )
+            return None  # this cluster's, for another configuration: replaced by a new one
         self.fds, self.own_fds = fds, True
         self.slot = struct.unpack_from("<I", cfgv)[0] % SLOTS
         self.mode = (

@@ -57,6 +57,7 @@ struct config {
 	__u32 nrules;   /* in match order: one-VIP rules before every-VIP rules */
 	__u32 seed;
 	__u32 buckets;
+	__u32 cluster;  /* whose program this is: a hash of the cluster's name */
 	struct rule rules[MAX_RULES];
 };
 
