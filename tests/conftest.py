@@ -86,3 +86,26 @@ def until(what: str, ok: Callable[[], bool], seconds: float = 15) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {seconds} s: {what}")
         time.sleep(0.1)
+
+
+def _kernel(item: pytest.Item) -> bool:
+    """Whether a test builds network namespaces (it is marked root, or skipped without root)."""
+    if item.get_closest_marker("root"):
+        return True
+    skips = (m for m in item.iter_markers() if m.name == "skipif")
+    return any("root" in str(m.kwargs.get("reason", "")) for m in skips)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With pytest-xdist (scripts/test.sh runs two workers, ``--dist loadgroup``), every test
+    of a module that builds namespaces runs on one worker, one after the other as without
+    it: no two labs share the machine's two CPUs, and the simulator's sweeps and the unit
+    tests run beside them on the other worker."""
+
+    def module(item: pytest.Item) -> str:
+        return item.nodeid.split("::", 1)[0]
+
+    kernel = {module(item) for item in items if _kernel(item)}
+    for item in items:
+        if module(item) in kernel:
+            item.add_marker(pytest.mark.xdist_group("kernel"))
