@@ -181,6 +181,7 @@ def verify(lab: Lab, flows: int, seed: int | None = None) -> dict[str, Any]:
         "unaccepted": unaccepted,
         "mode": lab.mode,
         "ipv6": lab.ipv6,
+        "dataplane": lab.dataplane,
         "expected_dropped": sum(
             1 for p in plan if decide(cl, view, p).outcome is not Outcome.OWNER
         ),
