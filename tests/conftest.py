@@ -96,6 +96,7 @@ def _kernel(item: pytest.Item) -> bool:
     return any("root" in str(m.kwargs.get("reason", "")) for m in skips)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With pytest-xdist (scripts/test.sh runs two workers, ``--dist loadgroup``), every test
     of a module that builds namespaces runs on one worker, one after the other as without

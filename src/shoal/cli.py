@@ -14,7 +14,7 @@ from rich.table import Table
 
 from shoal.cluster_mac import ClusterMode, ip2mac
 from shoal.config import ConfigError, ShoalConfig, check_cluster, load_config
-from shoal.console import EXIT_INVALID, err, fail, out
+from shoal.console import EXIT_INVALID, error, fail, out
 from shoal.lab.cli import lab_app
 from shoal.plan import plan
 
@@ -67,7 +67,7 @@ def _load_all(files: list[Path]) -> list[ShoalConfig]:
         problems = check_cluster(configs, [str(f) for f in files])
     if problems:
         for p in problems:
-            err.print(f"[red]error:[/red] {p}", highlight=False)
+            error(p)
         raise typer.Exit(EXIT_INVALID)
     return configs
 
@@ -233,7 +233,7 @@ def daemon(
         )
     except ConfigError as e:
         for p in e.problems:
-            err.print(f"[red]error:[/red] {e.source}: {p}", highlight=False)
+            error(f"{e.source}: {p}")
         raise typer.Exit(EXIT_INVALID) from None
     from shoal.dataplane.adapter import AdapterError
 
