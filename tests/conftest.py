@@ -96,17 +96,27 @@ def _kernel(item: pytest.Item) -> bool:
     return any("root" in str(m.kwargs.get("reason", "")) for m in skips)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--part",
+        choices=("all", "kernel", "rest"),
+        default="all",
+        help="only the modules that build network namespaces (kernel), or only the others",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With pytest-xdist (scripts/test.sh runs two workers, ``--dist loadgroup``), every test
-    of a module that builds namespaces runs on one worker, one after the other as without
-    it: no two labs share the machine's two CPUs, and the simulator's sweeps and the unit
-    tests run beside them on the other worker."""
+    """``--part``: scripts/test.sh runs the modules that build namespaces in one process, in
+    order (no two labs share the machine's two CPUs), and the rest (the simulator's sweeps,
+    the unit tests) in another beside it."""
+    part = config.getoption("--part")
+    if part == "all":
+        return
 
     def module(item: pytest.Item) -> str:
         return item.nodeid.split("::", 1)[0]
 
     kernel = {module(item) for item in items if _kernel(item)}
-    for item in items:
-        if module(item) in kernel:
-            item.add_marker(pytest.mark.xdist_group("kernel"))
+    keep = [item for item in items if (module(item) in kernel) == (part == "kernel")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
