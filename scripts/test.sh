@@ -5,8 +5,9 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check src tests bench
 .venv/bin/mypy
-# two processes: the modules that build network namespaces, one after the other, and beside
-# them the rest (the simulator's sweeps, the unit tests) on the other CPU (tests/conftest.py)
+# two processes: the modules whose tests build network namespaces and time something, one
+# after the other, and beside them the rest (the simulator's sweeps, the unit tests, kernel
+# tests that time nothing) on the other CPU (tests/conftest.py, --part)
 rest_log=$(mktemp)
 .venv/bin/pytest -q -p no:cacheprovider --part rest --durations=10 "$@" >"$rest_log" 2>&1 &
 rest=$!

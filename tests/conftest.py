@@ -89,7 +89,10 @@ def until(what: str, ok: Callable[[], bool], seconds: float = 15) -> None:
 
 
 def _kernel(item: pytest.Item) -> bool:
-    """Whether a test builds network namespaces (it is marked root, or skipped without root)."""
+    """Whether a test builds network namespaces (it is marked root, or skipped without root)
+    and times something (it is not marked ``beside``): such tests run one after the other."""
+    if item.get_closest_marker("beside"):
+        return False
     if item.get_closest_marker("root"):
         return True
     skips = (m for m in item.iter_markers() if m.name == "skipif")
@@ -106,9 +109,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """``--part``: scripts/test.sh runs the modules that build namespaces in one process, in
-    order (no two labs share the machine's two CPUs), and the rest (the simulator's sweeps,
-    the unit tests) in another beside it."""
+    """``--part``: scripts/test.sh runs the modules whose tests build namespaces and time
+    something in one process, one after the other (no two of them share the machine's two
+    CPUs), and the rest beside it in another (the simulator's sweeps, the unit tests, the
+    kernel tests marked ``beside``: verdicts, tables, the deploy guide)."""
     part = config.getoption("--part")
     if part == "all":
         return

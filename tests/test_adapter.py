@@ -17,7 +17,7 @@ from shoal.lab.topology import veth
 from tests.conftest import EXAMPLES, example_doc, needs_root, write_private
 from tests.nethelp import namespaces, sh
 
-pytestmark = [needs_root(), pytest.mark.root]
+pytestmark = [needs_root(), pytest.mark.root, pytest.mark.beside]
 
 
 def snapshot(ns: str) -> dict[str, object]:

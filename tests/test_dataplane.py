@@ -26,6 +26,8 @@ from shoal.verdict import ClusterView, Outcome, Packet, decide
 from tests.conftest import example_doc, needs_root, write_private
 from tests.nethelp import HELPER, namespaces, python_in, sh
 
+pytestmark = pytest.mark.beside  # times nothing: runs beside the lab tests
+
 CLUSTER_MAC = "02:bf:c6:12:00:64"
 
 

@@ -39,7 +39,7 @@ import pytest
 from tests.conftest import ROOT, needs_root
 from tests.nethelp import namespaces, sh
 
-pytestmark = [needs_root(), pytest.mark.root]
+pytestmark = [needs_root(), pytest.mark.root, pytest.mark.beside]
 
 STEP = re.compile(r"<!-- step: (\w+)(?:, (every server|one server))? -->\n```sh\n(.*?)```", re.S)
 SERVERS = (1, 2, 3)

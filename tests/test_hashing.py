@@ -15,6 +15,8 @@ from shoal.lab.topology import veth
 from tests.conftest import needs_root
 from tests.nethelp import namespaces, python_in, sh
 
+pytestmark = pytest.mark.beside  # times nothing: runs beside the lab tests
+
 
 def test_lookup3_published_vectors() -> None:
     # Bob Jenkins' lookup3.c driver5(): hashlittle() equals the kernel's jhash()

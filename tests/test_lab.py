@@ -16,7 +16,7 @@ from shoal.lab.topology import STATE, Lab, LabError, list_namespaces
 from shoal.lab.verify import install, verify
 from tests.conftest import needs_root
 
-pytestmark = [needs_root(), pytest.mark.root]
+pytestmark = [needs_root(), pytest.mark.root, pytest.mark.beside]
 
 
 def _name() -> str:

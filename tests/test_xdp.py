@@ -10,10 +10,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from shoal.dataplane import xdp
 from shoal.lab.topology import pyenv
 from tests.conftest import needs_root
 from tests.nethelp import namespaces, sh
+
+pytestmark = pytest.mark.beside  # times nothing: runs beside the lab tests
 
 PROBE = r"""
 import ipaddress, json, random, socket, struct, threading, time
