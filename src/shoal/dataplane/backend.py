@@ -16,13 +16,12 @@ from typing import Any
 from shoal.config import Dataplane, FilteringMode, ShoalConfig
 from shoal.dataplane.affinity import StickyTables
 from shoal.dataplane.contract import (
-    DEFAULT_TOKEN,
+    STRIDE,
     AffinityRead,
     Away,
     Install,
     RuleCounters,
     bucket_token,
-    split_token,
 )
 from shoal.dataplane.kernel_lease import KernelLease
 from shoal.dataplane.nft import Nft, NftError
@@ -40,6 +39,8 @@ from shoal.dataplane.ruleset import (
 )
 from shoal.dataplane.xdp import XdpScreen
 
+SINGLE = STRIDE - 1  # the "bucket" part of a single rule's token
+
 
 def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int]]:
     """The buckets among ``tokens``, per ``multiple`` rule."""
@@ -48,12 +49,12 @@ def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int
         for i, r in enumerate(cfg.cluster.effective_rules)
         if r.mode is FilteringMode.MULTIPLE
     }
-    for tok in tokens:
-        if tok == DEFAULT_TOKEN:
-            continue
-        rule, bucket = split_token(tok)
-        if bucket is not None and rule in out:
-            out[rule].add(bucket)
+    for tok in tokens:  # (split_token inlined: an epoch may move thousands)
+        if tok >= 0:
+            rule, bucket = divmod(tok, STRIDE)
+            into = out.get(rule)
+            if into is not None and bucket != SINGLE:
+                into.add(bucket)
     return out
 
 

@@ -124,12 +124,17 @@ def layout(cfg: ShoalConfig) -> Layout:
     return Layout(order, head + body, keys, tuple(multiple))
 
 
+_BIT = tuple(1 << k for k in range(8))
+_NOT_BIT = tuple(0xFF ^ (1 << k) for k in range(8))
+
+
 def _set_bits(bits: bytearray, buckets: set[int] | list[int], on: bool) -> None:
-    for b in buckets:
-        if on:
-            bits[b >> 3] |= 1 << (b & 7)
-        else:
-            bits[b >> 3] &= ~(1 << (b & 7)) & 0xFF
+    if on:
+        for b in buckets:
+            bits[b >> 3] |= _BIT[b & 7]
+    else:
+        for b in buckets:
+            bits[b >> 3] &= _NOT_BIT[b & 7]
 
 
 def _buckets(bits: bytes | bytearray) -> set[int]:
