@@ -185,6 +185,7 @@ int shoal_screen(struct xdp_md *ctx)
 	__u32 zero = 0, nwords, i;
 	__u8 proto, syn = 0;
 	__u16 sport, dport;
+	__u32 *vip;  /* the VIP's index */
 	void *l4;
 
 	if ((void *)(eth + 1) > end)
@@ -196,7 +197,8 @@ int shoal_screen(struct xdp_md *ctx)
 			return XDP_PASS;
 		vk.family = 4;
 		vk.addr[0] = ip->daddr;
-		if (!bpf_map_lookup_elem(&shoal_vips, &vk))
+		vip = bpf_map_lookup_elem(&shoal_vips, &vk);
+		if (!vip)
 			return XDP_PASS;
 		if (ip->frag_off & bpf_htons(0x1fff))
 			return XDP_PASS;  /* no transport header: the kernel reassembles it */
@@ -212,7 +214,8 @@ int shoal_screen(struct xdp_md *ctx)
 			return XDP_PASS;
 		vk.family = 6;
 		__builtin_memcpy(vk.addr, &ip6->daddr, 16);
-		if (!bpf_map_lookup_elem(&shoal_vips, &vk))
+		vip = bpf_map_lookup_elem(&shoal_vips, &vk);
+		if (!vip)
 			return XDP_PASS;
 		__builtin_memcpy(words, &ip6->saddr, 16);
 		proto = ip6->nexthdr;
@@ -267,10 +270,9 @@ int shoal_screen(struct xdp_md *ctx)
 		return XDP_PASS;  /* ICMP and the rest: no port rule covers them */
 	}
 
-	__u32 *vip = bpf_map_lookup_elem(&shoal_vips, &vk);
 	struct config *cfg = bpf_map_lookup_elem(&shoal_cfg, &zero);
 
-	if (!vip || !cfg)
+	if (!cfg)
 		return XDP_PASS;
 	__u8 want = proto == IPPROTO_TCP ? R_TCP : R_UDP;
 	__u32 n = cfg->nrules;
