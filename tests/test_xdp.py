@@ -11,6 +11,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shoal.dataplane import xdp
 from shoal.lab.topology import pyenv
@@ -215,3 +217,16 @@ def test_the_screen_drops_what_is_not_ours_and_flips_whole() -> None:
     assert out["flip_syn_drops"] == 0, out
     assert out["refused"] and out["held_after_refusal"], out
     assert "another cluster's XDP program" in out["other_cluster"] and out["still_ours"], out
+
+
+@given(st.data(), st.sampled_from([16, 4096, 16384, 65536]))
+def test_the_bitmaps_written_have_bucket_b_at_bit_b(data: st.DataObject, size: int) -> None:
+    """What the program reads: bucket b is bit b & 7 of byte b >> 3 (the daemon keeps a byte
+    per bucket and packs them whole); and a bitmap read back gives the same buckets."""
+    buckets = data.draw(st.sets(st.integers(0, size - 1), max_size=300))
+    flags = bytearray(size)
+    xdp._mark(flags, sorted(buckets), True)
+    bits = xdp._pack(flags)
+    assert len(bits) == xdp.WORDS * 8
+    assert {b for b in range(xdp.WORDS * 64) if bits[b >> 3] >> (b & 7) & 1} == buckets
+    assert xdp._unpack(bits, size) == flags
