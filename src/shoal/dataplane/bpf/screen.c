@@ -288,29 +288,24 @@ int shoal_screen(struct xdp_md *ctx)
 			continue;
 		if (!r->multiple)
 			return count(i, V_PASS, len, XDP_PASS);
-		if (vk.family == 4) {
-			if (r->key == K_PREFIX) {
+		/* the key: the address (1 or 4 words), masked for network affinity, then the
+		 * source port (a word, zero-padded as nftables does) for affinity none */
+		nwords = vk.family == 4 ? 1 : 4;
+		if (r->key == K_PREFIX) {
+			if (nwords == 1) {
 				words[0] &= r->mask4;
-				nwords = 1;
-			} else if (r->key == K_ADDR) {
-				nwords = 1;
 			} else {
-				words[1] = sport;
-				nwords = 2;
-			}
-		} else {
-			if (r->key == K_PREFIX) {
 				words[0] &= r->mask6[0];
 				words[1] &= r->mask6[1];
 				words[2] &= r->mask6[2];
 				words[3] &= r->mask6[3];
-				nwords = 4;
-			} else if (r->key == K_ADDR) {
-				nwords = 4;
-			} else {
-				words[4] = sport;
-				nwords = 5;
 			}
+		} else if (r->key == K_PORT) {
+			if (nwords == 1)
+				words[1] = sport;
+			else
+				words[4] = sport;
+			nwords += 1;
 		}
 		__u32 h = jhash_words(words, nwords, cfg->seed);
 		__u32 bucket = (__u32)(((__u64)h * cfg->buckets) >> 32);
