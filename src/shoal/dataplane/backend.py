@@ -118,49 +118,41 @@ class NftBackend:
         """Take over tables left by an earlier run (their buckets keep their connections),
         or create them."""
         try:
-            doc = {}
+            doc: dict[str, Any] = {}
             if not self.xdp:
-                doc = self.nft.json(
-                    [{"list": {"table": {"family": "netdev", "name": self.names.pre}}}]
-                )
-            inet = self.nft.json([{"list": {"table": {"family": "inet", "name": self.names.inet}}}])
+                doc = self.nft.json([{"list": {"table": _table("netdev", self.names.pre)}}])
+            inet = self.nft.json([{"list": {"table": _table("inet", self.names.inet)}}])
         except NftError:
             self.create()
             return
-        sets = _sets(doc)  # the pre-filter's owned and keep sets
+        listed = _sets(inet)
         if self.xdp:
-            sets = self._screen_sets(inet)
-        resets = _sets(inet)
+            owned, keep = self._screen_found(listed)
+        else:
+            pre = _sets(doc)  # the pre-filter's owned and keep sets
+            owned = {i: pre.get(owned_set(i), set()) for i in owned_by_rule(self.cfg, frozenset())}
+            keep = {i: pre.get(keep_set(i), set()) | bs for i, bs in owned.items()}
         self.sticky.attach(inet)
-        self.resets = self._no_resets()
-        self.owned = owned_by_rule(self.cfg, frozenset())
-        self.keep = {i: set() for i in self.owned}
-        for i in self.owned:
-            self.owned[i] = sets.get(owned_set(i), set())
-            self.keep[i] = sets.get(keep_set(i), set()) | self.owned[i]
-        self.resets = {i: resets.get(reset_set(i), set()) & self.owned[i] for i in self.resets}
+        self.owned, self.keep = owned, keep
+        self.resets = {i: listed.get(reset_set(i), set()) & owned[i] for i in self._no_resets()}
         self.tokens = frozenset(bucket_token(i, b) for i, bs in self.owned.items() for b in bs)
         self.flags = {}
         self.installed = True
 
-    def _screen_sets(self, inet: dict[str, Any]) -> dict[str, set[int]]:
-        """The owned and keep sets the XDP program held, taken over; or, if it held none
-        for this configuration, the inet table's owned sets, loaded into a new program."""
+    def _screen_found(
+        self, listed: dict[str, set[int]]
+    ) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
+        """The owned and ever-owned buckets the XDP program held, taken over; or, if it held
+        none for this configuration, the inet table's owned sets (``listed``), loaded into a
+        new program."""
         assert self.xdp is not None
         found = self.xdp.attach()
         if found is not None:
-            owned, keep = found
-        else:
-            listed = _sets(inet)
-            owned = {i: listed.get(owned_set(i), set()) for i in self.xdp.owned}
-            keep = owned
-            self.xdp.change(
-                {i: ([], sorted(bs)) for i, bs in owned.items()},
-                {i: sorted(bs) for i, bs in keep.items()},
-            )
-        out = {owned_set(i): bs for i, bs in owned.items()}
-        out.update({keep_set(i): bs for i, bs in keep.items()})
-        return out
+            return found
+        owned = {i: listed.get(owned_set(i), set()) for i in self.xdp.owned}
+        self.xdp.change({i: ([], sorted(bs)) for i, bs in owned.items()},
+                        {i: sorted(bs) for i, bs in owned.items()})  # fmt: skip
+        return owned, {i: set(bs) for i, bs in owned.items()}
 
     def apply(self, inst: Install) -> None:
         """Make the kernel enforce ``inst`` (one atomic transaction). Only the tokens that
@@ -193,9 +185,7 @@ class NftBackend:
                 if new:
                     cmds.append({"add": {"element": {**name, "elem": new}}})
             moves[i] = (out, new, fresh)
-            if fresh and not self.xdp:
-                ref = set_ref(keep_set(i), self.names.pre, "netdev")
-                cmds.append({"add": {"element": {**ref, "elem": fresh}}})
+            cmds += self._kept(i, fresh)
             unreset = sorted(set(out) & self.resets.get(i, set()))
             if unreset:
                 ref = set_ref(reset_set(i), self.names.inet)
@@ -219,6 +209,14 @@ class NftBackend:
             fresh_in = {i: fresh for i, (_, _, fresh) in moves.items() if fresh}
             if came_in or fresh_in or self.xdp.dirty:
                 self.xdp.change(came_in, fresh_in)
+
+    def _kept(self, i: int, buckets: list[int]) -> list[dict[str, Any]]:
+        """The commands adding buckets to the pre-filter's keep set of rule ``i`` (none
+        with XDP: the caller gives them to the program after the transaction)."""
+        if not buckets or self.xdp is not None:
+            return []
+        ref = set_ref(keep_set(i), self.names.pre, "netdev")
+        return [{"add": {"element": {**ref, "elem": buckets}}}]
 
     def _staged(
         self, cmds: list[dict[str, Any]], moves: dict[int, tuple[list[int], list[int], list[int]]]
@@ -271,9 +269,7 @@ class NftBackend:
             self.nft.run(sets)
         fresh = {i: sorted(bs - self.keep.get(i, set())) for i, bs in buckets.items()}
         for i, bs in fresh.items():
-            if bs and not self.xdp:
-                ref = set_ref(keep_set(i), self.names.pre, "netdev")
-                cmds.append({"add": {"element": {**ref, "elem": bs}}})
+            cmds += self._kept(i, bs)
         self.nft.json(cmds)
         self.sticky.held = held
         for i, bs in fresh.items():

@@ -15,6 +15,7 @@ that no packet reads and then flips ``slot``: one element update, atomic for a p
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import ipaddress
 import json
@@ -41,7 +42,6 @@ MAPS = ("shoal_cfg", "shoal_vips", "shoal_bits", "shoal_tally")
 WORDS = 1024  # 65,536 buckets
 SLOTS = 3
 VERDICTS = ("passed", "never_owned", "syn_unowned", "malformed")
-MODE_FLAGS = {True: libbpf.XDP_FLAGS_DRV_MODE, False: libbpf.XDP_FLAGS_SKB_MODE}  # native?
 GRACE_S = 0.01  # a slot flipped away from is written again no sooner (no packet still reads it)
 
 R_TCP, R_UDP, R_CHECK_SYN, R_ANY_VIP = 1, 2, 4, 8
@@ -80,7 +80,7 @@ class Layout:
     order: tuple[int, ...]
     config: bytes  # shoal_cfg's value with slot 0
     vips: tuple[bytes, ...]  # shoal_vips' keys, the value of each is its index
-    multiple: tuple[int, ...]  # program rule indexes that have buckets
+    multiple: dict[int, int]  # the rules that have buckets: configuration index -> program's
 
 
 def _mask4(prefix: int) -> int:
@@ -96,7 +96,7 @@ def layout(cfg: ShoalConfig) -> Layout:
     vips = list(cl.all_vips)
     order = tuple(sorted(range(len(rules)), key=lambda i: rules[i].vip == "all"))
     body = b""
-    multiple = []
+    multiple = {}
     for j, i in enumerate(order):
         r = rules[i]
         flags = (R_TCP if r.protocol is not Protocol.UDP else 0) | (
@@ -104,7 +104,7 @@ def layout(cfg: ShoalConfig) -> Layout:
         )
         many = r.mode is FilteringMode.MULTIPLE
         if many:
-            multiple.append(j)
+            multiple[i] = j
             if r.protocol is not Protocol.UDP and not r.sticky:
                 flags |= R_CHECK_SYN
         vip = 0
@@ -121,7 +121,7 @@ def layout(cfg: ShoalConfig) -> Layout:
     tag = int.from_bytes(hashlib.sha256(cl.name.encode()).digest()[:4], "little")
     head = _HEAD.pack(0, len(order), cl.seed, cl.buckets, tag)
     keys = tuple(struct.pack("<I", v.version) + v.packed.ljust(16, b"\0") for v in vips)
-    return Layout(order, head + body, keys, tuple(multiple))
+    return Layout(order, head + body, keys, multiple)
 
 
 def _mark(flags: bytearray, buckets: set[int] | list[int], on: bool) -> None:
@@ -152,21 +152,23 @@ def _unpack(bits: bytes, size: int) -> bytearray:
     return flags
 
 
-def _buckets(bits: bytes | bytearray) -> set[int]:
-    out: set[int] = set()
-    for i, byte in enumerate(bits):
-        if byte:
-            out.update(i * 8 + k for k in range(8) if byte >> k & 1)
-    return out
+def _members(flags: bytearray) -> set[int]:
+    return {b for b, v in enumerate(flags) if v}
+
+
+def _close(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _name_of(prog: int) -> str:
     name, fds = libbpf.prog_maps(prog)
-    for fd in fds.values():
-        os.close(fd)
+    _close(fds)
     return name
 
 
+@functools.cache
 def _possible_cpus() -> int:
     text = Path("/sys/devices/system/cpu/possible").read_text().strip()
     n = 0
@@ -196,26 +198,24 @@ class XdpScreen:
         # per rule, one byte per bucket: 1 if owned (ever owned), packed into bits to write;
         # the packed bitmaps kept until their rule's bytes change
         self.size = -(-cfg.cluster.buckets // 8) * 8
-        self.owned = {i: bytearray(self.size) for i in self._multiple()}
-        self.keep = {i: bytearray(self.size) for i in self._multiple()}
+        self.owned = {i: bytearray(self.size) for i in self.layout.multiple}
+        self.keep = {i: bytearray(self.size) for i in self.layout.multiple}
         self.packed: dict[tuple[int, int], bytes] = {}
-
-    def _multiple(self) -> list[int]:
-        return [self.layout.order[j] for j in self.layout.multiple]
 
     # ------------------------------------------------------------- attach
 
-    def attach(self) -> tuple[dict[int, set[int]], dict[int, set[int]]] | None:
+    def attach(self, load: bool = True) -> tuple[dict[int, set[int]], dict[int, set[int]]] | None:
         """Take over the program an earlier run attached for this same layout (returning
         the owned and ever-owned buckets its maps hold), or attach a new one owning
-        nothing (returning None). A program of anyone else is left alone: an error."""
+        nothing (returning None; without ``load``, nothing is attached). A program of
+        anyone else is left alone: an error."""
         try:
             self.ifindex = socket.if_nametoindex(self.interface)
         except OSError:
             raise DataplaneError(f"interface {self.interface!r} does not exist") from None
         try:
             found = self._take_over()
-            if found is None:
+            if found is None and load:
                 self._load()
         except libbpf.BpfError as e:
             self.close()
@@ -228,8 +228,7 @@ class XdpScreen:
             return None
         name, fds = libbpf.prog_maps(prog)
         if name != PROGRAM:
-            for fd in fds.values():
-                os.close(fd)
+            _close(fds)
             raise DataplaneError(
                 f"interface {self.interface} has another XDP program attached ({name!r}, id "
                 f"{prog}): shoal does not replace it"
@@ -238,8 +237,7 @@ class XdpScreen:
         if set(fds) == set(MAPS):
             cfgv = libbpf.lookup(fds["shoal_cfg"], bytes(4), len(self.layout.config))
         if cfgv is None or cfgv[4:] != self.layout.config[4:]:
-            for fd in fds.values():
-                os.close(fd)
+            _close(fds)
             tag = _HEAD.size - 4
             if cfgv is not None and cfgv[tag : tag + 4] != self.layout.config[tag : tag + 4]:
                 raise DataplaneError(
@@ -249,19 +247,20 @@ class XdpScreen:
             return None  # this cluster's, for another configuration: replaced by a new one
         self.fds, self.own_fds = fds, True
         self.slot = struct.unpack_from("<I", cfgv)[0] % SLOTS
-        self.mode = (
-            "native" if libbpf.xdp_prog_id(self.ifindex, libbpf.XDP_FLAGS_DRV_MODE) else "generic"
-        )
-        owned, keep = {}, {}
+        native = libbpf.xdp_prog_id(self.ifindex, libbpf.XDP_FLAGS_DRV_MODE)
+        self.mode = "native" if native else "generic"
         self.packed = {}
-        for i in self._multiple():
-            j = self.layout.order.index(i)
-            for kind, into in ((0, self.owned), (1, self.keep)):
-                raw = libbpf.lookup(fds["shoal_bits"], self._key(self.slot, j, kind), WORDS * 8)
-                into[i][:] = _unpack(raw or bytes(WORDS * 8), self.size)
-            owned[i] = {b for b, v in enumerate(self.owned[i]) if v}
-            keep[i] = {b for b, v in enumerate(self.keep[i]) if v}
-        return owned, keep
+        for i in self.layout.multiple:
+            self.owned[i][:] = self._read(i, 0)
+            self.keep[i][:] = self._read(i, 1)
+        owned = {i: _members(f) for i, f in self.owned.items()}
+        return owned, {i: _members(f) for i, f in self.keep.items()}
+
+    def _read(self, i: int, kind: int) -> bytearray:
+        """Rule ``i``'s bitmap of that kind in the slot packets read, a byte per bucket."""
+        key = self._key(self.slot, self.layout.multiple[i], kind)
+        raw = libbpf.lookup(self.fds["shoal_bits"], key, WORDS * 8)
+        return _unpack(raw or bytes(WORDS * 8), self.size)
 
     def _load(self) -> None:
         for flags in (*self.owned.values(), *self.keep.values()):
@@ -318,8 +317,7 @@ class XdpScreen:
         if wait > 0:
             time.sleep(wait)
         try:
-            for i in self._multiple():
-                j = self.layout.order.index(i)
+            for i, j in self.layout.multiple.items():
                 for kind, flags in ((0, self.owned[i]), (1, self.keep[i])):
                     bits = self.packed.get((i, kind))
                     if bits is None:
@@ -362,12 +360,7 @@ class XdpScreen:
         """The buckets owned now in the slot packets read, per rule by name (what the
         kernel enforces; for tests and ``shoal lab verify``)."""
         rules = self.cfg.cluster.effective_rules
-        out = {}
-        for i in self._multiple():
-            j = self.layout.order.index(i)
-            raw = libbpf.lookup(self.fds["shoal_bits"], self._key(self.slot, j, 0), WORDS * 8)
-            out[rules[i].key] = _buckets(raw or b"")
-        return out
+        return {rules[i].key: _members(self._read(i, 0)) for i in self.layout.multiple}
 
     # ------------------------------------------------------------- removal
 
@@ -377,19 +370,14 @@ class XdpScreen:
             with contextlib.suppress(libbpf.BpfError, DataplaneError):
                 prog = libbpf.xdp_prog_id(self.ifindex)
                 if prog and _name_of(prog) == PROGRAM:
-                    flag = (
-                        libbpf.XDP_FLAGS_DRV_MODE
-                        if self.mode == "native"
-                        else libbpf.XDP_FLAGS_SKB_MODE
-                    )
-                    libbpf.xdp_detach(self.ifindex, flag)
+                    native = self.mode == "native"
+                    mode = libbpf.XDP_FLAGS_DRV_MODE if native else libbpf.XDP_FLAGS_SKB_MODE
+                    libbpf.xdp_detach(self.ifindex, mode)
         self.close()
 
     def close(self) -> None:
         if self.own_fds:
-            for fd in self.fds.values():
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _close(self.fds)
         self.fds, self.own_fds = {}, False
         if self.obj is not None:
             self.obj.close()
@@ -401,8 +389,7 @@ def held(cfg: ShoalConfig) -> dict[str, list[int]]:
     namespace reads them (nothing is loaded or changed); empty if there is none."""
     screen = XdpScreen(cfg)
     try:
-        screen.ifindex = socket.if_nametoindex(screen.interface)
-        if screen._take_over() is None:
+        if screen.attach(load=False) is None:
             return {}
         return {rule: sorted(bs) for rule, bs in screen.held().items()}
     finally:
