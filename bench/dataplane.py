@@ -258,6 +258,7 @@ import json, random, statistics, sys, time
 from pathlib import Path
 from shoal.config import load_config
 from shoal.dataplane.backend import NftBackend
+from shoal.dataplane.first_stage import XdpStage
 from shoal.dataplane.contract import Install, RuleState
 cfg = load_config(Path(sys.argv[1]))
 B = cfg.cluster.buckets
@@ -278,11 +279,11 @@ for pct in (1, 25, 100):
         t0 = time.perf_counter()
         b.apply(Install(frozenset(nxt), True, st))
         times.append((time.perf_counter() - t0) * 1000)
-        if b.xdp is not None:  # the XDP maps alone: the same buckets back, one flip
+        if isinstance(b.first, XdpStage):  # the XDP maps alone: the same buckets back, one flip
             back = {0: (sorted(nxt - mine), sorted(mine - nxt))}
             time.sleep(0.05)
             t0 = time.perf_counter()
-            b.xdp.change(back, {})
+            b.first.screen.change(back, {})
             flips.append((time.perf_counter() - t0) * 1000)
         b.remove()
     out[str(pct)] = round(statistics.median(times), 3)

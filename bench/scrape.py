@@ -26,8 +26,9 @@ import uuid
 from typing import Any
 
 from shoal.lab import clients as C
+from shoal.lab.host_files import METRICS_PORT, WEB_PORT
 from shoal.lab.procstat import cpu_seconds, thread_seconds
-from shoal.lab.topology import METRICS_PORT, WEB_PORT, Lab, pyenv
+from shoal.lab.topology import Lab, pyenv
 
 EXTRA_RULES = "".join(
     f'\n[[cluster.rules]]\nname = "extra{i}"\nstart = {9000 + i}\nprotocol = "tcp"\n'

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from shoal.cli import app
-from shoal.config import ConfigError, parse_config
+from shoal.config import parse_config
+from shoal.config_errors import ConfigError
 from tests.conftest import EXAMPLES, example_doc, write_private
 
 

@@ -5,6 +5,7 @@ nftables and AF_PACKET."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -17,8 +18,9 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shoal.config import ConfigError, ShoalConfig, parse_config
-from shoal.daemon import wire
+from shoal.config import ShoalConfig, parse_config
+from shoal.config_errors import ConfigError
+from shoal.daemon import control, wire
 from shoal.daemon.control import MAX_REQUEST, VERBS
 from shoal.daemon.shell import Daemon
 from shoal.dataplane.contract import (
@@ -99,10 +101,8 @@ def _daemon(tmp_path: Path, factory: Callable[[ShoalConfig], Backend] = Recordin
         backend_factory=factory,
     )
     d.loop = asyncio.new_event_loop()
-    d.sock = RecordingSocket()  # type: ignore[assignment]
-    d.other = RecordingSocket()  # type: ignore[assignment]
-    d.filtered = (-1, d.engine.codec.cluster)
-    d.dest = b"\xff" * 6
+    sockets: Any = (RecordingSocket(), RecordingSocket())
+    d.wire = wire.Wire(d.cfg.interface, d.engine.codec.cluster, b"\xff" * 6, sockets, None)
     return d
 
 
@@ -135,11 +135,11 @@ def test_a_verb_reaches_the_kernel_and_the_wire(daemon: Daemon) -> None:
     """disable: the next install says the rule is off, a heartbeat went out after it."""
     run(daemon, 0.6)  # alone, the host forms a cluster after the detection time
     assert daemon.engine.state is HostState.CONVERGED
-    sent = len(daemon.sock.sent)  # type: ignore[attr-defined]
+    sent = len(daemon.wire.known.sent)  # type: ignore[attr-defined]
     resp = daemon.handle({"cmd": "disable", "port": "80"})
     assert resp == {"ok": True, "message": "rule web: disabled"}
     assert backend(daemon).installs[-1].rule_states[0] is RuleState.DISABLED
-    assert len(daemon.sock.sent) > sent  # type: ignore[attr-defined]
+    assert len(daemon.wire.known.sent) > sent  # type: ignore[attr-defined]
     assert backend(daemon).renewals  # the kernel lease was set
 
 
@@ -229,7 +229,8 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Daemon, P
 
 async def _ask_all(d: Daemon, path: Path, lines: list[bytes]) -> list[dict[str, Any]]:
     """Serve the control socket as the daemon does and send each line on its own connection."""
-    server = await asyncio.start_unix_server(d.on_client, path=str(path), limit=MAX_REQUEST)
+    serve = functools.partial(control.answer, d)
+    server = await asyncio.start_unix_server(serve, path=str(path), limit=MAX_REQUEST)
     answers = []
     try:
         for line in lines:
@@ -338,7 +339,7 @@ def test_a_request_failing_inside_is_answered_in_one_line(
 
 def _signed_by(d: Daemon, key: bytes) -> bool:
     """Whether the daemon's last frame on the wire opens with ``key`` alone."""
-    frame = d.sock.sent[-1]  # type: ignore[attr-defined]
+    frame = d.wire.known.sent[-1]  # type: ignore[attr-defined]
     return not isinstance(Codec(d.engine.codec.cluster, Keys(key)).decode(frame), Rejection)
 
 
@@ -374,8 +375,8 @@ def test_a_refused_socket_filter_is_logged_and_the_daemon_goes_on(
     """The kernel may refuse a new filter (its option memory): the old one stays, one line
     says so, and the daemon keeps stepping."""
     run(daemon, 0.6)
-    daemon.sock = RefusingSocket()  # type: ignore[assignment]
-    daemon.filtered = (-2, daemon.engine.codec.cluster)
+    daemon.wire.known = RefusingSocket()  # type: ignore[assignment]
+    daemon.wire.filtered = (-2, daemon.engine.codec.cluster)
     daemon.refilter()
     run(daemon, 0.3)
     assert daemon.engine.state is HostState.CONVERGED
@@ -432,7 +433,7 @@ def test_a_metrics_address_is_validated_by_name() -> None:
 
 
 def _answers(d: Daemon) -> list[Answer]:
-    frames = [d.engine.codec.decode(f) for f in d.sock.sent]  # type: ignore[attr-defined]
+    frames = [d.engine.codec.decode(f) for f in d.wire.known.sent]  # type: ignore[attr-defined]
     return [f for f in frames if isinstance(f, Answer)]
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from shoal.daemon.control import call
 from shoal.dataplane.ruleset import tables
-from shoal.lab.topology import METRICS_PORT, Lab, run_module
+from shoal.lab.host_files import METRICS_PORT
+from shoal.lab.topology import Lab, run_module
 from tests.conftest import EXAMPLES, needs_root, until, write_private
 from tests.nethelp import namespaces, sh
 

@@ -16,7 +16,8 @@ import pytest
 
 from shoal.daemon.control import call
 from shoal.lab import clients as C
-from shoal.lab.topology import METRICS_PORT, Lab, run_module, sh
+from shoal.lab.host_files import METRICS_PORT
+from shoal.lab.topology import Lab, run_module, sh
 from tests.conftest import converged_lab, needs_root, revived
 
 pytestmark = [needs_root(), pytest.mark.root]

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shoal.config import ConfigError, parse_config
+from shoal.config import parse_config
+from shoal.config_errors import ConfigError
 from shoal.dataplane.contract import STRIDE, RuleState
 from shoal.health.verdict import Verdict
 from shoal.protocol.engine import Command

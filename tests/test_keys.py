@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from shoal.cli import app
-from shoal.config import ConfigError, load_config
+from shoal.config import load_config
+from shoal.config_errors import ConfigError
 from shoal.keys import read_keys
 from tests.conftest import EXAMPLES, write_private
 

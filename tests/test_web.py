@@ -20,13 +20,16 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from shoal.config import ConfigError, parse_config
+from shoal.config import parse_config
+from shoal.config_errors import ConfigError
+from shoal.daemon.control import view
 from shoal.daemon.picture import failover
 from shoal.daemon.reading import Board
 from shoal.daemon.shell import Daemon
 from shoal.daemon.web import Numbers, Web
 from shoal.lab import clients as C
-from shoal.lab.topology import METRICS_PORT, WEB_PORT, Lab, pyenv
+from shoal.lab.host_files import METRICS_PORT, WEB_PORT
+from shoal.lab.topology import Lab, pyenv
 from shoal.top import Rates, render
 from tests.conftest import ROOT, example_doc, needs_root, revived
 from tests.test_control import daemon, run  # noqa: F401  (the fixture)
@@ -65,7 +68,7 @@ def test_the_page_and_its_data_from_a_real_daemon(daemon: Daemon) -> None:  # no
 def test_view_answers_on_the_control_socket(daemon: Daemon) -> None:  # noqa: F811
     run(daemon, 0.6)
     assert daemon.loop is not None
-    resp = daemon.loop.run_until_complete(daemon.view())
+    resp = daemon.loop.run_until_complete(view(daemon))
     assert resp["ok"] and resp["hosts"][0]["numbers"]["connections"].keys() >= {"web"}
 
 
@@ -94,7 +97,7 @@ def test_the_last_failover_runs_from_last_heard_to_converged() -> None:
 def test_top_draws_hosts_connections_and_rates(daemon: Daemon) -> None:  # noqa: F811
     run(daemon, 0.6)
     assert daemon.loop is not None
-    first = daemon.loop.run_until_complete(daemon.view())
+    first = daemon.loop.run_until_complete(view(daemon))
     second = json.loads(json.dumps(first))
     second["hosts"][0]["numbers"]["accepted"]["web"] += 30
     rates = Rates()

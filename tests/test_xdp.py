@@ -184,7 +184,7 @@ try:
     out["refused"] = False
 except NftError:
     out["refused"] = True
-out["held_after_refusal"] = sorted(b.xdp.held()["dns"]) == list(range(100))
+out["held_after_refusal"] = sorted(b.first.screen.held()["dns"]) == list(range(100))
 b.remove()
 print(json.dumps(out))
 """

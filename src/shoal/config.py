@@ -13,7 +13,6 @@ import hashlib
 import ipaddress
 import json
 import tomllib
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,7 +26,26 @@ from pydantic import (
     model_validator,
 )
 
+from shoal.choices import (
+    EQUAL,
+    EQUAL_WEIGHT,
+    MAX_AFFINITY_TIMEOUT,
+    MAX_HOSTS,
+    MAX_PORT,
+    PROFILE_TIMING,
+    XDP_MAX_RULES,
+    XDP_MAX_VIPS,
+    Affinity,
+    AllUnhealthy,
+    Dataplane,
+    FilteringMode,
+    InitialState,
+    PartitionPolicy,
+    Profile,
+    Protocol,
+)
 from shoal.cluster_mac import ClusterMode
+from shoal.config_errors import ConfigError, describe
 from shoal.health.spec import Check, CheckKind
 from shoal.keys import MIN_KEY, KeyProblems, read_keys
 from shoal.protocol.codec import Keys
@@ -35,99 +53,7 @@ from shoal.protocol.codec import Keys
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
-MAX_HOSTS = 256
-MAX_PORT = 65535
-EQUAL: Literal["equal"] = "equal"
-EQUAL_WEIGHT = 50  # NLB's LoadWeight default; what "equal" means beside numeric weights
-
-
-class Protocol(StrEnum):
-    TCP = "tcp"
-    UDP = "udp"
-    BOTH = "both"
-
-    def covers(self, l4: str) -> bool:
-        return self is Protocol.BOTH or self.value == l4
-
-
-class FilteringMode(StrEnum):
-    MULTIPLE = "multiple"
-    SINGLE = "single"
-    DISABLED = "disabled"
-
-
-class Affinity(StrEnum):
-    NONE = "none"
-    SINGLE = "single"
-    NETWORK = "network"
-
-
-class AllUnhealthy(StrEnum):
-    """What a rule does when every host enabled for it fails its health check."""
-
-    SERVE = "serve"  # every enabled host serves, as if healthy (a panic threshold)
-    DROP = "drop"  # nobody takes new connections of the rule
-
-
-class InitialState(StrEnum):
-    STARTED = "started"
-    STOPPED = "stopped"
-    SUSPENDED = "suspended"
-
-
-XDP_MAX_RULES = 32  # what the XDP program's rule table holds (bpf/screen.c)
-XDP_MAX_VIPS = 64
-
-
-class Dataplane(StrEnum):
-    """What drops the packets that are not this host's: nftables alone, or an XDP program
-    in front of the same nftables table (see docs/operations.md, "Choosing a data plane")."""
-
-    NFTABLES = "nftables"
-    XDP = "xdp"
-
-
-class Profile(StrEnum):
-    """Heartbeat timing presets.
-
-    ``nlb`` is NLB's own (1000 ms, 5 missed: about 5.25 s to notice a dead host).
-    ``default`` (100 ms, 4 missed) notices a crash in 425 ms and has moved its traffic within
-    half a second, for 10 small frames/s per host: on a LAN four heartbeats in a row are
-    almost never lost, and lost ones rarely cost a lease (it lasts 4.15 periods from the
-    heartbeat a quorum echoed).
-    ``fast`` (20 ms, 4 missed) notices in 85 ms, for small clusters on a quiet segment.
-    """
-
-    DEFAULT = "default"
-    FAST = "fast"
-    NLB = "nlb"
-
-
-PROFILE_TIMING: dict[Profile, tuple[int, int]] = {
-    Profile.DEFAULT: (100, 4),
-    Profile.FAST: (20, 4),
-    Profile.NLB: (1000, 5),
-}
-
-
-class PartitionPolicy(StrEnum):
-    """What a host does when it can no longer hear part of the last agreed membership.
-
-    ``quorum``: only a side holding a majority of that membership (or exactly half of it
-    including its lowest host id) takes over the missing hosts' buckets; the other side stops
-    taking new connections, so no connection is ever accepted twice, even when the partition
-    heals. ``available``: every side keeps serving, as NLB does; when the partition heals the
-    sides briefly accept the same new connections until they converge.
-    """
-
-    QUORUM = "quorum"
-    AVAILABLE = "available"
-
-
 _STRICT = ConfigDict(extra="forbid", frozen=True)
-
-
-MAX_AFFINITY_TIMEOUT = 86400  # seconds: a day
 
 
 class PortRule(BaseModel):
@@ -489,57 +415,6 @@ class ShoalConfig(BaseModel):
 
     def priority(self, rule: str) -> int:
         return self.host_rule(rule).handling_priority or self.host.host_id
-
-
-class ConfigError(Exception):
-    """A configuration was refused; ``problems`` name each field and value."""
-
-    def __init__(self, source: str, problems: list[str]) -> None:
-        self.source = source
-        self.problems = problems
-        super().__init__(f"{source}: " + "; ".join(problems))
-
-
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part.startswith(("function-", "literal[", "union[")) or part in {
-            "int",
-            "str",
-            "IPv4Address",
-            "IPv6Address",
-            "IPv4Interface",
-            "IPv6Interface",
-            "constrained-int",
-        }:
-            continue
-        else:
-            out += ("." if out else "") + part
-    return out
-
-
-def describe(err: ValidationError) -> list[str]:
-    """One line per problem: ``field.path: message (got value)``; deduplicated."""
-    lines: list[str] = []
-    for e in err.errors():
-        where = _loc(e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            # the unknown key itself is the last part, even if it reads like a type name
-            key = e["loc"][-1]
-            where = _loc(e["loc"][:-1]) + (f"[{key}]" if isinstance(key, int) else f".{key}")
-            line = f"{where.lstrip('.')}: unknown key"
-        elif e["type"] in {"model_type", "dict_type"} or "input" not in e:
-            line = f"{where}: {msg}" if where else msg
-        else:
-            shown = e["input"]
-            shown_text = repr(shown) if not isinstance(shown, dict) else "{...}"
-            line = f"{where}: {msg} (got {shown_text})" if where else msg
-        if line not in lines:
-            lines.append(line)
-    return lines
 
 
 def parse_config(data: dict[str, Any], source: str = "<config>") -> ShoalConfig:

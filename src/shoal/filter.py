@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from shoal.bucket_map import rebalance
-from shoal.config import ClusterConfig, FilteringMode, PortRule, ShoalConfig
+from shoal.choices import FilteringMode
+from shoal.config import ClusterConfig, PortRule, ShoalConfig
 from shoal.hashing import IPAddress
 from shoal.plan import weights_for
 from shoal.protocol.epoch import EpochState

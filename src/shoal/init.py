@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.cluster_mac import ClusterMode
-from shoal.config import ConfigError, check_cluster, parse_config
+from shoal.config import check_cluster, parse_config
+from shoal.config_errors import ConfigError
 
 KEY_FILE = "cluster.key"
 Table = dict[str, str | int]

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shoal.bucket_map import counts, minimum_moves, moved, rebalance
-from shoal.config import FilteringMode, ShoalConfig
+from shoal.choices import FilteringMode
+from shoal.config import ShoalConfig
 
 
 @dataclass(frozen=True)

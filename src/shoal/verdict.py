@@ -11,7 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from shoal.config import Affinity, ClusterConfig, FilteringMode, PortRule
+from shoal.choices import Affinity, FilteringMode
+from shoal.config import ClusterConfig, PortRule
 from shoal.hashing import IPAddress, affinity_address, bucket_of
 
 

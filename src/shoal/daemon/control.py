@@ -8,14 +8,17 @@ answered with an error naming what was wrong, and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import math
 import socket
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shoal.daemon.picture import picture
 from shoal.filter import view_of, where
 from shoal.protocol.engine import Command
 from shoal.protocol.engine.snapshot import Snapshot
@@ -166,7 +169,7 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
             "host_id": snap.host_id,
             "configuration": d.cfg.cluster.digest_document(),
             "host": json.loads(d.cfg.host.model_dump_json()),
-            "checks": d.checks.docs(),
+            "checks": d.health.checks.docs(),
             "affinity": affinity(d),
             "events": d.events[-50:],
         }
@@ -189,12 +192,12 @@ def _report(d: Daemon, cmd: str, snap: Snapshot) -> dict[str, Any]:
         "lease_left_ms": None if snap.lease_left is None else round(snap.lease_left * 1000),
         "counters": d.counters(),
         "reads": dict(d.reads),
-        "socket_drops": d.socket_drops(),
+        "socket_drops": d.wire.drops(),
         "rules": [asdict(c) for c in d.backend.counters()],
         **d.backend.describe(),
         "dead_host_clients": d.orphans.docs(),
         "affinity": affinity(d),
-        "checks": d.checks.docs(),
+        "checks": d.health.checks.docs(),
     }
 
 
@@ -263,6 +266,61 @@ def dispatch(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "error": f"timeout: {timeout!r} is not a number of seconds >= 0"}
     res = e.command(Command(cmd), now, timeout=timeout)
     return {"ok": res.ok, ("message" if res.ok else "error"): res.message}
+
+
+async def answer(d: Daemon, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """One request, one answer. Bad input is answered, never raised: a request too
+    long, cut short, malformed or failing inside gets an error and an event, no traceback."""
+    try:
+        try:
+            line = await asyncio.wait_for(reader.readuntil(b"\n"), 5)
+            req = parse_request(line)
+        except asyncio.LimitOverrunError:
+            req = f"request: over the limit of {MAX_REQUEST} bytes"
+        except asyncio.IncompleteReadError as e:
+            if not e.partial:
+                return
+            req = "request: cut short (no newline)"
+        if isinstance(req, str):
+            resp: dict[str, Any] = {"ok": False, "error": req}
+        elif req.get("cmd") == "view":
+            resp = await view(d)
+        elif req.get("cmd") == "remote":
+            resp = await d.remote.ask(req)
+        else:
+            resp = guarded(d, req)
+        writer.write((json.dumps(resp) + "\n").encode())
+        await writer.drain()
+    except (TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def view(d: Daemon) -> dict[str, Any]:
+    """The picture ``shoal top`` draws: read on the loop, the hosts' own numbers counted
+    and asked for in a worker thread while the loop goes on."""
+    assert d.loop is not None
+    try:
+        r = d.reading()
+        numbers = await d.loop.run_in_executor(None, d.numbers.of, r)
+        return {"ok": True, **picture(r, numbers)}
+    except Exception as e:  # the daemon outlives any one request
+        return failed("view", e)
+
+
+def guarded(d: Daemon, req: dict[str, Any]) -> dict[str, Any]:
+    """``Daemon.handle``, with a failure inside answered and logged in one line."""
+    try:
+        return d.handle(req)
+    except Exception as e:  # the daemon outlives any one request
+        return failed(str(req.get("cmd")), e)
+
+
+def failed(cmd: str, e: Exception) -> dict[str, Any]:
+    problem = {"name": "control_failed", "cmd": cmd, "error": repr(e)}
+    sys.stderr.write(json.dumps(problem) + "\n")
+    return {"ok": False, "error": f"{cmd}: failed inside the daemon ({e!r})"}
 
 
 def call(path: Path, req: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:

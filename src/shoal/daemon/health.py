@@ -5,7 +5,7 @@ most :data:`CONCURRENT` probes at a time, each cut at its timeout (a hang counts
 failure). The thread drops the real-time priority the heartbeat loop may have, so checks
 never compete with heartbeats for the CPU. Each result is handed to the daemon's loop,
 where :class:`Checks` keeps the verdicts (:mod:`shoal.health.verdict`) and what ``params``
-shows, and tells the engine when a verdict changes.
+shows, and :class:`HealthChecks` tells the engine when a verdict changes.
 """
 
 from __future__ import annotations
@@ -17,12 +17,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shoal.config import ShoalConfig
 from shoal.health.probes import probe
 from shoal.health.spec import Check
 from shoal.health.verdict import Verdict
+from shoal.protocol.events import Event, EventId
+from shoal.protocol.frames import Health
+
+if TYPE_CHECKING:
+    from shoal.daemon.shell import Daemon
 
 CONCURRENT = 8  # probes in flight at once
 
@@ -185,3 +190,66 @@ class Runner:
                 self.loop.call_soon_threadsafe(self._stop.set)
             self.thread.join(5)
         self.thread = None
+
+
+class HealthChecks:
+    """The daemon's side of its checks: the verdicts (:class:`Checks`), the thread running
+    them (:class:`Runner`), a changed verdict told to the engine, and what a reload keeps."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.checks = Checks.of(daemon.cfg)
+        self.config = daemon.cfg.host.checks  # the definitions these verdicts are of
+        self.runner: Runner | None = None
+
+    def on_result(self, r: Result) -> None:
+        """A check's result (from the checks' thread): a changed verdict goes to the engine."""
+        if r.check not in self.checks.states:
+            return  # a check a reload removed
+        d = self.d
+        now = d.now()
+        st, change = self.checks.observe(r, now)
+        if change is not None:
+            st.held_noted = False
+            c = st.check
+            why = r.detail if change else f"{c.fall} in a row, the last: {r.detail}"
+            d.engine.health(st.rule, change, now, check=c.key, reason=why)
+            d.after()
+        elif st.verdict.held and not st.held_noted:
+            st.held_noted = True
+            until = st.verdict.held_until() or now
+            wait = round(max(0.0, until - now), 1)
+            doc = {"host": d.engine.me, "check": st.check.key, "wait_s": wait}
+            d.log(Event(EventId.HEALTH_HELD, now, doc))
+
+    def start(self) -> None:
+        assert self.d.loop is not None
+        self.runner = Runner(self.d.cfg, self.on_result, self.d.loop)
+        self.runner.start()
+
+    def stop(self) -> None:
+        if self.runner is not None:
+            self.runner.stop()
+            self.runner = None
+
+    def reload(self, cfg: ShoalConfig) -> None:
+        """The checks of a reloaded file, if they differ: a check whose definition is the
+        same keeps its verdict; the engine is told of every verdict that differs from what
+        it holds."""
+        if cfg.host.checks == self.config:
+            return
+        old = self.checks.states
+        fresh = Checks.of(cfg)
+        for key, st in fresh.states.items():
+            if key in old and old[key].check == st.check:
+                fresh.states[key] = old[key]
+        self.stop()
+        self.checks, self.config = fresh, cfg.host.checks
+        e, now = self.d.engine, self.d.now()
+        for st in fresh.states.values():
+            held = e.host_health if st.rule is None else e.rule_health[st.rule]
+            if (held is Health.OK) != st.verdict.healthy:
+                e.health(st.rule, st.verdict.healthy, now, check=st.check.key,
+                         reason="configuration reloaded")  # fmt: skip
+        if self.d.loop is not None:
+            self.start()

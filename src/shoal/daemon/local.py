@@ -11,7 +11,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from shoal.config import ClusterConfig, Protocol
+from shoal.choices import Protocol
+from shoal.config import ClusterConfig
 from shoal.dataplane import sockets
 from shoal.verdict import find_rule
 

@@ -23,7 +23,8 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from shoal.config import ClusterConfig, FilteringMode
+from shoal.choices import FilteringMode
+from shoal.config import ClusterConfig
 from shoal.daemon import neighbour, remote
 from shoal.daemon.remote import HELD
 from shoal.dataplane import sockets

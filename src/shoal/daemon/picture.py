@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any, TypedDict
 
-from shoal.config import FilteringMode
+from shoal.choices import FilteringMode
 from shoal.daemon.reading import Reading
 from shoal.dataplane.contract import RuleState
 from shoal.protocol.engine.snapshot import state_name

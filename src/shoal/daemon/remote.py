@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shoal.daemon.control import parse_request
+from shoal.daemon.control import guarded, parse_request
 from shoal.protocol.events import Event, EventId
 from shoal.protocol.frames import MAX_REMOTE, Answer, Request
 
@@ -189,7 +189,7 @@ class Remote:
             resp = {"ok": True, "host_id": snap.host_id, "state": snap.state_name,
                     "epoch": str(snap.epoch) if snap.epoch else None}  # fmt: skip
         else:
-            resp = d.guarded(req)
+            resp = guarded(d, req)
         cmd = req.get("cmd") if isinstance(req, dict) else "?"
         result = resp.get("message") or resp.get("error") or ("ok" if resp.get("ok") else "refused")
         ev = Event(EventId.REMOTE_COMMAND, d.now(), {"host": d.engine.me, "command": str(cmd),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -23,25 +24,25 @@ from pathlib import Path
 from typing import Any
 
 from shoal.cluster_mac import ClusterMode, cluster_mac_bytes
-from shoal.config import ConfigError, ShoalConfig, load_host
+from shoal.config import ShoalConfig, load_host
+from shoal.config_errors import ConfigError
 from shoal.daemon import wire
 from shoal.daemon.affinity_reads import AffinityReads
-from shoal.daemon.control import MAX_REQUEST, dispatch, parse_request
-from shoal.daemon.health import Checks, Result, Runner
+from shoal.daemon.control import MAX_REQUEST, answer, dispatch
+from shoal.daemon.health import HealthChecks
 from shoal.daemon.local import Established
 from shoal.daemon.metrics import Metrics
 from shoal.daemon.notify import notify
 from shoal.daemon.orphans import Orphans
-from shoal.daemon.picture import picture
 from shoal.daemon.reading import Board, Reading, owned_per_rule
 from shoal.daemon.remote import Remote
 from shoal.daemon.web import Numbers, Web
 from shoal.dataplane import adapter, sockets
 from shoal.dataplane.backend import NftBackend
-from shoal.dataplane.contract import Backend, DataplaneError
+from shoal.dataplane.contract import Backend
 from shoal.protocol.engine import Command, Engine
 from shoal.protocol.events import Event, EventId
-from shoal.protocol.frames import ETHERTYPE, Health, HostState, Request, cluster_id
+from shoal.protocol.frames import HostState, Request, cluster_id
 from shoal.runtime import HostRuntime, Output
 
 KNOWN_BUDGET = 4096  # frames read from the known socket per batch (a burst, not a flood)
@@ -79,19 +80,16 @@ class Daemon:
         self.last_wake = 0.0
         self.held: asyncio.TimerHandle | None = None  # the next batch, reader off meanwhile
         self.reads = {"wakeups": 0, "batches": 0}  # socket reads: one per frame, or batched
-        self.dropped = {"known": 0, "other": 0}  # frames the sockets' queues had no room for
-        self.screen: wire.Screen | None = None  # junk dropped and counted in the kernel
+        self.wire: wire.Wire  # opened by run()
         self.board = Board()  # what the metrics and web threads read
         self.established = Established(lambda: self.cfg.cluster)
         self.metrics = Metrics(self.board, self.established.get)
         web = self.cfg.host.web_endpoint
         self.numbers = Numbers(self.established.get, web[1] if web else None)
         self.web: Web | None = None
-        self.checks = Checks.of(self.cfg)
+        self.health = HealthChecks(self)
         self.remote = Remote(self)
         self.orphans = Orphans(self)
-        self.checks_config = self.cfg.host.checks
-        self.runner: Runner | None = None
         self.stop_event = asyncio.Event()
         self.handover = False  # exit leaving the kernel as it is, for a restart
         self.started = time.monotonic()
@@ -133,59 +131,29 @@ class Daemon:
 
     # ------------------------------------------------------------- the wire
 
-    def open_sockets(self) -> None:
-        """The known and the other socket (see :mod:`shoal.daemon.wire`); heartbeats go
-        out on the known one."""
+    def open_wire(self) -> None:
+        """The screen and the two sockets (see :mod:`shoal.daemon.wire`); heartbeats go to
+        every host: broadcast in unicast mode, else the cluster's multicast MAC."""
         cl = self.cfg.cluster
-        if cl.mode is ClusterMode.UNICAST:
-            self.dest = BROADCAST
-        else:
-            self.dest = cluster_mac_bytes(cl.primary_vip, cl.mode)
-        group = None if cl.mode is ClusterMode.UNICAST else self.dest
-        cid = cluster_id(cl.primary_vip)
-        self.screen = wire.Screen(self.cfg.interface)
-        self.screen.install(cid)
-        self.sock = wire.open_socket(self.cfg.interface, cid, True, group)
-        try:
-            self.other = wire.open_socket(self.cfg.interface, cid, False, group)
-        except OSError:
-            self.sock.close()
-            self.screen.remove()
-            raise
-        self.filtered = (-1, cid)
+        multicast = cl.mode is not ClusterMode.UNICAST
+        dest = cluster_mac_bytes(cl.primary_vip, cl.mode) if multicast else BROADCAST
+        self.wire = wire.Wire.open(self.cfg.interface, cluster_id(cl.primary_vip), dest, multicast)
 
     def refilter(self) -> None:
-        """Program both filters anew when the known runs (or the cluster id) changed."""
+        """Both filters anew when the known runs (or the cluster id) changed."""
         version, runs = self.engine.known_runs()
-        cid = self.engine.codec.cluster
-        if (version, cid) == self.filtered:
-            return
-        try:
-            if cid != self.filtered[1] and self.screen is not None:
-                self.screen.install(cid)
-            wire.attach(self.sock, wire.program(cid, runs, True))
-            wire.attach(self.other, wire.program(cid, runs, False))
-        except (OSError, DataplaneError) as e:
-            # the filters in place stay (new runs are read from the other socket): worse
-            # under a flood, never wrong; tried again when the runs change
-            problem = {"name": "filter_refused", "runs": len(runs), "error": str(e)}
-            sys.stderr.write(json.dumps(problem) + "\n")
-        self.filtered = (version, cid)
+        problem = self.wire.refilter(version, runs, self.engine.codec.cluster)
+        if problem is not None:
+            doc = {"name": "filter_refused", "runs": len(runs), "error": problem}
+            sys.stderr.write(json.dumps(doc) + "\n")
 
     def counters(self) -> dict[str, int]:
         """The engine's counters, with the frames the kernel screened out added to their
         reasons."""
         out = dict(self.engine.counters)
-        if self.screen is not None:
-            for name, n in self.screen.counts().items():
-                out[name] = out.get(name, 0) + n
+        for name, n in self.wire.screened().items():
+            out[name] = out.get(name, 0) + n
         return out
-
-    def socket_drops(self) -> dict[str, int]:
-        """Frames each socket's queue had no room for, since the start."""
-        self.dropped["known"] += wire.drops(self.sock)
-        self.dropped["other"] += wire.drops(self.other)
-        return dict(self.dropped)
 
     @property
     def hold(self) -> float:
@@ -204,8 +172,8 @@ class Daemon:
             # frames come faster than one per hold (a large cluster): stop waking for each
             # and take them in batches, one every hold, while they keep coming
             assert self.loop is not None
-            self.loop.remove_reader(self.sock.fileno())
-            self.loop.remove_reader(self.other.fileno())
+            for sock in self.wire.sockets:
+                self.loop.remove_reader(sock.fileno())
             self.held = self.loop.call_later(self.hold, self.drain)
         self.last_wake = now
 
@@ -220,13 +188,13 @@ class Daemon:
             self.held = self.loop.call_later(self.hold, self.drain)
         else:
             self.held = None
-            self.loop.add_reader(self.sock.fileno(), self.on_readable)
-            self.loop.add_reader(self.other.fileno(), self.on_readable)
+            self.listen()
 
     def receive(self) -> int:
         """Hand the engine what the known socket holds, then at most a budget of what the
         other one holds; how many."""
-        n = self._read(self.sock, KNOWN_BUDGET) + self._read(self.other, wire.OTHER_BUDGET)
+        known, other = self.wire.sockets
+        n = self._read(known, KNOWN_BUDGET) + self._read(other, wire.OTHER_BUDGET)
         if n:
             self.refilter()
             if self.engine.remote:
@@ -249,10 +217,16 @@ class Daemon:
             n += 1
         return n
 
+    def listen(self) -> None:
+        """Wake for each frame (see :meth:`on_readable`)."""
+        assert self.loop is not None
+        for sock in self.wire.sockets:
+            self.loop.add_reader(sock.fileno(), self.on_readable)
+
     def send(self, frames: list[bytes]) -> None:
         for frame in frames:
             try:
-                self.sock.sendto(frame, (self.cfg.interface, ETHERTYPE, 0, 0, self.dest))
+                self.wire.send(frame)
             except OSError as e:
                 sys.stderr.write(json.dumps({"name": "send_failed", "error": str(e)}) + "\n")
 
@@ -286,9 +260,9 @@ class Daemon:
             counters=self.counters(),
             rule_counters=tuple(self.backend.counters()),
             screen=self.backend.describe().get("screen", {}),
-            socket_drops=self.socket_drops(),
+            socket_drops=self.wire.drops(),
             events=tuple(self.events[-RECENT_EVENTS:]),
-            checks=tuple(self.checks.docs()),
+            checks=tuple(self.health.checks.docs()),
         )
 
     def publish(self) -> None:
@@ -327,64 +301,6 @@ class Daemon:
         if out.close_connections:
             sockets.destroy(sockets.vip_connections(self.cfg.cluster.all_vips, sockets.OPEN))
 
-    # ----------------------------------------------------------------- health
-
-    def on_check(self, r: Result) -> None:
-        """A check's result (from the checks' thread): a changed verdict goes to the engine."""
-        if r.check not in self.checks.states:
-            return  # a check a reload removed
-        now = self.now()
-        st, change = self.checks.observe(r, now)
-        if change is not None:
-            st.held_noted = False
-            c = st.check
-            why = r.detail if change else f"{c.fall} in a row, the last: {r.detail}"
-            self.engine.health(st.rule, change, now, check=c.key, reason=why)
-            self.after()
-        elif st.verdict.held and not st.held_noted:
-            st.held_noted = True
-            until = st.verdict.held_until() or now
-            ev = Event(
-                EventId.HEALTH_HELD,
-                now,
-                {
-                    "host": self.engine.me,
-                    "check": st.check.key,
-                    "wait_s": round(max(0.0, until - now), 1),
-                },
-            )
-            self.log(ev)
-
-    def start_checks(self) -> None:
-        assert self.loop is not None
-        self.runner = Runner(self.cfg, self.on_check, self.loop)
-        self.runner.start()
-
-    def stop_checks(self) -> None:
-        if self.runner is not None:
-            self.runner.stop()
-            self.runner = None
-
-    def reload_checks(self, cfg: ShoalConfig) -> None:
-        """New checks from a reloaded file: a check whose definition is the same keeps its
-        verdict; the engine is told of every verdict that differs from what it holds."""
-        old = self.checks.states
-        fresh = Checks.of(cfg)
-        for key, st in fresh.states.items():
-            if key in old and old[key].check == st.check:
-                fresh.states[key] = old[key]
-        self.stop_checks()
-        self.checks = fresh
-        now = self.now()
-        e = self.engine
-        for st in fresh.states.values():
-            held = e.host_health if st.rule is None else e.rule_health[st.rule]
-            if (held is Health.OK) != st.verdict.healthy:
-                e.health(st.rule, st.verdict.healthy, now, check=st.check.key,
-                         reason="configuration reloaded")  # fmt: skip
-        if self.loop is not None:
-            self.start_checks()
-
     def status(self) -> str:
         """One line for systemd's status: the host state and the epoch."""
         snap = self.engine.snapshot(self.now())
@@ -397,58 +313,6 @@ class Daemon:
         self.state_file.write_text(json.dumps(doc))
 
     # ---------------------------------------------------------------- control
-
-    async def on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One request, one answer. Bad input is answered, never raised: a request too
-        long, cut short, malformed or failing inside gets an error and an event, no traceback."""
-        try:
-            try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), 5)
-                req = parse_request(line)
-            except asyncio.LimitOverrunError:
-                req = f"request: over the limit of {MAX_REQUEST} bytes"
-            except asyncio.IncompleteReadError as e:
-                if not e.partial:
-                    return
-                req = "request: cut short (no newline)"
-            if isinstance(req, str):
-                resp: dict[str, Any] = {"ok": False, "error": req}
-            elif req.get("cmd") == "view":
-                resp = await self.view()
-            elif req.get("cmd") == "remote":
-                resp = await self.remote.ask(req)
-            else:
-                resp = self.guarded(req)
-            writer.write((json.dumps(resp) + "\n").encode())
-            await writer.drain()
-        except (TimeoutError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def view(self) -> dict[str, Any]:
-        """The picture ``shoal top`` draws: read on the loop, the hosts' own numbers counted
-        and asked for in a worker thread while the loop goes on."""
-        assert self.loop is not None
-        try:
-            r = self.reading()
-            numbers = await self.loop.run_in_executor(None, self.numbers.of, r)
-            return {"ok": True, **picture(r, numbers)}
-        except Exception as e:  # the daemon outlives any one request
-            return self.failed("view", e)
-
-    def guarded(self, req: dict[str, Any]) -> dict[str, Any]:
-        """:meth:`handle`, with a failure inside answered and logged in one line."""
-        try:
-            return self.handle(req)
-        except Exception as e:  # the daemon outlives any one request
-            return self.failed(str(req.get("cmd")), e)
-
-    @staticmethod
-    def failed(cmd: str, e: Exception) -> dict[str, Any]:
-        problem = {"name": "control_failed", "cmd": cmd, "error": repr(e)}
-        sys.stderr.write(json.dumps(problem) + "\n")
-        return {"ok": False, "error": f"{cmd}: failed inside the daemon ({e!r})"}
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         out = dispatch(self, req)
@@ -473,9 +337,7 @@ class Daemon:
             self.backend.remove()
             self.runtime.replace_backend(self.backend_factory(cfg))
         self.cfg = cfg
-        if cfg.host.checks != self.checks_config:
-            self.reload_checks(cfg)
-            self.checks_config = cfg.host.checks
+        self.health.reload(cfg)
         return {"ok": True, "message": what}
 
     # ------------------------------------------------------------------ run
@@ -485,29 +347,17 @@ class Daemon:
         return self.state_file.with_suffix(".adapter.json")
 
     def prepare(self) -> None:
-        """Set the cluster interface up; before the event loop (pyroute2 runs its own).
-
-        The interface's original state is kept on disk: after a crash, the next run sets
-        up again in place (no address or route comes and goes) and keeps that record, so what
-        it restores at the end is the host's own state, not a crashed run's set-up.
-        """
-        if not self.setup_adapter:
-            return
-        previous = None
-        if self.adapter_file.exists():
-            with contextlib.suppress(ValueError, TypeError, OSError):
-                previous = adapter.load(self.adapter_file)
-        self.saved = adapter.setup(self.cfg, previous)
-        self.adapter_file.parent.mkdir(parents=True, exist_ok=True)
-        adapter.save(self.saved, self.adapter_file)
+        """Set the cluster interface up (see :func:`adapter.set_up_recorded`); before the
+        event loop (pyroute2 runs its own)."""
+        if self.setup_adapter:
+            self.saved = adapter.set_up_recorded(self.cfg, self.adapter_file)
 
     def restore(self) -> None:
         """Give the interface back as it was; after the event loop. On a handover the
         interface stays as it is, and the next run sets up in place from the same record."""
         if self.saved is not None and not self.handover:
-            adapter.teardown(self.saved)
+            adapter.give_back(self.saved, self.adapter_file)
             self.saved = None
-            self.adapter_file.unlink(missing_ok=True)
 
     def realtime(self) -> None:
         """Heartbeats ahead of everything else on the host (as cluster engines such as
@@ -545,16 +395,15 @@ class Daemon:
                 {"host": self.cfg.host.host_id, "dataplane": said, "interface": self.cfg.interface},
             )
         )
-        self.open_sockets()
+        self.open_wire()
         self.control.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.control.unlink()
         server = await asyncio.start_unix_server(
-            self.on_client, path=str(self.control), limit=MAX_REQUEST
+            functools.partial(answer, self), path=str(self.control), limit=MAX_REQUEST
         )
         os.chmod(self.control, 0o600)
-        self.loop.add_reader(self.sock.fileno(), self.on_readable)
-        self.loop.add_reader(self.other.fileno(), self.on_readable)
+        self.listen()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.stop_event.set)
         self.loop.add_signal_handler(signal.SIGUSR2, self.hand_over)
@@ -563,30 +412,27 @@ class Daemon:
         try:
             self.serve()
             self.realtime()
-            self.start_checks()
+            self.health.start()
             notify("READY=1", f"STATUS={self.status()}")
             await self.stop_event.wait()
         finally:
             notify("STOPPING=1")
-            self.stop_checks()
+            self.health.stop()
             self.metrics.stop()
             if self.web is not None:
                 self.web.stop()
             server.close()
             if self.held is not None:
                 self.held.cancel()
-            self.loop.remove_reader(self.sock.fileno())
-            self.loop.remove_reader(self.other.fileno())
+            for sock in self.wire.sockets:
+                self.loop.remove_reader(sock.fileno())
             if not self.handover:
                 self.engine.command(Command.STOP, self.now())
                 self.send(self.engine.take_frames())
                 self.backend.remove()
             with contextlib.suppress(FileNotFoundError):
                 self.control.unlink()
-            self.sock.close()
-            self.other.close()
-            if self.screen is not None:
-                self.screen.remove()
+            self.wire.close()
 
     def hand_over(self) -> None:
         """SIGUSR2: exit for a restart or an upgrade, leaving the kernel's rules, lease and

@@ -27,6 +27,7 @@ import socket
 import struct
 from collections.abc import Iterable
 
+from shoal.dataplane.contract import DataplaneError
 from shoal.dataplane.nft import Nft
 from shoal.protocol.frames import ETHERTYPE, HEADER_LEN, TAG_LEN, VERSION, Rejection
 
@@ -175,3 +176,84 @@ class Screen:
 
     def remove(self) -> None:
         self.nft.run(f"table netdev {self.table} {{}}\ndelete table netdev {self.table}\n")
+
+
+class Wire:
+    """One cluster's frames on one interface: the screen and the two sockets, their filters
+    kept to the known runs, frames sent to the cluster's heartbeat address, drops counted."""
+
+    def __init__(
+        self,
+        interface: str,
+        cluster: bytes,
+        dest: bytes,
+        sockets: tuple[socket.socket, socket.socket],
+        screen: Screen | None,
+    ) -> None:
+        self.interface = interface
+        self.dest = dest
+        self.known, self.other = sockets
+        self.screen = screen
+        self.filtered: tuple[int, bytes] = (-1, cluster)  # (the runs' version, the cluster id)
+        self.dropped = {"known": 0, "other": 0}
+
+    @classmethod
+    def open(cls, interface: str, cluster: bytes, dest: bytes, multicast: bool) -> Wire:
+        """The screen installed and both sockets open; ``dest``: where heartbeats go
+        (broadcast, or the cluster's multicast MAC, which the sockets then join)."""
+        screen = Screen(interface)
+        screen.install(cluster)
+        group = dest if multicast else None
+        try:
+            known = open_socket(interface, cluster, True, group)
+            try:
+                other = open_socket(interface, cluster, False, group)
+            except OSError:
+                known.close()
+                raise
+        except OSError:
+            screen.remove()
+            raise
+        return cls(interface, cluster, dest, (known, other), screen)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, socket.socket]:
+        """The known socket first: it is drained first."""
+        return self.known, self.other
+
+    def refilter(self, version: int, runs: Iterable[Run], cluster: bytes) -> str | None:
+        """Program both filters anew when the known runs (``version``) or the cluster id
+        changed; why not, if the kernel refused (the filters in place stay: new runs are
+        read from the other socket, worse under a flood, never wrong)."""
+        if (version, cluster) == self.filtered:
+            return None
+        runs = list(runs)
+        problem = None
+        try:
+            if cluster != self.filtered[1] and self.screen is not None:
+                self.screen.install(cluster)
+            attach(self.known, program(cluster, runs, True))
+            attach(self.other, program(cluster, runs, False))
+        except (OSError, DataplaneError) as e:
+            problem = str(e)
+        self.filtered = (version, cluster)
+        return problem
+
+    def send(self, frame: bytes) -> None:
+        self.known.sendto(frame, (self.interface, ETHERTYPE, 0, 0, self.dest))
+
+    def drops(self) -> dict[str, int]:
+        """Frames each socket's queue had no room for, since the start."""
+        self.dropped["known"] += drops(self.known)
+        self.dropped["other"] += drops(self.other)
+        return dict(self.dropped)
+
+    def screened(self) -> dict[str, int]:
+        """Frames the screen dropped, by reason."""
+        return {} if self.screen is None else self.screen.counts()
+
+    def close(self) -> None:
+        self.known.close()
+        self.other.close()
+        if self.screen is not None:
+            self.screen.remove()

@@ -211,6 +211,27 @@ def load(path: Path) -> Saved:
     return Saved(**json.loads(path.read_text()))
 
 
+def set_up_recorded(cfg: ShoalConfig, record: Path) -> Saved:
+    """Set the interface up, with the record on disk of how it was. After a crash, the next
+    run finds the record, sets up again in place (no address or route comes and goes) and
+    keeps it, so that what is restored at the end is the host's own state, not a crashed
+    run's set-up."""
+    previous = None
+    if record.exists():
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            previous = load(record)
+    saved = setup(cfg, previous)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    save(saved, record)
+    return saved
+
+
+def give_back(saved: Saved, record: Path) -> None:
+    """The interface as it was before the first run, and the record gone."""
+    teardown(saved)
+    record.unlink(missing_ok=True)
+
+
 def main() -> None:
     if len(sys.argv) != 4 or sys.argv[1] not in ("setup", "teardown"):
         print(

@@ -1,10 +1,10 @@
-"""The nftables data-plane backend: what the daemon calls (install, lease, counters).
+"""The data-plane backend: what the daemon calls (install, lease, counters).
 
 Each :meth:`NftBackend.apply` is one libnftables transaction: the flags, and for each
-``multiple`` rule only the buckets that changed (deleted from and added to the owned sets
-of the pre-filter, and of the inet table for rules that carry UDP), plus newly owned
-buckets into the pre-filter's ``keep`` sets. A bucket leaving this host leaves the
-``reset`` sets in the same transaction, so that they only ever hold buckets owned here.
+``multiple`` rule only the buckets that changed (in the inet table's owned sets for rules
+that carry UDP, and in the first stage: :mod:`.first_stage`). A bucket leaving this host
+leaves the ``reset`` sets in the same transaction, so that they only ever hold buckets
+owned here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from shoal.config import Dataplane, FilteringMode, ShoalConfig
+from shoal.choices import FilteringMode
+from shoal.config import ShoalConfig
 from shoal.dataplane.affinity import StickyTables
 from shoal.dataplane.contract import (
     STRIDE,
@@ -23,6 +24,7 @@ from shoal.dataplane.contract import (
     RuleCounters,
     bucket_token,
 )
+from shoal.dataplane.first_stage import Moves, first_stage, listed_sets
 from shoal.dataplane.kernel_lease import KernelLease
 from shoal.dataplane.nft import Nft, NftError
 from shoal.dataplane.ruleset import (
@@ -30,14 +32,12 @@ from shoal.dataplane.ruleset import (
     checks_owned,
     checks_reset,
     flags,
-    keep_set,
+    moved,
     owned_set,
-    prefilter,
     reset_set,
     set_ref,
     tables,
 )
-from shoal.dataplane.xdp import XdpScreen
 
 SINGLE = STRIDE - 1  # the "bucket" part of a single rule's token
 
@@ -62,30 +62,15 @@ def _table(family: str, name: str) -> dict[str, str]:
     return {"family": family, "name": name}
 
 
-def _sets(doc: dict[str, Any]) -> dict[str, set[int]]:
-    """The integer sets of a listed table, by name."""
-    out: dict[str, set[int]] = {}
-    for item in doc.get("nftables", []):
-        st = item.get("set")
-        if st:
-            out[st["name"]] = {int(e) for e in st.get("elem", []) if isinstance(e, int)}
-    return out
-
-
 class NftBackend:
-    """Owns one cluster's ``inet`` table and its first stage in this namespace: the
-    ``netdev`` pre-filter table (``shoal`` and ``shoal_pre`` for the cluster named shoal; see
-    :func:`~.ruleset.tables`), or with ``dataplane = "xdp"`` the XDP program on the cluster
-    interface (:class:`~.xdp.XdpScreen`) in the pre-filter's place.
-
-    With XDP, a change that releases buckets is made in three steps, each atomic for a
-    packet: the XDP bitmaps lose the released buckets, the nftables transaction runs, the
-    bitmaps gain the acquired ones. A packet meets both stages, and at every moment each
-    stage enforces the change's before or after, and never more than either allows."""
+    """Owns one cluster's ``inet`` table (``shoal`` for the cluster named shoal; see
+    :func:`~.ruleset.tables`) and its first stage in this namespace: the ``netdev``
+    pre-filter table, or with ``dataplane = "xdp"`` the XDP program on the cluster interface
+    in its place (:mod:`.first_stage`)."""
 
     def __init__(self, cfg: ShoalConfig, nft: Nft | None = None) -> None:
         self.cfg = cfg
-        self.xdp = XdpScreen(cfg) if cfg.host.dataplane is Dataplane.XDP else None
+        self.first = first_stage(cfg)
         self.names = tables(cfg.cluster.name)  # this cluster's tables (several may share a host)
         self.sticky = StickyTables(cfg, self.names.inet)
         self.nft = nft or Nft()
@@ -100,9 +85,8 @@ class NftBackend:
     def create(self) -> None:
         """(Re)create both tables, owning nothing and serving nothing."""
         self.remove()
-        self.nft.run(base_ruleset(self.cfg) + ("" if self.xdp else prefilter(self.cfg)))
-        if self.xdp:
-            self.xdp.attach()  # (nothing of an earlier run is left: remove() detached it)
+        self.nft.run(base_ruleset(self.cfg) + self.first.ruleset())
+        self.first.created()
         self.owned = owned_by_rule(self.cfg, frozenset())
         self.keep = {i: set() for i in self.owned}
         self.resets = self._no_resets()
@@ -118,41 +102,18 @@ class NftBackend:
         """Take over tables left by an earlier run (their buckets keep their connections),
         or create them."""
         try:
-            doc: dict[str, Any] = {}
-            if not self.xdp:
-                doc = self.nft.json([{"list": {"table": _table("netdev", self.names.pre)}}])
             inet = self.nft.json([{"list": {"table": _table("inet", self.names.inet)}}])
+            listed = listed_sets(inet)
+            owned, keep = self.first.found(self.nft, listed)
         except NftError:
             self.create()
             return
-        listed = _sets(inet)
-        if self.xdp:
-            owned, keep = self._screen_found(listed)
-        else:
-            pre = _sets(doc)  # the pre-filter's owned and keep sets
-            owned = {i: pre.get(owned_set(i), set()) for i in owned_by_rule(self.cfg, frozenset())}
-            keep = {i: pre.get(keep_set(i), set()) | bs for i, bs in owned.items()}
         self.sticky.attach(inet)
         self.owned, self.keep = owned, keep
         self.resets = {i: listed.get(reset_set(i), set()) & owned[i] for i in self._no_resets()}
         self.tokens = frozenset(bucket_token(i, b) for i, bs in self.owned.items() for b in bs)
         self.flags = {}
         self.installed = True
-
-    def _screen_found(
-        self, listed: dict[str, set[int]]
-    ) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
-        """The owned and ever-owned buckets the XDP program held, taken over; or, if it held
-        none for this configuration, the inet table's owned sets (``listed``), loaded into a
-        new program."""
-        assert self.xdp is not None
-        found = self.xdp.attach()
-        if found is not None:
-            return found
-        owned = {i: listed.get(owned_set(i), set()) for i in self.xdp.owned}
-        self.xdp.change({i: ([], sorted(bs)) for i, bs in owned.items()},
-                        {i: sorted(bs) for i, bs in owned.items()})  # fmt: skip
-        return owned, {i: set(bs) for i, bs in owned.items()}
 
     def apply(self, inst: Install) -> None:
         """Make the kernel enforce ``inst`` (one atomic transaction). Only the tokens that
@@ -171,21 +132,15 @@ class NftBackend:
         rules = self.cfg.cluster.effective_rules
         owned: dict[int, set[int]] = {}
         keep: dict[int, set[int]] = {}
-        moves: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        moves: Moves = {}
         for i in self.owned:
             out = sorted(gone[i] & self.owned[i])
             new = sorted(came[i] - self.owned[i])
             fresh = [b for b in new if b not in self.keep[i]]
-            inet = [(self.names.inet, "inet")] if checks_owned(rules[i]) else []
-            pre = [] if self.xdp else [(self.names.pre, "netdev")]
-            for table, family in [*inet, *pre]:
-                name = set_ref(owned_set(i), table, family)
-                if out:
-                    cmds.append({"delete": {"element": {**name, "elem": out}}})
-                if new:
-                    cmds.append({"add": {"element": {**name, "elem": new}}})
+            if checks_owned(rules[i]):
+                cmds += moved(set_ref(owned_set(i), self.names.inet), out, new)
             moves[i] = (out, new, fresh)
-            cmds += self._kept(i, fresh)
+            cmds += self.first.commands(i, out, new, fresh)
             unreset = sorted(set(out) & self.resets.get(i, set()))
             if unreset:
                 ref = set_ref(reset_set(i), self.names.inet)
@@ -194,48 +149,12 @@ class NftBackend:
             keep[i] = self.keep[i] | set(new)
         sticky, after = self.sticky.install(inst)
         cmds += sticky
-        if self.xdp is None:
-            if cmds:
-                self.nft.json(cmds)  # raises NftError having changed nothing
-        else:
-            self._staged(cmds, moves)
+        self.first.commit(self.nft, cmds, moves)  # raises NftError having changed nothing
         self.sticky.commit(after)
         self.flags, self.owned, self.keep, self.tokens = wanted, owned, keep, inst.tokens
         for i, bs in self.resets.items():
             bs &= owned[i]
-        if self.xdp is not None:  # the buckets acquired, into the XDP program last
-            came_in: dict[int, tuple[list[int], list[int]]]
-            came_in = {i: ([], new) for i, (_, new, _) in moves.items() if new}
-            fresh_in = {i: fresh for i, (_, _, fresh) in moves.items() if fresh}
-            if came_in or fresh_in or self.xdp.dirty:
-                self.xdp.change(came_in, fresh_in)
-
-    def _kept(self, i: int, buckets: list[int]) -> list[dict[str, Any]]:
-        """The commands adding buckets to the pre-filter's keep set of rule ``i`` (none
-        with XDP: the caller gives them to the program after the transaction)."""
-        if not buckets or self.xdp is not None:
-            return []
-        ref = set_ref(keep_set(i), self.names.pre, "netdev")
-        return [{"add": {"element": {**ref, "elem": buckets}}}]
-
-    def _staged(
-        self, cmds: list[dict[str, Any]], moves: dict[int, tuple[list[int], list[int], list[int]]]
-    ) -> None:
-        """The XDP program's released buckets out first, then the nftables transaction; if
-        the kernel refuses that, the released buckets go back (as if nothing happened)."""
-        assert self.xdp is not None
-        gone: dict[int, tuple[list[int], list[int]]]
-        gone = {i: (out, []) for i, (out, _, _) in moves.items() if out}
-        if gone or self.xdp.dirty:
-            self.xdp.change(gone, {})
-        if not cmds:
-            return
-        try:
-            self.nft.json(cmds)
-        except NftError:
-            if gone:
-                self.xdp.change({i: ([], out) for i, (out, _) in gone.items()}, {})
-            raise
+        self.first.acquired(moves)
 
     def affine_reader(self) -> Callable[[], AffinityRead]:
         """A read of the affinity sets as they are now (the owned buckets as of this call),
@@ -268,14 +187,11 @@ class NftBackend:
         if sets:
             self.nft.run(sets)
         fresh = {i: sorted(bs - self.keep.get(i, set())) for i, bs in buckets.items()}
-        for i, bs in fresh.items():
-            cmds += self._kept(i, bs)
-        self.nft.json(cmds)
+        self.nft.json(cmds + self.first.kept(fresh))
         self.sticky.held = held
         for i, bs in fresh.items():
             self.keep.setdefault(i, set()).update(bs)
-        if self.xdp is not None and any(fresh.values()):
-            self.xdp.change({}, {i: bs for i, bs in fresh.items() if bs})
+        self.first.kept_in(fresh)
 
     def reset(self, tokens: frozenset[int]) -> None:
         """Answer unknown mid-stream TCP packets of these buckets with a reset, those owned
@@ -286,10 +202,7 @@ class NftBackend:
         for i, now in self.resets.items():
             want = wanted.get(i, set()) & self.owned.get(i, set())
             ref = set_ref(reset_set(i), self.names.inet)
-            if now - want:
-                cmds.append({"delete": {"element": {**ref, "elem": sorted(now - want)}}})
-            if want - now:
-                cmds.append({"add": {"element": {**ref, "elem": sorted(want - now)}}})
+            cmds += moved(ref, sorted(now - want), sorted(want - now))
             after[i] = want
         if cmds:
             self.nft.json(cmds)
@@ -320,19 +233,14 @@ class NftBackend:
         return out
 
     def describe(self) -> dict[str, Any]:
-        if self.xdp is None:
-            return {"dataplane": "nftables"}
-        return {
-            "dataplane": f"xdp ({self.xdp.mode or 'not attached'})",
-            "screen": self.xdp.counters(),
-        }
+        return self.first.describe()
 
     def remove(self) -> None:
-        if self.xdp is not None:
-            self.xdp.remove()
         if self.lease is not None:
             self.lease.close()
             self.lease = None
+        self.first.remove()
+        # both tables whatever the first stage: an earlier run may have had the other one
         for table, family in ((self.names.inet, "inet"), (self.names.pre, "netdev")):
             with contextlib.suppress(NftError):
                 self.nft.run(f"delete table {family} {table}")

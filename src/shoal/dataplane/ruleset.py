@@ -29,7 +29,8 @@ import ipaddress
 import re
 from typing import Any, NamedTuple
 
-from shoal.config import Affinity, FilteringMode, PortRule, Protocol, ShoalConfig
+from shoal.choices import Affinity, FilteringMode, Protocol
+from shoal.config import PortRule, ShoalConfig
 from shoal.dataplane.contract import (
     AFFINITY_MARGIN_S,
     DEFAULT_TOKEN,
@@ -401,6 +402,16 @@ def prefilter(cfg: ShoalConfig) -> str:
 
 def set_ref(name: str, table: str, family: str = "inet") -> dict[str, Any]:
     return {"family": family, "table": table, "name": name}
+
+
+def moved(ref: dict[str, Any], out: list[int], new: list[int]) -> list[dict[str, Any]]:
+    """The commands taking ``out`` from the set ``ref`` and putting ``new`` in."""
+    cmds: list[dict[str, Any]] = []
+    if out:
+        cmds.append({"delete": {"element": {**ref, "elem": out}}})
+    if new:
+        cmds.append({"add": {"element": {**ref, "elem": new}}})
+    return cmds
 
 
 def _flag(table: str, name: str, on: bool) -> list[dict[str, Any]]:

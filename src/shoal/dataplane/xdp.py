@@ -29,9 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.config import XDP_MAX_RULES as MAX_RULES
-from shoal.config import XDP_MAX_VIPS as MAX_VIPS
-from shoal.config import Affinity, FilteringMode, Protocol, ShoalConfig
+from shoal.choices import XDP_MAX_RULES as MAX_RULES
+from shoal.choices import XDP_MAX_VIPS as MAX_VIPS
+from shoal.choices import Affinity, FilteringMode, Protocol
+from shoal.config import ShoalConfig
 from shoal.dataplane import libbpf
 from shoal.dataplane.contract import DataplaneError
 

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
+from shoal.choices import Dataplane, Profile
 from shoal.cluster_mac import ClusterMode
-from shoal.config import Dataplane, Profile
 from shoal.console import fail
 from shoal.lab.topology import Lab, LabError
 

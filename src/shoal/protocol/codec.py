@@ -3,8 +3,6 @@ untrusted bytes.
 
 Every frame is ``header | payload | tag``:
 
-Every frame is ``header | payload | tag``:
-
 =======  =====  ===============================================================
 offset   size   field
 =======  =====  ===============================================================
@@ -30,10 +28,8 @@ per-peer state and lives in the engine.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import hmac
-import ipaddress
 import struct
 from typing import NamedTuple
 
@@ -45,37 +41,27 @@ from shoal.protocol.frames import (
     MAX_PROOFS,
     MAX_REMOTE,
     MAX_RULES,
-    NO_KEY,
     TAG_LEN,
     VERSION,
-    Affinity,
     Answer,
     EpochKey,
-    Flag,
     Frame,
     FrameType,
     Handoff,
     Heartbeat,
-    HostState,
     MapChunk,
     Proof,
     Rejection,
     Request,
-    RuleReport,
-    split_health,
-    with_health,
 )
+from shoal.protocol.heartbeat_layout import Malformed, decode_heartbeat, encode_heartbeat
 
 MAGIC = b"SH"
 _HEADER = struct.Struct("!2sBB8sHQIIH")
 assert _HEADER.size == HEADER_LEN
 _SAME = 26  # bytes 0..26 say who sent a frame and what it says, if it is a heartbeat
 _SEQ = struct.Struct("!I")
-_ENCODING = Flag.ACKS_ARE_RECORD | Flag.VOTE_IS_RECORD | Flag.ASKS
 _HEARD = struct.Struct("!HQI")
-
-# state flags cdigest enum eleader edigest acks record vote nrules
-_HB_FIXED = struct.Struct("!BB8sIHQ8s32s")  # ... epoch digest, record
 
 
 class Repeat(NamedTuple):
@@ -100,38 +86,9 @@ def repeat_of(frame: bytes, hb: Heartbeat, host: int) -> Repeat:
     return Repeat(frame[:_SAME], beat_at, echo_at, tag_at + TAG_LEN)
 
 
-_RULE = struct.Struct("!BBH")
-_SILENCE = struct.Struct("!HI")
 _CHUNK = struct.Struct("!IHQ8sHH")
 _REMOTE = struct.Struct("!HQ")  # the target (request) or the asker (answer), the request id
 _HANDOFF = struct.Struct("!IHQHHHHBB")  # epoch, generation, to, index, count, rule, key size
-# generation, bits: 1 ready, 2 handed in, 4 a bitmap follows, 8 leaving
-_AFFINITY = struct.Struct("!HB")
-AFFINITY_FOLLOWS = 0x80  # in the dedicated address's family byte: an affinity block follows
-
-
-@functools.lru_cache(maxsize=64)
-def host_bitmap(hosts: frozenset[int]) -> bytes:
-    """A set of hosts as 32 bytes, bit h-1 for host h (cached: a heartbeat carries three,
-    and they seldom change)."""
-    bits = 0
-    for h in hosts:
-        bits |= 1 << (h - 1)
-    return bits.to_bytes(32, "little")
-
-
-def hosts_from_bitmap(raw: bytes) -> frozenset[int]:
-    bits = int.from_bytes(raw, "little")
-    out = []
-    while bits:
-        low = bits & -bits
-        out.append(low.bit_length())
-        bits ^= low
-    return frozenset(out)
-
-
-class _Malformed(Exception):
-    pass
 
 
 class Keys(NamedTuple):
@@ -210,7 +167,7 @@ class Codec:
                 frame.host_id,
                 frame.incarnation,
                 frame.seq,
-                _encode_heartbeat(frame),
+                encode_heartbeat(frame),
                 frame.said,
             )
         if isinstance(frame, Request | Answer):
@@ -300,7 +257,7 @@ def parse(env: Envelope) -> Frame | Rejection:
     """The frame inside an authenticated envelope, or MALFORMED. Never raises."""
     try:
         if env.ftype == FrameType.HEARTBEAT:
-            return _decode_heartbeat(env)
+            return decode_heartbeat(env.payload, env.host_id, env.incarnation, env.seq, env.said)
         if env.ftype == FrameType.PROOF:
             return _decode_proof(env)
         if env.ftype in (FrameType.REQUEST, FrameType.ANSWER):
@@ -308,156 +265,8 @@ def parse(env: Envelope) -> Frame | Rejection:
         if env.ftype == FrameType.HANDOFF:
             return _decode_handoff(env)
         return _decode_chunk(env.payload, env.host_id, env.incarnation, env.seq)
-    except (_Malformed, struct.error, ValueError):
+    except (Malformed, struct.error, ValueError):
         return Rejection.MALFORMED
-
-
-def _encode_heartbeat(hb: Heartbeat) -> bytes:
-    ekey = hb.epoch or NO_KEY
-    flags = hb.flags & ~_ENCODING
-    acks_are_record = hb.acks == hb.record - {hb.host_id}
-    if acks_are_record:
-        flags |= Flag.ACKS_ARE_RECORD
-    if hb.vote == hb.record:
-        flags |= Flag.VOTE_IS_RECORD
-    if hb.asks:
-        flags |= Flag.ASKS
-    out = [
-        _HB_FIXED.pack(
-            with_health(hb.state, hb.health),
-            flags,
-            hb.config_digest,
-            ekey.number,
-            ekey.leader,
-            ekey.origin,
-            hb.epoch_digest,
-            host_bitmap(hb.record),
-        )
-    ]
-    if not acks_are_record:
-        out.append(host_bitmap(hb.acks))
-    if hb.vote != hb.record:
-        out.append(host_bitmap(hb.vote))
-    if hb.asks:
-        out.append(host_bitmap(hb.asks))
-    out.append(struct.pack("!B", len(hb.rules)))
-    out += [_RULE.pack(r.weight, r.byte, r.priority) for r in hb.rules]
-    out.append(struct.pack("!B", len(hb.silences)))
-    out += [_SILENCE.pack(h, min(ms, 0xFFFFFFFF)) for h, ms in hb.silences]
-    a = hb.affinity
-    more = AFFINITY_FOLLOWS if a is not None else 0  # in the address family's byte
-    if hb.dedicated_ip is None:
-        out.append(bytes([more]))
-    else:
-        out.append(bytes([hb.dedicated_ip.version | more]) + hb.dedicated_ip.packed)
-    if a is not None:
-        bits = a.ready | a.handed_in << 1 | bool(a.to) << 2 | a.leaving << 3
-        out.append(_AFFINITY.pack(a.generation, bits))
-        if a.to:
-            out.append(host_bitmap(a.to))
-    if len(hb.echoes) != len(hb.acks):
-        raise ValueError("one echo per acknowledged host")
-    out.append(bytes([hb.beat, *hb.echoes]))
-    return b"".join(out)
-
-
-def _decode_heartbeat(env: Envelope) -> Heartbeat:
-    p = env.payload
-    state_byte, flags, cdig, enum_, elead, eorig, edig, rec_raw = _HB_FIXED.unpack_from(p)
-    state, health = split_health(state_byte)
-    off = _HB_FIXED.size
-    record = hosts_from_bitmap(rec_raw)
-    if flags & Flag.ACKS_ARE_RECORD:
-        acks = record - {env.host_id}
-    else:
-        acks = hosts_from_bitmap(p[off : off + 32])
-        off += 32
-    if flags & Flag.VOTE_IS_RECORD:
-        vote = record
-    else:
-        vote = hosts_from_bitmap(p[off : off + 32])
-        off += 32
-    asks: frozenset[int] = frozenset()
-    if flags & Flag.ASKS:
-        asks = hosts_from_bitmap(p[off : off + 32])
-        off += 32
-        if not asks:
-            raise _Malformed  # the flag says a bitmap follows only when someone is asked
-    (nrules,) = struct.unpack_from("!B", p, off)
-    off += 1
-    if nrules > MAX_RULES:
-        raise _Malformed
-    rules = []
-    for _ in range(nrules):
-        w, st, pr = _RULE.unpack_from(p, off)
-        off += _RULE.size
-        if w > 100 or not 1 <= pr <= MAX_HOST:
-            raise _Malformed
-        rules.append(RuleReport.unpack(w, st, pr))
-    (nsil,) = struct.unpack_from("!B", p, off)
-    off += 1
-    silences = []
-    for _ in range(nsil):
-        h, ms = _SILENCE.unpack_from(p, off)
-        off += _SILENCE.size
-        if not 1 <= h <= MAX_HOST:
-            raise _Malformed
-        silences.append((h, ms))
-    (fam,) = struct.unpack_from("!B", p, off)
-    off += 1
-    has_affinity, fam = fam & AFFINITY_FOLLOWS, fam & ~AFFINITY_FOLLOWS
-    dip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
-    if fam == 4:
-        dip = ipaddress.IPv4Address(p[off : off + 4])
-        off += 4
-    elif fam == 6:
-        dip = ipaddress.IPv6Address(p[off : off + 16])
-        off += 16
-    elif fam != 0:
-        raise _Malformed
-    affinity: Affinity | None = None
-    if has_affinity:
-        gen, bits = _AFFINITY.unpack_from(p, off)
-        off += _AFFINITY.size
-        if bits & ~15:
-            raise _Malformed
-        to: frozenset[int] = frozenset()
-        if bits & 4:
-            to = hosts_from_bitmap(p[off : off + 32])
-            off += 32
-            if not to:
-                raise _Malformed
-        affinity = Affinity(gen, bool(bits & 1), to, bool(bits & 2), bool(bits & 8))
-    if off + 1 + len(acks) != len(p):
-        raise _Malformed
-    beat, echoes = p[off], tuple(p[off + 1 :])
-    if any(a > MAX_HOST for a in acks):
-        raise _Malformed
-    has_epoch = bool(flags & Flag.HAS_EPOCH)
-    if has_epoch and not 1 <= elead <= MAX_HOST:
-        raise _Malformed
-    return Heartbeat(
-        host_id=env.host_id,
-        incarnation=env.incarnation,
-        seq=env.seq,
-        state=HostState(state),
-        flags=flags & ~_ENCODING,
-        config_digest=cdig,
-        epoch=EpochKey(enum_, elead, eorig) if has_epoch else None,
-        epoch_digest=edig,
-        acks=acks,
-        rules=tuple(rules),
-        silences=tuple(silences),
-        record=record,
-        vote=vote,
-        dedicated_ip=dip,
-        beat=beat,
-        echoes=echoes,
-        said=env.said,
-        asks=asks,
-        health=health,
-        affinity=affinity,
-    )
 
 
 def _encode_handoff(h: Handoff) -> bytes:
@@ -479,9 +288,9 @@ def _decode_handoff(env: Envelope) -> Handoff:
     body = p[_HANDOFF.size :]
     bad = not 1 <= elead <= MAX_HOST or not 1 <= to <= MAX_HOST or rule >= MAX_RULES
     if bad or count == 0 or index >= count or size not in (4, 16) or len(body) % size:
-        raise _Malformed
+        raise Malformed
     if len(body) > MAX_HANDOFF_KEYS * 4:
-        raise _Malformed
+        raise Malformed
     keys = tuple(body[i : i + size] for i in range(0, len(body), size))
     epoch = EpochKey(enum_, elead, eorig)
     return Handoff(env.host_id, env.incarnation, env.seq, epoch, gen, to, index, count, rule, keys)
@@ -491,10 +300,10 @@ def _decode_proof(env: Envelope) -> Proof:
     p = env.payload
     n = p[0] if p else 0
     if not 0 < n <= MAX_PROOFS or len(p) != 1 + n * _HEARD.size:
-        raise _Malformed
+        raise Malformed
     heard = tuple(_HEARD.unpack_from(p, 1 + i * _HEARD.size) for i in range(n))
     if any(not 1 <= h <= MAX_HOST for h, _, _ in heard):
-        raise _Malformed
+        raise Malformed
     return Proof(env.host_id, env.incarnation, env.seq, heard)
 
 
@@ -502,19 +311,19 @@ def _decode_remote(env: Envelope) -> Request | Answer:
     peer, rid = _REMOTE.unpack_from(env.payload)
     body = env.payload[_REMOTE.size :]
     if peer > MAX_HOST or len(body) > MAX_REMOTE:
-        raise _Malformed
+        raise Malformed
     if env.ftype == FrameType.REQUEST:
         return Request(env.host_id, env.incarnation, env.seq, peer, rid, body)
     if peer == 0:
-        raise _Malformed  # an answer goes to one host
+        raise Malformed  # an answer goes to one host
     return Answer(env.host_id, env.incarnation, env.seq, peer, rid, body)
 
 
 def _decode_chunk(p: bytes, host: int, inc: int, seq: int) -> MapChunk:
     enum_, elead, eorig, edig, index, count = _CHUNK.unpack_from(p)
     if not 1 <= elead <= MAX_HOST or count == 0 or index >= count or count > 4096:
-        raise _Malformed
+        raise Malformed
     data = p[_CHUNK.size :]
     if not data or len(data) > CHUNK_DATA:
-        raise _Malformed
+        raise Malformed
     return MapChunk(host, inc, seq, EpochKey(enum_, elead, eorig), edig, index, count, data)

@@ -21,10 +21,11 @@ from functools import cached_property
 from itertools import compress
 
 from shoal.bucket_map import rebalance
-from shoal.config import AllUnhealthy, FilteringMode, PortRule
+from shoal.choices import AllUnhealthy, FilteringMode
+from shoal.config import PortRule
 from shoal.dataplane.contract import DEFAULT_TOKEN, STRIDE, RuleState, single_token
-from shoal.protocol.codec import host_bitmap, hosts_from_bitmap
 from shoal.protocol.frames import EPOCH_KEY, MAX_HOST, NO_KEY, EpochKey, Health, RuleReport
+from shoal.protocol.heartbeat_layout import host_bitmap, hosts_from_bitmap
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from shoal.bucket_map import counts, ideal_bounds, minimum_moves
-from shoal.config import AllUnhealthy, FilteringMode, ShoalConfig
+from shoal.choices import AllUnhealthy, FilteringMode
+from shoal.config import ShoalConfig
 from shoal.dataplane.contract import RuleState
 from shoal.protocol.engine import Engine
 from shoal.protocol.epoch import EpochState

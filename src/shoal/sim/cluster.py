@@ -18,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from shoal.config import FilteringMode, PartitionPolicy, ShoalConfig
+from shoal.choices import FilteringMode, PartitionPolicy
+from shoal.config import ShoalConfig
 from shoal.dataplane.contract import (
     AffinityRead,
     Away,

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from shoal.config import InitialState, PartitionPolicy, ShoalConfig
+from shoal.choices import InitialState, PartitionPolicy
+from shoal.config import ShoalConfig
 from shoal.dataplane.contract import Install, RuleState
 from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.engine.agreement import Agreement

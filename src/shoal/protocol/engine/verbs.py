@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from shoal.config import FilteringMode, PartitionPolicy, PortRule, ShoalConfig
+from shoal.choices import FilteringMode, PartitionPolicy
+from shoal.config import PortRule, ShoalConfig
 from shoal.dataplane.contract import RuleState
 from shoal.protocol.codec import Codec, Keys
 from shoal.protocol.engine.beacon import Beacon
