@@ -1,8 +1,9 @@
 """Failover measured by real clients in the lab, per timing profile, and the cost of the
 accept path (VIP against dedicated IP, wrk).
 
-``python bench/failover.py --json [--quick]`` (root). For each profile (default, fast, and
-NLB's own 1000 ms x 5 as "nlb") a 4-host lab runs repeated crashes: each run picks a host,
+``python bench/failover.py --json [--quick] [--tolerance N]`` (root). For each profile
+(default, fast, and NLB's own 1000 ms x 5 as "nlb"; ``--tolerance``: another loss tolerance
+than the profile's) a 4-host lab runs repeated crashes: each run picks a host,
 starts clients, SIGKILLs its daemon and cuts its switch port, waits for the failover, then
 brings the host back. Clients during a run:
 
@@ -89,8 +90,8 @@ def events_since(lab: Lab, hosts: list[int], since: float) -> list[str]:
     return [f"+{round(1000 * (t - since))} {text}" for t, text in sorted(out)]
 
 
-def profile_runs(profile: str, runs: int, seed: int) -> dict[str, Any]:
-    lab = Lab(name="bf" + uuid.uuid4().hex[:5], hosts=HOSTS, profile=profile)
+def profile_runs(profile: str, runs: int, seed: int, tolerance: int = 0) -> dict[str, Any]:
+    lab = Lab(name="bf" + uuid.uuid4().hex[:5], hosts=HOSTS, profile=profile, tolerance=tolerance)
     rng = random.Random(seed)
     try:
         lab.up()
@@ -170,11 +171,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer crashes per profile")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--profiles", default=",".join(PROFILES), help="comma-separated")
+    ap.add_argument("--tolerance", type=int, default=0, help="loss tolerance (0: the profile's)")
     args = ap.parse_args()
     runs = {"default": 6, "fast": 6, "nlb": 2}
     if not args.quick:
         runs = {"default": 20, "fast": 20, "nlb": 4}
-    profiles = [profile_runs(p, runs[p], args.seed) for p in args.profiles.split(",")]
+    profiles = [
+        profile_runs(p, runs[p], args.seed, args.tolerance) for p in args.profiles.split(",")
+    ]
     one = single_host_ratio(3 if args.quick else 5)
     doc = {
         "profiles": profiles,

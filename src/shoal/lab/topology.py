@@ -83,6 +83,7 @@ class Lab:
     ipv6: bool = False
     daemons: bool = True
     profile: str = "default"
+    tolerance: int = 0  # cluster.loss_tolerance (0: the profile's)
     weights: list[int] = field(default_factory=list)  # the web rule's load weight per host
     reset_dead_clients: bool = True  # cluster.reset_dead_clients
     # affinity_timeout_s of the "app" rule (TCP 8443, affinity single) and the "net" rule

@@ -99,7 +99,7 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending, Stic
         self.host = HostStateMachine(INITIAL[config.host.initial_state])
         self.rule_states = (RuleState.ENABLED,) * len(self.rules)
         self._start_health()
-        self.roster = Roster(self.detect, now)
+        self.roster = Roster(self.detect, now, self.timing.period)
         self.peers = self.roster.peers  # the roster's, read here for speed
         self.leader = Leader()
         self.epochs = EpochStore()
@@ -368,7 +368,7 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending, Stic
         for p in self.roster.sweep(now):
             if self.holding.epoch and p.host_id in self.holding.epoch.members:
                 why = f"not heard for {self.detect:.3g} s"
-                silent = round(now - p.last_heard, 3)
+                silent = round(now - p.seen(self.detect), 3)
                 self._emit(EventId.HOST_LEFT, now, peer=p.host_id, reason=why, silent_s=silent)
 
     def _check_drain(self, now: float) -> None:

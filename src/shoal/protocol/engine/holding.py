@@ -180,7 +180,7 @@ class Holding:
                 fields: dict[str, object] = {"reason": f"not in epoch {state.key}"}
                 if p is not None and p.hb is not None and p.hb.state in ELIGIBLE:
                     # it left serving: a failure another host saw first, timed from here
-                    fields["silent_s"] = round(now - p.last_heard, 3)
+                    fields["silent_s"] = round(now - p.seen(self._roster.detect), 3)
                 self._emit(EventId.HOST_LEFT, now, peer=h, **fields)
             if p is not None:
                 p.joined_reported = False

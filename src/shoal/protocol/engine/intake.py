@@ -12,6 +12,7 @@ it reads of the engine is declared below, and it calls back only :meth:`_step`,
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shoal.config import PortRule, ShoalConfig
@@ -265,6 +266,9 @@ class FrameIntake:
         p.beat = data[rep.beat_at]
         if rep.echo_at:
             self._echoed(p, data[rep.echo_at], now)
+        if roster.suspects:
+            assert p.hb is not None
+            self._vouched(p, p.hb.acks, lambda i: data[rep.beat_at + 1 + i], now)
         e = self.holding.epoch
         if e is not None and e.fenced:
             # as a full decode would: this host may have adopted the epoch the peer holds
@@ -314,7 +318,18 @@ class FrameIntake:
         if p.fence_epoch is not None and p.fence_epoch != hb.epoch:
             p.fence_epoch, p.fence_bounds = None, {}
         fence_report(e, p, hb, now)
+        if self.roster.suspects:
+            self._vouched(p, hb.acks, lambda i: hb.echoes[i], now)
         return True
+
+    def _vouched(
+        self, p: Peer, acks: frozenset[int], echo: Callable[[int], int], now: float
+    ) -> None:
+        """Read, in ``p``'s heartbeat, its echo of each peer suspected here (the ``i``-th
+        echo is of its ``i``-th acknowledged host in id order): see :meth:`Roster.vouch`."""
+        for s in self.roster.suspects:
+            if s is not p and s.host_id in acks:
+                self.roster.vouch(s, echo(sum(1 for h in acks if h < s.host_id)), now)
 
     def _echoed(self, p: Peer, echo: int, now: float) -> None:
         """``p`` acknowledged our heartbeat numbered ``echo``: the lease counts from when

@@ -21,6 +21,7 @@ from shoal.protocol.frames import EpochKey, Heartbeat, HostState, Rejection
 NEVER = float("-inf")
 WINDOW = 30  # frames of a peer that may arrive out of order; 30 bits keep it one machine word
 WINDOW_MASK = (1 << WINDOW) - 1
+SUSPECT = 1.5  # periods unheard before a peer's beats are looked for in others' echoes
 FORGET_AFTER = 600.0  # seconds unheard before a peer is forgotten
 SWEEP_EVERY = 60.0  # seconds between sweeps for peers to forget
 
@@ -48,6 +49,10 @@ class Peer:
     eligible: bool = False  # same digest, started, same rule count (from its heartbeat)
     ack_at: float = NEVER  # when we sent the newest of our heartbeats it acknowledged
     beat: int = -1  # the beat of its newest heartbeat
+    # when another host's heartbeat last echoed a beat of it that this host missed (taken
+    # as a period before that heartbeat came), and that beat: see Roster.vouch
+    vouched: float = NEVER
+    vouched_beat: int = -1
     fence_epoch: EpochKey | None = None
     fence_bounds: dict[int, float] = field(default_factory=dict)
     acks_left: dict[int, float] = field(default_factory=dict)  # host -> when it stopped acking it
@@ -62,6 +67,17 @@ class Peer:
         if self.hb is not None and host in self.hb.acks:
             return self.last_heard
         return self.acks_left.get(host, NEVER)
+
+    def seen(self, detect: float) -> float:
+        """The last moment it is known alive: heard here, or vouched for by others at most
+        ``detect`` after it was last heard here (a host that this one cannot hear at all,
+        whoever else can, is not kept for good: an epoch it is a member of could never be
+        READY without its heartbeats)."""
+        heard = self.last_heard
+        v = self.vouched
+        if v <= heard:
+            return heard
+        return min(v, heard + detect)
 
     def advance(self, seq: int) -> None:
         """A frame numbered past the newest one seen: slide the replay window to it."""
@@ -95,9 +111,11 @@ class Roster:
 
     keep_derived = True  # False: every derived result is derived afresh (to check the caches)
 
-    def __init__(self, detect: float, now: float) -> None:
+    def __init__(self, detect: float, now: float, period: float = 0.0) -> None:
         self.peers: dict[int, Peer] = {}
         self.detect = detect
+        self.period = period  # a vouch counts from a period before the heartbeat bearing it
+        self.suspects: list[Peer] = []  # not heard for over SUSPECT periods: see vouch
         self.view = 0  # what is known of the peers changed: derived results are stale
         self.generation = 0  # peers replaced or forgotten: a lease count rebuilds
         self.runs = 0  # a run (host, incarnation) proven, replaced or forgotten
@@ -118,14 +136,39 @@ class Roster:
 
     def alive(self, p: Peer, now: float) -> bool:
         """Heard within the detection time. Every liveness test is written exactly so, as
-        the sweep computes deadlines (``last_heard + detect``): with ``now - detect`` a
+        the sweep computes deadlines (``seen + detect``): with ``now - detect`` a
         rounding could keep a host alive an instant past the deadline that reported it
         silent, and what steps keep from the peers would then outlive its cause."""
-        return p.last_heard + self.detect > now and p.hb is not None
+        return p.seen(self.detect) + self.detect > now and p.hb is not None
 
     def live(self, now: float) -> list[Peer]:
-        detect = self.detect
-        return [p for p in self.peers.values() if p.last_heard + detect > now and p.hb is not None]
+        d = self.detect
+        return [p for p in self.peers.values() if p.hb is not None and p.seen(d) + d > now]
+
+    # ----------------------------------------------------------- vouching
+
+    def suspect(self, now: float) -> None:
+        """Note the peers not heard for over :data:`SUSPECT` periods (once a period: their
+        beats are then looked for in the others' echoes, see :meth:`vouch`)."""
+        since = now - SUSPECT * self.period
+        peers = self.peers.values()
+        self.suspects = [p for p in peers if p.last_heard < since and p.hb is not None]
+
+    def vouch(self, p: Peer, echo: int, now: float) -> None:
+        """Another host's authenticated heartbeat echoes ``p``'s beat ``echo``. If that is
+        a beat this host missed, ``p`` was alive after it was last heard here: its silence
+        counts from a period before this heartbeat came (the echo is at most that old when
+        the other host hears ``p``'s every beat). Only liveness reads it: the lease and the
+        fence count what each host heard itself, so a vouch never keeps a lease alive."""
+        ref = p.vouched_beat if p.vouched > p.last_heard else p.beat
+        if p.beat < 0 or not 0 < (echo - ref) & 0xFF < 128:
+            return  # a beat heard here already (or no newer one): nothing learned
+        at = now - self.period
+        if at <= p.seen(self.detect):
+            return
+        if not self.alive(p, now):
+            self.view += 1  # silent, and alive after all
+        p.vouched, p.vouched_beat = at, echo
 
     def fresh(self, view: int, now: float) -> bool:
         """A result derived from the peers at ``view`` still holds: nothing known of them
@@ -217,7 +260,7 @@ class Roster:
                     self.view += 1
             if p.hb is None:
                 continue
-            deadline = p.last_heard + detect
+            deadline = p.seen(detect) + detect
             if deadline > now:
                 if deadline < soonest:
                     soonest = deadline
@@ -247,7 +290,7 @@ class Roster:
         best_host = lowest = 0
         detect = self.detect
         for p in self.peers.values():
-            if not p.eligible or p.last_heard + detect <= now or p.duplicate_until >= now:
+            if not p.eligible or p.seen(detect) + detect <= now or p.duplicate_until >= now:
                 continue
             h = p.host_id
             if not lowest or h < lowest:

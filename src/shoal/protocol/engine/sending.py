@@ -103,6 +103,7 @@ class Sending:
         return self.host.state
 
     def _send_heartbeat(self, now: float) -> None:
+        self.roster.suspect(now)  # (once a period: whose beats to look for in echoes)
         e = self.holding.epoch
         acks: frozenset[int] = frozenset()
         acked_peers: list[Peer] = []

@@ -54,6 +54,7 @@ class OperatorInputs:
     digest: bytes
     quorum: bool
     detect: float
+    timing: Timing
     host: HostStateMachine
     holding: Holding
     handoffs: Handoffs
@@ -115,7 +116,7 @@ class OperatorInputs:
             cl = config.cluster
             self.digest = new_digest
             self._use_timing(Timing(cl.period_ms / 1000.0, cl.tolerance))
-            self.roster.detect = self.detect
+            self.roster.detect, self.roster.period = self.detect, self.timing.period
             self.rules = cl.effective_rules
             self.quorum = cl.partition_policy is PartitionPolicy.QUORUM
             if len(self.rules) != len(old_rules):
