@@ -119,7 +119,7 @@ def test_a_leader_outside_the_epoch_it_leads_makes_it_ready() -> None:
             if e.epoch and e.epoch_ready and e.me not in e.epoch.members:
                 seen.append(sim.now)
 
-    assert run_scenario(10, hosts=16, observers=[watch]).steps
+    assert run_scenario(4, hosts=16, observers=[watch]).steps
     assert seen, "the scenario no longer leads an epoch from outside it: pick another seed"
 
 
@@ -249,7 +249,7 @@ class SelfLeasing(Engine):
         self.tenure.__class__ = LeaseFromLastStep
 
 
-@pytest.mark.parametrize("seed", [114, 187, 260, 274])
+@pytest.mark.parametrize("seed", [54, 59, 509, 541])
 def test_available_policy_leases_count_from_an_echoed_beat(seed: int) -> None:
     """With the available policy a host granted itself a lease from its last step, which
     may come a period after the last heartbeat anyone heard from it; when it went silent
@@ -293,4 +293,6 @@ def test_every_survivor_times_a_crash_from_when_it_last_heard_the_host() -> None
     assert set(left) == {1, 2, 3}, left
     for h, e in left.items():
         silent = e.fields.get("silent_s")
-        assert isinstance(silent, float) and 0 < e.at - silent <= crashed_at + 1e-9, (h, e)
+        # (a frame sent before the crash may still arrive after it)
+        in_flight = sim.faults.max_delay_fraction * sim.period
+        assert isinstance(silent, float) and 0 < e.at - silent <= crashed_at + in_flight, (h, e)

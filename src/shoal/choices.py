@@ -64,9 +64,11 @@ class Profile(StrEnum):
 
     ``nlb`` is NLB's own (1000 ms, 5 missed: about 5.25 s to notice a dead host).
     ``default`` (100 ms, 4 missed) notices a crash in 425 ms and has moved its traffic within
-    half a second, for 10 small frames/s per host: on a LAN four heartbeats in a row are
-    almost never lost, and lost ones rarely cost a lease (it lasts 4.15 periods from the
-    heartbeat a quorum echoed).
+    half a second, for 10 small frames/s per host: a host is gone only when no host heard it
+    for that long (the others' echoes vouch for beats one host missed), and lost heartbeats
+    rarely cost a lease (it lasts 4.15 periods from the heartbeat a quorum echoed). With 4
+    hosts or more, ``loss_tolerance = 3`` notices in 325 ms (docs/performance.md: what
+    loss then costs).
     ``fast`` (20 ms, 4 missed) notices in 85 ms, for small clusters on a quiet segment.
     """
 

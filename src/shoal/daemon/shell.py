@@ -168,9 +168,11 @@ class Daemon:
         self.receive()
         self.after()
         now = self.now()
-        if now - self.last_wake < self.hold:
+        steady = self.engine.state is not HostState.CONVERGING
+        if now - self.last_wake < self.hold and steady:
             # frames come faster than one per hold (a large cluster): stop waking for each
-            # and take them in batches, one every hold, while they keep coming
+            # and take them in batches, one every hold, while they keep coming (not while
+            # converging: then every frame may be a step of a failover, read at once)
             assert self.loop is not None
             for sock in self.wire.sockets:
                 self.loop.remove_reader(sock.fileno())
@@ -184,7 +186,7 @@ class Daemon:
         self.reads["batches"] += 1
         busy = self.receive() > 0
         self.after()
-        if busy:
+        if busy and self.engine.state is not HostState.CONVERGING:
             self.held = self.loop.call_later(self.hold, self.drain)
         else:
             self.held = None

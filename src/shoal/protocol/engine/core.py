@@ -132,6 +132,7 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending, Stic
         self.leading = False
         self.leader_id: int | None = None
         self.wake = float("inf")
+        self._ready_told = False  # READY sent, this host's own share not taken yet
         self.connections: int | None = None  # unknown until the shell reports them
         self.drain_deadline: float | None = None
         self.drain_started = NEVER
@@ -349,11 +350,22 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending, Stic
         elif leader is not None:
             self._follow(self.peers[leader], now)
         self._update_lease(now)
-        if self.holding.take_tokens(self._eligible_self(now), self.lease_until, now):
-            # the count was built for the READY regime just left: echoes arriving before
-            # the next step would not be tallied, and that READY regime would find the
-            # same stale count again
-            self.tenure.count = None
+        e = self.holding.epoch
+        alone = e is None or e.members <= {self.me}
+        if self.holding.acquiring and self.leading and not self._ready_told and not alone:
+            # the leader's READY goes out before its own share goes in: the members take
+            # theirs while it installs, one kernel update less on the way of a failover
+            # (its share comes at the next step, at once, under the same lease rule)
+            self._ready_told = True
+            self.beacon.dirty = True
+            self.wake = now
+        else:
+            self._ready_told = False
+            if self.holding.take_tokens(self._eligible_self(now), self.lease_until, now):
+                # the count was built for the READY regime just left: echoes arriving
+                # before the next step would not be tallied, and that READY regime would
+                # find the same stale count again
+                self.tenure.count = None
         self._refresh_state(now)
         if hs.sticky and hs.check_in(self.holding.epoch, self.peers):
             self.beacon.dirty = True  # (an epoch adopted in this step is checked at once)

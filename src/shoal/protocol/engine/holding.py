@@ -49,6 +49,7 @@ class Holding:
         self.installed: frozenset[int] = frozenset()  # what the kernel is to accept
         self.own_bounds: dict[int, float] = {}  # when this host last heard each fenced host
         self.acquiring = False  # READY in this step: tokens taken at its end if leased
+        self.acquiring_for: EpochKey | None = None  # the epoch READY was for
         self.why_converging = "starting"
         self._roster = roster
         self._beacon = beacon
@@ -197,6 +198,7 @@ class Holding:
             self.vote = self.record
         if self.epoch is not None and eligible:
             self.acquiring = True
+            self.acquiring_for = self.epoch.key
 
     def take_tokens(self, eligible: bool, lease: float | None, now: float) -> bool:
         """Acquire only under a lease that runs now. Without one the READY is not acted on
@@ -206,6 +208,8 @@ class Holding:
         if not self.acquiring or e is None:
             return False
         self.acquiring = False
+        if not self.ready or e.key != self.acquiring_for:
+            return False  # READY was told, and another epoch adopted before the share went in
         if self.me not in e.members:
             # nothing to take, so nothing a lease guards: a leader outside the epoch it
             # leads (it was fenced, then came back as the lowest id) must be able to keep
