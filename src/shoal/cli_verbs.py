@@ -100,6 +100,18 @@ def _remote(cmd: str, control: Path | None, config: Path | None, **extra: object
         raise typer.Exit(EXIT_REFUSED)
 
 
+def _asked(
+    cmd: str, control: Path | None, config: Path | None, as_json: bool
+) -> dict[str, object] | None:
+    """The daemon's answer to ``cmd``, for the caller to print; with --json printed here
+    as it came (and None)."""
+    resp = call_daemon({"cmd": cmd}, control, config)
+    if as_json:
+        typer.echo(json.dumps(resp))
+        return None
+    return resp
+
+
 @verbs_app.command()
 def query(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Every host of the cluster as this host sees it (with --host or --all: each such
@@ -107,9 +119,8 @@ def query(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt
     if REMOTE:
         _remote("query", control, config)
         return
-    resp = call_daemon({"cmd": "query"}, control, config)
-    if as_json:
-        typer.echo(json.dumps(resp))
+    resp = _asked("query", control, config, as_json)
+    if resp is None:
         return
     hosts = resp["hosts"]
     assert isinstance(hosts, list)
@@ -191,9 +202,8 @@ for _name, _doc in RULE_VERBS.items():
 @verbs_app.command()
 def display(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Configuration, state and recent events."""
-    resp = call_daemon({"cmd": "display"}, control, config)
-    if as_json:
-        typer.echo(json.dumps(resp))
+    resp = _asked("display", control, config, as_json)
+    if resp is None:
         return
     events = resp.pop("events", [])
     _print_tree({k: v for k, v in resp.items() if k != "ok"})
@@ -206,9 +216,8 @@ def display(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonO
 @verbs_app.command()
 def params(control: ControlOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Every effective parameter and counter."""
-    resp = call_daemon({"cmd": "params"}, control, config)
-    if as_json:
-        typer.echo(json.dumps(resp))
+    resp = _asked("params", control, config, as_json)
+    if resp is None:
         return
     _print_tree({k: v for k, v in resp.items() if k != "ok"})
 
