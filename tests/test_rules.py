@@ -122,12 +122,15 @@ class NoFence(Engine):
 
 
 def silent_while_heard(engine: type[Engine]) -> SimCluster:
-    """Host 1 (the leader) stops hearing host 3 while host 2 still does, and acknowledges
-    it; 0.3 s later host 3's daemon dies. The leader detects host 3 first, while host 3's
-    kernel still runs on a lease that host 2's acknowledgements kept alive."""
+    """Host 1 (the leader) stops hearing host 3 while host 2 still does, acknowledges it
+    and vouches for it; just before the vouching runs out (two detection times after host 1
+    last heard host 3), host 3's daemon dies. The leader detects host 3 first, while host
+    3's kernel still runs on a lease that host 2's acknowledgements kept alive."""
     sim = cluster(3, engine=engine)
     sim.faults.cut = {(3, 1)}
-    sim.run_until(sim.now + 3 * P)
+    first = sim.hosts[1].engine
+    assert first is not None
+    sim.run_until(sim.now + 1.9 * first.timing.detect)
     sim.crash_daemon(3)
     sim.run_until(sim.now + 20 * P)
     return sim
