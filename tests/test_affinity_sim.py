@@ -311,7 +311,7 @@ def test_a_member_that_left_counts_toward_no_ready() -> None:
     other side as a bystander member, and its report made that epoch READY beside the
     newer one. A member whose heartbeat says it left (stopped, draining, suspended) now
     holds READY back: an epoch without it must replace it."""
-    roster = Roster(detect=1.0, now=0.0)
+    roster = Roster(detect=1.0, now=0.0, period=0.1)
     e = _epoch({1, 2})
     timing = Timing(0.1, 4)
 

@@ -160,7 +160,10 @@ class Daemon:
         """Frames closer together than this are taken in batches, at most this late: a
         tenth of the period in force (a reload may change it), 10 ms at most. Each drain
         is a wake-up, and wake-ups are most of what a daemon costs; a frame read 10 ms late
-        costs the lease a tenth of a period of headroom, of two or more."""
+        costs the lease a tenth of a period of headroom, of two or more. Zero while this
+        host converges: then each frame may be a step of a failover, read at once."""
+        if self.engine.state is HostState.CONVERGING:
+            return 0.0
         return min(0.010, self.engine.timing.period / 10)
 
     def on_readable(self) -> None:
@@ -168,11 +171,9 @@ class Daemon:
         self.receive()
         self.after()
         now = self.now()
-        steady = self.engine.state is not HostState.CONVERGING
-        if now - self.last_wake < self.hold and steady:
+        if now - self.last_wake < self.hold:
             # frames come faster than one per hold (a large cluster): stop waking for each
-            # and take them in batches, one every hold, while they keep coming (not while
-            # converging: then every frame may be a step of a failover, read at once)
+            # and take them in batches, one every hold, while they keep coming
             assert self.loop is not None
             for sock in self.wire.sockets:
                 self.loop.remove_reader(sock.fileno())
@@ -186,7 +187,7 @@ class Daemon:
         self.reads["batches"] += 1
         busy = self.receive() > 0
         self.after()
-        if busy and self.engine.state is not HostState.CONVERGING:
+        if busy and self.hold:
             self.held = self.loop.call_later(self.hold, self.drain)
         else:
             self.held = None

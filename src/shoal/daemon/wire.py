@@ -25,7 +25,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from shoal.dataplane.contract import DataplaneError
 from shoal.dataplane.nft import Nft
@@ -221,13 +221,12 @@ class Wire:
         """The known socket first: it is drained first."""
         return self.known, self.other
 
-    def refilter(self, version: int, runs: Iterable[Run], cluster: bytes) -> str | None:
+    def refilter(self, version: int, runs: Collection[Run], cluster: bytes) -> str | None:
         """Program both filters anew when the known runs (``version``) or the cluster id
         changed; why not, if the kernel refused (the filters in place stay: new runs are
         read from the other socket, worse under a flood, never wrong)."""
         if (version, cluster) == self.filtered:
             return None
-        runs = list(runs)
         problem = None
         try:
             if cluster != self.filtered[1] and self.screen is not None:

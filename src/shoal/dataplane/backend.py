@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
-from shoal.choices import FilteringMode
 from shoal.config import ShoalConfig
 from shoal.dataplane.affinity import StickyTables
 from shoal.dataplane.contract import (
@@ -33,6 +32,7 @@ from shoal.dataplane.ruleset import (
     checks_reset,
     flags,
     moved,
+    multiple_rules,
     owned_set,
     reset_set,
     set_ref,
@@ -44,11 +44,7 @@ SINGLE = STRIDE - 1  # the "bucket" part of a single rule's token
 
 def owned_by_rule(cfg: ShoalConfig, tokens: frozenset[int]) -> dict[int, set[int]]:
     """The buckets among ``tokens``, per ``multiple`` rule."""
-    out: dict[int, set[int]] = {
-        i: set()
-        for i, r in enumerate(cfg.cluster.effective_rules)
-        if r.mode is FilteringMode.MULTIPLE
-    }
+    out: dict[int, set[int]] = {i: set() for i in multiple_rules(cfg)}
     for tok in tokens:  # (split_token inlined: an epoch may move thousands)
         if tok >= 0:
             rule, bucket = divmod(tok, STRIDE)

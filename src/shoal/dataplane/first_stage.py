@@ -13,10 +13,18 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from shoal.choices import Dataplane, FilteringMode
+from shoal.choices import Dataplane
 from shoal.config import ShoalConfig
 from shoal.dataplane.nft import Nft, NftError
-from shoal.dataplane.ruleset import keep_set, moved, owned_set, prefilter, set_ref, tables
+from shoal.dataplane.ruleset import (
+    keep_set,
+    moved,
+    multiple_rules,
+    owned_set,
+    prefilter,
+    set_ref,
+    tables,
+)
 from shoal.dataplane.xdp import XdpScreen
 
 Cmds = list[dict[str, Any]]
@@ -100,9 +108,7 @@ class PreFilter:
     def found(self, nft: Nft, inet: Sets) -> tuple[Buckets, Buckets]:
         table = {"family": "netdev", "name": self.table}
         listed = listed_sets(nft.json([{"list": {"table": table}}]))
-        rules = self.cfg.cluster.effective_rules
-        multiple = [i for i, r in enumerate(rules) if r.mode is FilteringMode.MULTIPLE]
-        owned = {i: listed.get(owned_set(i), set()) for i in multiple}
+        owned = {i: listed.get(owned_set(i), set()) for i in multiple_rules(self.cfg)}
         return owned, {i: listed.get(keep_set(i), set()) | bs for i, bs in owned.items()}
 
     def commands(self, rule: int, out: list[int], new: list[int], fresh: list[int]) -> Cmds:

@@ -353,6 +353,13 @@ def _sticky_chain(i: int, rule: PortRule, buckets: int, seed: str, dropped: str)
     return out
 
 
+def multiple_rules(cfg: ShoalConfig) -> list[int]:
+    """The indexes of the rules whose traffic is shared by buckets."""
+    return [
+        i for i, r in enumerate(cfg.cluster.effective_rules) if r.mode is FilteringMode.MULTIPLE
+    ]
+
+
 def prefilter(cfg: ShoalConfig) -> str:
     """A netdev ingress table that drops, before conntrack sees them, any packet whose
     bucket was never owned here (no connection of this host can live in it) and a pure SYN
@@ -361,7 +368,7 @@ def prefilter(cfg: ShoalConfig) -> str:
     cl = cfg.cluster
     rules = cl.effective_rules
     lines = [f"table netdev {tables(cl.name).pre} {{"]
-    multiple = [i for i, r in enumerate(rules) if r.mode is FilteringMode.MULTIPLE]
+    multiple = multiple_rules(cfg)
     for i in multiple:
         lines.append(f"  set {owned_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")
         lines.append(f"  set {keep_set(i)} {{ typeof jhash ip saddr mod {cl.buckets}; }}")

@@ -350,9 +350,7 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending, Stic
         elif leader is not None:
             self._follow(self.peers[leader], now)
         self._update_lease(now)
-        e = self.holding.epoch
-        alone = e is None or e.members <= {self.me}
-        if self.holding.acquiring and self.leading and not self._ready_told and not alone:
+        if self.holding.acquiring and self.leading and not self._ready_told and self._told():
             # the leader's READY goes out before its own share goes in: the members take
             # theirs while it installs, one kernel update less on the way of a failover
             # (its share comes at the next step, at once, under the same lease rule)
@@ -371,6 +369,11 @@ class Engine(FrameIntake, OperatorInputs, HealthInputs, Agreement, Sending, Stic
             self.beacon.dirty = True  # (an epoch adopted in this step is checked at once)
         self._maybe_send(now, leader)
         self._publish()
+
+    def _told(self) -> bool:
+        """Whether other members of this host's epoch take a share on its READY."""
+        e = self.holding.epoch
+        return e is not None and not e.members <= {self.me}
 
     def _expire(self, now: float) -> None:
         if now >= self.wake:

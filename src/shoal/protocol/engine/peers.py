@@ -111,7 +111,7 @@ class Roster:
 
     keep_derived = True  # False: every derived result is derived afresh (to check the caches)
 
-    def __init__(self, detect: float, now: float, period: float = 0.0) -> None:
+    def __init__(self, detect: float, now: float, period: float) -> None:
         self.peers: dict[int, Peer] = {}
         self.detect = detect
         self.period = period  # a vouch counts from a period before the heartbeat bearing it
